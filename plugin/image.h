@@ -1,0 +1,99 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_IMAGE_H
+#define KM_IMAGE_H
+
+/*
+ * Split and join of a CRIU image directory.
+ *
+ * split: every pages-*.img and every file of at least min_split_size bytes
+ * is chunked; a chunk that is all zeros becomes a zero extent, a chunk the
+ * store holds becomes a chunk reference, anything else goes to the delta.
+ * The manifest and delta are written and synced under temporary names,
+ * renamed into place, and only then are the split files removed: at every
+ * point the directory holds a complete image.
+ *
+ * join: rebuilds every split file byte for byte into temporary files,
+ * verifying every chunk, the delta and every file hash, and renames them
+ * into place only when all are good; on any error the directory is left as
+ * it was.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "delta.h"
+#include "format.h"
+#include "store.h"
+#include "util.h"
+
+#define KM_MIN_SPLIT_SIZE_DEFAULT (1024u * 1024)
+
+struct km_split_opts {
+	uint64_t min_split_size; /* 0: default */
+	unsigned threads;	 /* 0: one per CPU */
+	bool add_chunks;	 /* put every non-zero chunk into the store */
+	bool sync;		 /* fsync what is written */
+	struct km_delta_params delta;
+};
+
+struct km_split_stats {
+	uint64_t files_split;
+	uint64_t files_kept;
+	uint64_t bytes_split;	   /* size of the split files */
+	uint64_t bytes_referenced; /* in chunks the store already had */
+	uint64_t chunks_referenced;
+	uint64_t bytes_added; /* added to the store (add_chunks) */
+	uint64_t chunks_added;
+	uint64_t bytes_zero;
+	uint64_t bytes_delta; /* raw bytes in the delta */
+	uint64_t delta_file_size;
+	uint64_t manifest_size;
+	struct km_hash manifest_id; /* SHA-256 of the manifest file */
+};
+
+int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
+		   struct km_split_stats *ret, struct km_error *err);
+
+struct km_join_opts {
+	unsigned threads;
+	bool keep_split; /* keep kvmotion.manifest and kvmotion.delta */
+	bool sync;
+};
+
+struct km_join_stats {
+	uint64_t files_joined;
+	uint64_t bytes_written;
+	uint64_t bytes_from_store;
+	uint64_t chunks_read;
+	uint64_t bytes_from_delta;
+	uint64_t bytes_zero;
+};
+
+int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
+		  struct km_join_stats *ret, struct km_error *err);
+
+/* True if dirfd holds a split image (a kvmotion.manifest). */
+int km_image_is_split(int dirfd);
+
+/* Reads and validates DIR's manifest. */
+int km_image_read_manifest(int dirfd, struct km_manifest **ret, struct km_error *err);
+
+/*
+ * Seeding: chunks model files, puts every non-zero chunk into the store and
+ * writes the weights index 'name' (a root: gc keeps its chunks).
+ */
+struct km_seed_stats {
+	uint64_t files;
+	uint64_t bytes;
+	uint64_t chunks;
+	uint64_t chunks_added;
+	uint64_t bytes_added;
+	uint64_t bytes_zero;
+};
+int km_seed(struct km_store *s, const char *name, const char *const *paths, size_t n_paths,
+	    unsigned threads, bool sync, struct km_seed_stats *ret, struct km_error *err);
+
+/* gc with every manifest and weights index of the store as roots. */
+int km_image_store_gc(struct km_store *s, struct km_store_gc_stats *ret, struct km_error *err);
+
+#endif

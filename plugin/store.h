@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_STORE_H
+#define KM_STORE_H
+
+/*
+ * The node-local content-addressed chunk store: a directory that any number
+ * of processes use at once.
+ *
+ *   S/config.kmstore            store format version and chunker parameters
+ *   S/lock                      flock: shared by every handle, exclusive for gc
+ *   S/chunks/ab/abcd...(64 hex) one chunk, raw bytes, named by its SHA-256
+ *   S/indexes/NAME.kmidx        weights indexes (gc roots)
+ *   S/manifests/ID.kmman        kept manifests (gc roots)
+ *   S/tmp/                      temporary files of puts in progress
+ *
+ * A put writes a temporary file (O_EXCL), fsyncs it and renames it into
+ * place without replacing (renameat2 RENAME_NOREPLACE), so a chunk file is
+ * either absent or complete. A get hashes what it read: no chunk is trusted
+ * by its name alone.
+ *
+ * Errors: -ENOENT missing chunk, -EBADMSG chunk content does not match its
+ * name (or a malformed store file), -EEXIST from put means "already stored"
+ * (deduplicated, not an error for callers that count it), -EBUSY gc could
+ * not get the exclusive lock.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chunker.h"
+#include "hash.h"
+#include "util.h"
+
+struct km_store;
+
+enum {
+	KM_STORE_CREATE = 1 << 0,    /* create S if it does not exist */
+	KM_STORE_EXCLUSIVE = 1 << 1, /* exclusive lock (gc); -EBUSY if held */
+	KM_STORE_NOSYNC = 1 << 2,    /* skip fsync (tests, benchmarks on tmpfs) */
+};
+
+/*
+ * Opens (or with KM_STORE_CREATE creates) the store at path. A new store
+ * records 'params' (NULL: defaults) in its config; an existing store keeps
+ * its own, see km_store_chunker_params. -ENOENT if absent without CREATE,
+ * -EBADMSG if path holds something that is not a kvmotion store (or a store
+ * of an unknown major version: -EPROTONOSUPPORT).
+ */
+int km_store_open(const char *path, unsigned flags, const struct km_chunker_params *params,
+		  struct km_store **ret);
+void km_store_free(struct km_store *s);
+
+const struct km_chunker_params *km_store_chunker_params(const struct km_store *s);
+const char *km_store_path(const struct km_store *s);
+
+/* 1 if a chunk file of that name exists, 0 if not, <0 on error. */
+int km_store_has(struct km_store *s, const struct km_hash *id);
+
+/*
+ * Stores n bytes whose SHA-256 the caller computed from these very bytes
+ * as 'id'. 0 if written, -EEXIST if already stored.
+ */
+int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, size_t n);
+
+/*
+ * Reads chunk 'id' into buf (size bufsize) and verifies its hash.
+ * *ret_size gets its length. -ENOENT missing, -EBADMSG corrupt,
+ * -EFBIG larger than bufsize.
+ */
+int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t bufsize,
+		 size_t *ret_size);
+
+/* Size of the stored chunk without reading it (not verified). */
+int km_store_stat(struct km_store *s, const struct km_hash *id, uint64_t *ret_size);
+
+/* Removes one chunk. -ENOENT if absent. */
+int km_store_remove(struct km_store *s, const struct km_hash *id);
+
+/*
+ * Calls fn for every chunk in the store. Stops and returns fn's value if it
+ * returns nonzero.
+ */
+typedef int (*km_store_chunk_fn)(const struct km_hash *id, uint64_t size, void *userdata);
+int km_store_foreach(struct km_store *s, km_store_chunk_fn fn, void *userdata);
+
+struct km_store_verify_stats {
+	uint64_t chunks;
+	uint64_t bytes;
+	uint64_t bad; /* content does not hash to its name, or unreadable */
+};
+/*
+ * Re-hashes every chunk. For each bad one calls bad_fn (may be NULL).
+ * With 'repair' the bad chunk files are removed. Returns 0 if all good,
+ * -EBADMSG if any was bad, other <0 on I/O errors.
+ */
+typedef void (*km_store_bad_fn)(const struct km_hash *id, int error, void *userdata);
+int km_store_verify(struct km_store *s, bool repair, km_store_bad_fn bad_fn, void *userdata,
+		    struct km_store_verify_stats *ret);
+
+/*
+ * Roots: named files whose chunk references keep chunks alive through gc.
+ * kind is "indexes" or "manifests"; name is a plain file name (no '/').
+ * Written atomically like chunks; replaces an existing root of that name.
+ */
+int km_store_root_write(struct km_store *s, const char *kind, const char *name, const void *p,
+			size_t n);
+/* Reads a root into a malloc'd buffer (*ret, *ret_size). -ENOENT if absent. */
+int km_store_root_read(struct km_store *s, const char *kind, const char *name, void **ret,
+		       size_t *ret_size);
+int km_store_root_remove(struct km_store *s, const char *kind, const char *name);
+/* Calls fn(name) for each root of that kind, in name order. */
+typedef int (*km_store_root_fn)(const char *name, void *userdata);
+int km_store_root_foreach(struct km_store *s, const char *kind, km_store_root_fn fn,
+			  void *userdata);
+
+/*
+ * Collects garbage: removes every chunk that no root refers to. The store
+ * must be open with KM_STORE_EXCLUSIVE. 'refs' is called once per root
+ * (kind, name, bytes) and must call km_store_gc_keep for each chunk id the
+ * root refers to; it returns 0 or <0 (a root that cannot be parsed aborts
+ * gc with nothing removed: better keep garbage than lose data).
+ * Also removes stale temporary files.
+ */
+struct km_store_gc;
+typedef int (*km_store_refs_fn)(struct km_store_gc *gc, const char *kind, const char *name,
+				const void *p, size_t n, void *userdata);
+void km_store_gc_keep(struct km_store_gc *gc, const struct km_hash *id);
+struct km_store_gc_stats {
+	uint64_t roots;
+	uint64_t chunks_kept;
+	uint64_t chunks_removed;
+	uint64_t bytes_removed;
+};
+int km_store_gc_run(struct km_store *s, km_store_refs_fn refs, void *userdata,
+		    struct km_store_gc_stats *ret, struct km_error *err);
+
+#endif

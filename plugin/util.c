@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include "util.h"
+
+#include <string.h>
+
+ssize_t km_read_full(int fd, void *buf, size_t n)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t k = read(fd, (char *)buf + done, n - done);
+
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (k == 0)
+			break;
+		done += (size_t)k;
+	}
+	return (ssize_t)done;
+}
+
+ssize_t km_pread_full(int fd, void *buf, size_t n, off_t off)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t k = pread(fd, (char *)buf + done, n - done, off + (off_t)done);
+
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (k == 0)
+			break;
+		done += (size_t)k;
+	}
+	return (ssize_t)done;
+}
+
+int km_write_full(int fd, const void *buf, size_t n)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t k = write(fd, (const char *)buf + done, n - done);
+
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (k == 0)
+			return -EIO;
+		done += (size_t)k;
+	}
+	return 0;
+}
+
+int km_pwrite_full(int fd, const void *buf, size_t n, off_t off)
+{
+	size_t done = 0;
+
+	while (done < n) {
+		ssize_t k = pwrite(fd, (const char *)buf + done, n - done, off + (off_t)done);
+
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (k == 0)
+			return -EIO;
+		done += (size_t)k;
+	}
+	return 0;
+}
+
+void km_error_set(struct km_error *e, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!e)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(e->msg, sizeof(e->msg), fmt, ap);
+	va_end(ap);
+}
+
+void km_error_prefix(struct km_error *e, const char *fmt, ...)
+{
+	char joined[2 * sizeof(e->msg) + 2];
+	size_t n;
+	va_list ap;
+
+	if (!e)
+		return;
+	va_start(ap, fmt);
+	n = (size_t)vsnprintf(joined, sizeof(e->msg), fmt, ap);
+	va_end(ap);
+	if (n >= sizeof(e->msg))
+		n = sizeof(e->msg) - 1;
+	if (e->msg[0]) {
+		joined[n++] = ':';
+		joined[n++] = ' ';
+		memcpy(joined + n, e->msg, strnlen(e->msg, sizeof(e->msg) - 1) + 1);
+	}
+	/* Messages longer than the buffer are cut, not rejected. */
+	joined[sizeof(e->msg) - 1] = 0;
+	memcpy(e->msg, joined, sizeof(e->msg));
+}
+
+char *km_format_bytes(uint64_t n, char buf[32])
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB" };
+	double v = (double)n;
+	size_t u = 0;
+
+	while (v >= 1024 && u + 1 < KM_ARRAY_SIZE(units)) {
+		v /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, 32, "%llu B", (unsigned long long)n);
+	else
+		snprintf(buf, 32, "%.2f %s", v, units[u]);
+	return buf;
+}

@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_UTIL_H
+#define KM_UTIL_H
+
+/* Small helpers shared by every module: cleanup attributes, full I/O. */
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#define KM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define KM_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define KM_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+static inline void km_freep(void *p)
+{
+	free(*(void **)p);
+}
+
+static inline void km_closep(int *fd)
+{
+	if (*fd >= 0) {
+		int saved = errno;
+		close(*fd);
+		errno = saved;
+	}
+}
+
+static inline void km_fclosep(FILE **f)
+{
+	if (*f)
+		fclose(*f);
+}
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _cleanup_free_ _cleanup_(km_freep)
+#define _cleanup_close_ _cleanup_(km_closep)
+#define _cleanup_fclose_ _cleanup_(km_fclosep)
+
+/* Moves ownership out of a cleanup variable. */
+#define KM_TAKE_PTR(p)                                                              \
+	({                                                                          \
+		__typeof__(p) _p = (p);                                             \
+		(p) = NULL;                                                         \
+		_p;                                                                 \
+	})
+#define KM_TAKE_FD(fd)                                                              \
+	({                                                                          \
+		int _fd = (fd);                                                     \
+		(fd) = -1;                                                          \
+		_fd;                                                                \
+	})
+
+/*
+ * Full reads and writes, restarting on EINTR and short counts.
+ * km_read_full/km_pread_full return bytes read (< n only at end of file) or
+ * -errno; the write helpers return 0 or -errno (-EIO for a zero write).
+ */
+ssize_t km_read_full(int fd, void *buf, size_t n);
+ssize_t km_pread_full(int fd, void *buf, size_t n, off_t off);
+int km_write_full(int fd, const void *buf, size_t n);
+int km_pwrite_full(int fd, const void *buf, size_t n, off_t off);
+
+/*
+ * Error details for the caller to print: the library never prints. Modules
+ * that can fail for reasons a user must see (which chunk, which file) take
+ * an optional struct km_error * and describe the failure in it.
+ */
+struct km_error {
+	char msg[512];
+};
+
+__attribute__((format(printf, 2, 3))) void km_error_set(struct km_error *e, const char *fmt, ...);
+
+/* Prefixes the message already in e ("what: " + old). */
+__attribute__((format(printf, 2, 3))) void km_error_prefix(struct km_error *e, const char *fmt, ...);
+
+/* Writes 'n' bytes as "1.50 GiB" etc. into buf; returns buf. */
+char *km_format_bytes(uint64_t n, char buf[32]);
+
+#endif
