@@ -1,2 +1,931 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include "image.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "scan.h"
+
+#define DELTA_TMP_NAME ".kvmotion.delta.tmp"
+#define MANIFEST_MAX (256u * 1024 * 1024)
+/* Bytes of a rebuilt file verified per whole-file-hash step. */
+#define JOIN_WINDOW (64u * 1024 * 1024)
+
+static int cmp_names(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void free_names(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+/* Regular files of dirfd, sorted, without kvmotion's own and temp files. */
+static int list_files(int dirfd, char ***ret, size_t *ret_n)
+{
+	_cleanup_close_ int fd = -1;
+	DIR *d;
+	struct dirent *de;
+	char **names = NULL;
+	size_t n = 0, cap = 0;
+	int r = 0;
+
+	fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	d = fdopendir(fd);
+	if (!d)
+		return -errno;
+	fd = -1;
+	while ((errno = 0, de = readdir(d))) {
+		struct stat st;
+
+		if (de->d_name[0] == '.')
+			continue; /* ".", "..", and temporary files */
+		if (strcmp(de->d_name, KM_MANIFEST_NAME) == 0 ||
+		    strcmp(de->d_name, KM_DELTA_NAME) == 0)
+			continue;
+		if (fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			r = -errno;
+			break;
+		}
+		if (!S_ISREG(st.st_mode))
+			continue; /* e.g. the parent/ symlink of an incremental dump */
+		if (n == cap) {
+			char **x;
+
+			cap = cap ? 2 * cap : 64;
+			x = realloc(names, cap * sizeof(*x));
+			if (!x) {
+				r = -ENOMEM;
+				break;
+			}
+			names = x;
+		}
+		names[n] = strdup(de->d_name);
+		if (!names[n]) {
+			r = -ENOMEM;
+			break;
+		}
+		n++;
+	}
+	if (r == 0 && errno)
+		r = -errno;
+	closedir(d);
+	if (r < 0) {
+		free_names(names, n);
+		return r;
+	}
+	if (n)
+		qsort(names, n, sizeof(*names), cmp_names);
+	*ret = names;
+	*ret_n = n;
+	return 0;
+}
+
+int km_image_is_split(int dirfd)
+{
+	if (faccessat(dirfd, KM_MANIFEST_NAME, F_OK, 0) == 0)
+		return 1;
+	return errno == ENOENT ? 0 : -errno;
+}
+
+int km_image_read_manifest(int dirfd, struct km_manifest **ret, struct km_error *err)
+{
+	_cleanup_free_ void *buf = NULL;
+	size_t n;
+	int r;
+
+	r = km_read_file_at(dirfd, KM_MANIFEST_NAME, MANIFEST_MAX, &buf, &n);
+	if (r < 0) {
+		if (r == -ENOENT)
+			km_error_set(err, "%s: no such file (not a split image)", KM_MANIFEST_NAME);
+		else
+			km_error_set(err, "%s: %s", KM_MANIFEST_NAME, strerror(-r));
+		return r;
+	}
+	r = km_manifest_decode(buf, n, ret, err);
+	if (r < 0)
+		km_error_prefix(err, "%s", KM_MANIFEST_NAME);
+	return r;
+}
+
+static int hash_file_at(int dirfd, const char *name, struct km_hash *ret, uint64_t *ret_size,
+			uint32_t *ret_mode)
+{
+	_cleanup_close_ int fd = -1;
+	const uint8_t *map = NULL;
+	struct stat st;
+	int r;
+
+	fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	r = km_map_file(fd, (uint64_t)st.st_size, &map);
+	if (r < 0)
+		return r;
+	km_hash_buf(map ? map : (const uint8_t *)"", (size_t)st.st_size, ret);
+	km_unmap_file(map, (uint64_t)st.st_size);
+	if (ret_size)
+		*ret_size = (uint64_t)st.st_size;
+	if (ret_mode)
+		*ret_mode = st.st_mode & 07777;
+	return 0;
+}
+
+/* ---------------------------------------------------------------- split */
+
+static bool is_pages_image(const char *name)
+{
+	return fnmatch("pages-*.img", name, 0) == 0;
+}
+
+struct split_file {
+	struct km_file_entry *entry;
+	struct km_delta_writer *delta;
+	uint64_t *delta_pos;
+	struct km_split_stats *stats;
+};
+
+static int split_emit(void *userdata, const uint8_t *base, const struct km_scan_chunk *chunks,
+		      size_t n)
+{
+	struct split_file *sf = userdata;
+
+	for (size_t i = 0; i < n; i++) {
+		const struct km_scan_chunk *c = &chunks[i];
+		struct km_extent e = { .length = c->length };
+		int r;
+
+		switch (c->kind) {
+		case KM_SCAN_ZERO:
+			e.kind = KM_EXTENT_ZERO;
+			sf->stats->bytes_zero += c->length;
+			break;
+		case KM_SCAN_ADDED:
+			sf->stats->chunks_added++;
+			sf->stats->bytes_added += c->length;
+			/* fall through */
+		case KM_SCAN_STORED:
+			e.kind = KM_EXTENT_CHUNK;
+			e.id = c->id;
+			if (c->kind == KM_SCAN_STORED) {
+				sf->stats->chunks_referenced++;
+				sf->stats->bytes_referenced += c->length;
+			}
+			break;
+		case KM_SCAN_NOT_STORED:
+			e.kind = KM_EXTENT_DELTA;
+			e.delta_offset = *sf->delta_pos;
+			r = km_delta_writer_append(sf->delta, base + c->offset, c->length);
+			if (r < 0)
+				return r;
+			*sf->delta_pos += c->length;
+			sf->stats->bytes_delta += c->length;
+			break;
+		}
+		r = km_file_entry_add_extent(sf->entry, &e);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int split_one(const struct km_scanner *sc, int dirfd, struct km_file_entry *entry,
+		     struct km_delta_writer *delta, uint64_t *delta_pos,
+		     struct km_split_stats *stats, struct km_error *err)
+{
+	_cleanup_close_ int fd = -1;
+	struct split_file sf = { entry, delta, delta_pos, stats };
+	const uint8_t *map = NULL;
+	int r;
+
+	fd = openat(dirfd, entry->name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(err, "cannot open %s: %s", entry->name, strerror(-r));
+		return r;
+	}
+	r = km_map_file(fd, entry->size, &map);
+	if (r < 0) {
+		km_error_set(err, "cannot map %s: %s", entry->name, strerror(-r));
+		return r;
+	}
+	if (entry->size == 0)
+		km_hash_buf("", 0, &entry->sha256);
+	else
+		r = km_scan(sc, map, entry->size, entry->name, split_emit, &sf, &entry->sha256,
+			    err);
+	km_unmap_file(map, entry->size);
+	return r;
+}
+
+int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
+		   struct km_split_stats *ret, struct km_error *err)
+{
+	struct km_manifest m = {
+		.major = KM_FORMAT_MAJOR,
+		.minor = KM_FORMAT_MINOR,
+		.chunker = *km_store_chunker_params(s),
+		.created_by = (char *)"kvmotion " KM_VERSION,
+		.created_unix = (uint64_t)time(NULL),
+		.store_hint = (char *)km_store_path(s),
+	};
+	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
+	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct km_delta_writer *delta = NULL;
+	struct km_delta_summary ds;
+	struct km_split_stats stats = { 0 };
+	_cleanup_close_ int delta_fd = -1;
+	_cleanup_free_ void *mbuf = NULL;
+	char **names = NULL;
+	size_t n_names = 0, mbuf_size = 0;
+	uint64_t delta_pos = 0;
+	bool delta_renamed = false;
+	int r;
+
+	r = km_image_is_split(dirfd);
+	if (r > 0) {
+		km_error_set(err, "image is already split (%s exists)", KM_MANIFEST_NAME);
+		return -EEXIST;
+	}
+	if (r < 0) {
+		km_error_set(err, "%s: %s", KM_MANIFEST_NAME, strerror(-r));
+		return r;
+	}
+	r = list_files(dirfd, &names, &n_names);
+	if (r < 0) {
+		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
+		return r;
+	}
+	m.files = calloc(n_names ? n_names : 1, sizeof(*m.files));
+	if (!m.files) {
+		r = -ENOMEM;
+		goto out;
+	}
+	r = km_workpool_new(o->threads, 0, &pool);
+	if (r == 0)
+		r = km_workpool_new(1, 4, &hash_pool);
+	if (r < 0)
+		goto out;
+
+	(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
+	delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (delta_fd < 0) {
+		r = -errno;
+		km_error_set(err, "cannot create the delta: %s", strerror(-r));
+		goto out;
+	}
+	r = km_delta_writer_new(delta_fd, &o->delta, &delta);
+	if (r < 0)
+		goto out;
+
+	{
+		struct km_scanner sc = {
+			.params = &m.chunker,
+			.pool = pool,
+			.file_hash_pool = hash_pool,
+			.store = s,
+			.put = o->add_chunks,
+		};
+
+		for (size_t i = 0; i < n_names; i++) {
+			struct km_file_entry *f = &m.files[i];
+			struct stat st;
+
+			m.n_files = i + 1;
+			f->name = KM_TAKE_PTR(names[i]);
+			if (fstatat(dirfd, f->name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+				r = -errno;
+				km_error_set(err, "%s: %s", f->name, strerror(-r));
+				goto out;
+			}
+			f->size = (uint64_t)st.st_size;
+			f->mode = st.st_mode & 07777;
+			f->split = is_pages_image(f->name) || f->size >= min_split;
+			if (!f->split) {
+				r = hash_file_at(dirfd, f->name, &f->sha256, NULL, NULL);
+				if (r < 0) {
+					km_error_set(err, "cannot read %s: %s", f->name,
+						     strerror(-r));
+					goto out;
+				}
+				stats.files_kept++;
+				continue;
+			}
+			r = split_one(&sc, dirfd, f, delta, &delta_pos, &stats, err);
+			if (r < 0) {
+				if (!err || !err->msg[0])
+					km_error_set(err, "splitting %s: %s", f->name,
+						     strerror(-r));
+				goto out;
+			}
+			stats.files_split++;
+			stats.bytes_split += f->size;
+		}
+	}
+
+	r = km_delta_writer_finish(delta, &ds);
+	if (r < 0) {
+		km_error_set(err, "writing the delta: %s", strerror(-r));
+		goto out;
+	}
+	if (o->sync && fsync(delta_fd) < 0) {
+		r = -errno;
+		km_error_set(err, "syncing the delta: %s", strerror(-r));
+		goto out;
+	}
+	m.delta = (struct km_delta_ref){
+		.name = (char *)KM_DELTA_NAME,
+		.raw_size = ds.raw_size,
+		.compressed_size = ds.compressed_size,
+		.frames = ds.frames,
+		.sha256 = ds.sha256,
+	};
+	stats.delta_file_size = ds.compressed_size;
+
+	r = km_manifest_encode(&m, &mbuf, &mbuf_size);
+	if (r < 0)
+		goto out;
+	km_hash_buf(mbuf, mbuf_size, &stats.manifest_id);
+	stats.manifest_size = mbuf_size;
+
+	/* The store keeps what this image refers to until the root goes. */
+	{
+		char hex[KM_HASH_HEX_SIZE], root[KM_HASH_HEX_SIZE + 8];
+
+		snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(&stats.manifest_id, hex));
+		r = km_store_root_write(s, "manifests", root, mbuf, mbuf_size);
+		if (r < 0) {
+			km_error_set(err, "cannot record the manifest in the store: %s",
+				     strerror(-r));
+			goto out;
+		}
+	}
+
+	/*
+	 * Commit: delta, then manifest (its presence marks a split image),
+	 * then remove the split files. Until the manifest is in place the
+	 * directory is the original image plus a temporary file.
+	 */
+	if (renameat(dirfd, DELTA_TMP_NAME, dirfd, KM_DELTA_NAME) < 0) {
+		r = -errno;
+		km_error_set(err, "cannot rename the delta into place: %s", strerror(-r));
+		goto out;
+	}
+	delta_renamed = true;
+	r = km_write_file_atomic_at(dirfd, KM_MANIFEST_NAME, mbuf, mbuf_size, o->sync);
+	if (r < 0) {
+		km_error_set(err, "cannot write %s: %s", KM_MANIFEST_NAME, strerror(-r));
+		goto out;
+	}
+	for (size_t i = 0; i < m.n_files; i++)
+		if (m.files[i].split && unlinkat(dirfd, m.files[i].name, 0) < 0) {
+			/* The image stays valid: join skips nothing, rebuilds it. */
+			r = -errno;
+			km_error_set(err, "split, but cannot remove %s: %s", m.files[i].name,
+				     strerror(-r));
+			goto out;
+		}
+	if (o->sync)
+		(void)fsync(dirfd);
+	if (ret)
+		*ret = stats;
+out:
+	if (r < 0) {
+		if (delta_renamed && km_image_is_split(dirfd) == 0)
+			(void)unlinkat(dirfd, KM_DELTA_NAME, 0);
+		(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
+	}
+	km_delta_writer_free(delta);
+	km_workpool_free(pool);
+	km_workpool_free(hash_pool);
+	free_names(names, n_names);
+	m.delta.name = NULL;
+	m.created_by = NULL;
+	m.store_hint = NULL;
+	for (size_t i = 0; i < m.n_files; i++)
+		km_file_entry_clear(&m.files[i]);
+	free(m.files);
+	return r;
+}
+
+/* ----------------------------------------------------------------- join */
+
+struct join_target {
+	const struct km_file_entry *entry;
+	char tmp_name[300];
+	int fd;
+	uint8_t *map; /* shared writable mapping of the temporary file */
+	struct km_hasher *hasher;
+};
+
+/* A delta extent placed in a target file, sorted by delta offset. */
+struct delta_place {
+	uint64_t delta_offset;
+	uint64_t length;
+	uint8_t *dst;
+};
+
+struct join_ctx {
+	struct km_store *store;
+	struct join_target *targets;
+	size_t n_targets;
+	struct delta_place *places;
+	size_t n_places;
+	pthread_mutex_t lock;
+	struct km_error *err; /* first error wins, under lock */
+	bool failed;
+	uint64_t chunks_read;
+};
+
+static void join_fail(struct join_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void join_fail(struct join_ctx *c, const char *fmt, ...)
+{
+	va_list ap;
+
+	pthread_mutex_lock(&c->lock);
+	if (!c->failed && c->err) {
+		va_start(ap, fmt);
+		vsnprintf(c->err->msg, sizeof(c->err->msg), fmt, ap);
+		va_end(ap);
+	}
+	c->failed = true;
+	pthread_mutex_unlock(&c->lock);
+}
+
+static int cmp_place(const void *a, const void *b)
+{
+	const struct delta_place *x = a, *y = b;
+
+	return x->delta_offset < y->delta_offset ? -1 : x->delta_offset > y->delta_offset;
+}
+
+static int delta_sink(void *userdata, uint64_t raw_offset, const void *data, size_t n)
+{
+	struct join_ctx *c = userdata;
+	uint64_t end = raw_offset + n;
+	size_t lo = 0, hi = c->n_places;
+
+	/* First place whose range ends after raw_offset. */
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		const struct delta_place *p = &c->places[mid];
+
+		if (p->delta_offset + p->length <= raw_offset)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	for (size_t i = lo; i < c->n_places && c->places[i].delta_offset < end; i++) {
+		const struct delta_place *p = &c->places[i];
+		uint64_t from = KM_MAX(p->delta_offset, raw_offset);
+		uint64_t to = KM_MIN(p->delta_offset + p->length, end);
+
+		memcpy(p->dst + (from - p->delta_offset), (const uint8_t *)data + (from - raw_offset),
+		       (size_t)(to - from));
+	}
+	return 0;
+}
+
+struct chunk_job {
+	struct join_ctx *ctx;
+	const struct join_target *target;
+	const struct km_extent *extents; /* chunk extents only are read */
+	size_t n;
+	uint64_t offset; /* file offset of extents[0] */
+};
+
+static int read_chunks(void *arg)
+{
+	struct chunk_job *j = arg;
+	uint64_t off = j->offset;
+
+	for (size_t i = 0; i < j->n; off += j->extents[i].length, i++) {
+		const struct km_extent *e = &j->extents[i];
+		char hex[KM_HASH_HEX_SIZE];
+		size_t got = 0;
+		int r;
+
+		if (e->kind != KM_EXTENT_CHUNK)
+			continue;
+		r = km_store_get(j->ctx->store, &e->id, j->target->map + off, (size_t)e->length,
+				 &got);
+		if (r < 0 || got != e->length) {
+			const char *why = r == -ENOENT	 ? "missing from the store"
+					  : r == -EBADMSG ? "corrupt in the store (content does not match its SHA-256)"
+					  : r == -EFBIG	  ? "larger in the store than the manifest says"
+					  : r == 0	  ? "shorter in the store than the manifest says"
+							  : strerror(-r);
+
+			if (r == 0)
+				r = -EBADMSG;
+			join_fail(j->ctx, "chunk %s (%s at offset %llu): %s",
+				  km_hash_to_hex(&e->id, hex), j->target->entry->name,
+				  (unsigned long long)off, why);
+			return r;
+		}
+		__atomic_fetch_add(&j->ctx->chunks_read, 1, __ATOMIC_RELAXED);
+	}
+	return 0;
+}
+
+struct verify_job {
+	struct join_target *target;
+	uint64_t offset, length;
+};
+
+static int verify_step(void *arg)
+{
+	struct verify_job *j = arg;
+
+	km_hasher_update(j->target->hasher, j->target->map + j->offset, (size_t)j->length);
+	return 0;
+}
+
+static void targets_close(struct join_ctx *c, int dirfd, bool unlink_tmp)
+{
+	for (size_t i = 0; i < c->n_targets; i++) {
+		struct join_target *t = &c->targets[i];
+
+		if (t->map)
+			munmap(t->map, (size_t)t->entry->size);
+		if (t->fd >= 0)
+			close(t->fd);
+		if (unlink_tmp && t->tmp_name[0])
+			(void)unlinkat(dirfd, t->tmp_name, 0);
+		km_hasher_free(t->hasher);
+		t->map = NULL;
+		t->fd = -1;
+		t->hasher = NULL;
+	}
+}
+
+static int target_create(int dirfd, struct join_target *t, struct km_error *err)
+{
+	const struct km_file_entry *f = t->entry;
+	uint64_t nonce;
+	int r;
+
+	if (getrandom(&nonce, sizeof(nonce), 0) != sizeof(nonce))
+		return -EIO;
+	snprintf(t->tmp_name, sizeof(t->tmp_name), ".%.200s.%016llx.kmjoin", f->name,
+		 (unsigned long long)nonce);
+	t->fd = openat(dirfd, t->tmp_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (t->fd < 0) {
+		r = -errno;
+		t->tmp_name[0] = 0;
+		km_error_set(err, "cannot create %s: %s", f->name, strerror(-r));
+		return r;
+	}
+	t->hasher = km_hasher_new();
+	if (!t->hasher)
+		return -ENOMEM;
+	if (f->size == 0)
+		return 0;
+	/*
+	 * Reserve the blocks now: a full disk is a clean error here rather
+	 * than a SIGBUS when the mapping is written.
+	 */
+	r = posix_fallocate(t->fd, 0, (off_t)f->size);
+	if (r != 0) {
+		km_error_set(err, "cannot allocate %llu bytes for %s: %s",
+			     (unsigned long long)f->size, f->name, strerror(r));
+		return -r;
+	}
+	t->map = mmap(NULL, (size_t)f->size, PROT_READ | PROT_WRITE, MAP_SHARED, t->fd, 0);
+	if (t->map == MAP_FAILED) {
+		r = -errno;
+		t->map = NULL;
+		km_error_set(err, "cannot map %s: %s", f->name, strerror(-r));
+		return r;
+	}
+	return 0;
+}
+
+/* Kept files must be there and be what the manifest says. */
+static int check_kept(int dirfd, const struct km_manifest *m, struct km_error *err)
+{
+	for (size_t i = 0; i < m->n_files; i++) {
+		const struct km_file_entry *f = &m->files[i];
+		struct km_hash h;
+		uint64_t size;
+		int r;
+
+		if (f->split)
+			continue;
+		r = hash_file_at(dirfd, f->name, &h, &size, NULL);
+		if (r < 0) {
+			km_error_set(err, "image file %s: %s", f->name, strerror(-r));
+			return r;
+		}
+		if (size != f->size || !km_hash_equal(&h, &f->sha256)) {
+			km_error_set(err, "image file %s does not match the manifest (%s)", f->name,
+				     size != f->size ? "size differs" : "SHA-256 differs");
+			return -EBADMSG;
+		}
+	}
+	return 0;
+}
+
+static int open_delta(int dirfd, const struct km_manifest *m, struct km_delta_reader **ret,
+		      struct km_error *err)
+{
+	_cleanup_close_ int fd = -1;
+	struct km_delta_reader *r = NULL;
+	int k;
+
+	fd = openat(dirfd, m->delta.name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		k = -errno;
+		km_error_set(err, "delta %s: %s", m->delta.name, strerror(-k));
+		return k;
+	}
+	k = km_delta_reader_open(fd, &r, err);
+	if (k < 0) {
+		km_error_prefix(err, "delta %s", m->delta.name);
+		return k;
+	}
+	if (!km_hash_equal(km_delta_reader_sha256(r), &m->delta.sha256) ||
+	    km_delta_reader_raw_size(r) != m->delta.raw_size) {
+		km_error_set(err, "delta %s does not belong to this manifest (SHA-256 differs)",
+			     m->delta.name);
+		km_delta_reader_free(r);
+		return -EBADMSG;
+	}
+	*ret = r;
+	return 0;
+}
+
+int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
+		  struct km_join_stats *ret, struct km_error *err)
+{
+	struct km_manifest *m = NULL;
+	struct km_delta_reader *delta = NULL;
+	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct join_ctx ctx = { .store = s, .err = err };
+	struct km_join_stats stats = { 0 };
+	_cleanup_free_ struct chunk_job *jobs = NULL;
+	_cleanup_free_ struct verify_job *vjobs = NULL;
+	size_t n_places = 0, n_jobs = 0, n_vjobs = 0;
+	int r;
+
+	pthread_mutex_init(&ctx.lock, NULL);
+	r = km_image_read_manifest(dirfd, &m, err);
+	if (r < 0)
+		goto out;
+	r = open_delta(dirfd, m, &delta, err);
+	if (r < 0)
+		goto out;
+	r = check_kept(dirfd, m, err);
+	if (r < 0)
+		goto out;
+
+	ctx.targets = calloc(m->n_files ? m->n_files : 1, sizeof(*ctx.targets));
+	if (!ctx.targets) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < m->n_files; i++) {
+		const struct km_file_entry *f = &m->files[i];
+
+		if (!f->split)
+			continue;
+		ctx.targets[ctx.n_targets].entry = f;
+		ctx.targets[ctx.n_targets].fd = -1;
+		ctx.n_targets++;
+		for (size_t j = 0; j < f->n_extents; j++)
+			n_places += f->extents[j].kind == KM_EXTENT_DELTA;
+		n_jobs += f->n_extents / 16 + f->size / JOIN_WINDOW + 2;
+		n_vjobs += f->size / JOIN_WINDOW + 1;
+	}
+	ctx.places = calloc(n_places ? n_places : 1, sizeof(*ctx.places));
+	jobs = calloc(n_jobs ? n_jobs : 1, sizeof(*jobs));
+	vjobs = calloc(n_vjobs ? n_vjobs : 1, sizeof(*vjobs));
+	if (!ctx.places || !jobs || !vjobs) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t i = 0; i < ctx.n_targets; i++) {
+		r = target_create(dirfd, &ctx.targets[i], err);
+		if (r < 0)
+			goto out;
+	}
+
+	/* The delta first: small, and written before the file hashes run. */
+	for (size_t i = 0; i < ctx.n_targets; i++) {
+		const struct join_target *t = &ctx.targets[i];
+		uint64_t off = 0;
+
+		for (size_t j = 0; j < t->entry->n_extents; j++) {
+			const struct km_extent *e = &t->entry->extents[j];
+
+			if (e->kind == KM_EXTENT_DELTA) {
+				ctx.places[ctx.n_places++] = (struct delta_place){
+					.delta_offset = e->delta_offset,
+					.length = e->length,
+					.dst = t->map + off,
+				};
+				stats.bytes_from_delta += e->length;
+			} else if (e->kind == KM_EXTENT_ZERO) {
+				stats.bytes_zero += e->length; /* fallocate gave zeros */
+			} else {
+				stats.bytes_from_store += e->length;
+			}
+			off += e->length;
+		}
+	}
+	qsort(ctx.places, ctx.n_places, sizeof(*ctx.places), cmp_place);
+	for (size_t i = 1; i < ctx.n_places; i++)
+		if (ctx.places[i - 1].delta_offset + ctx.places[i - 1].length >
+		    ctx.places[i].delta_offset) {
+			km_error_set(err, "%s: delta ranges overlap", KM_MANIFEST_NAME);
+			r = -EBADMSG;
+			goto out;
+		}
+	r = km_delta_reader_decode(delta, o->threads, delta_sink, &ctx, err);
+	if (r < 0) {
+		km_error_prefix(err, "delta %s", m->delta.name);
+		goto out;
+	}
+
+	r = km_workpool_new(o->threads, 0, &pool);
+	if (r == 0)
+		r = km_workpool_new(1, 0, &hash_pool);
+	if (r < 0)
+		goto out;
+
+	/*
+	 * Chunks in file order, a window at a time; once a window is written
+	 * its whole-file hash step runs on the hash thread while the next
+	 * window's chunks are read.
+	 */
+	n_jobs = 0;
+	n_vjobs = 0;
+	for (size_t i = 0; i < ctx.n_targets && r == 0; i++) {
+		struct join_target *t = &ctx.targets[i];
+		size_t j = 0;
+		uint64_t off = 0;
+
+		while (j < t->entry->n_extents && r == 0) {
+			uint64_t window_start = off;
+
+			while (j < t->entry->n_extents && off - window_start < JOIN_WINDOW) {
+				size_t k = j;
+				uint64_t job_off = off;
+
+				while (k < t->entry->n_extents && k - j < 16 &&
+				       off - window_start < JOIN_WINDOW)
+					off += t->entry->extents[k++].length;
+				jobs[n_jobs] = (struct chunk_job){ &ctx, t, t->entry->extents + j,
+								   k - j, job_off };
+				r = km_workpool_submit(pool, read_chunks, &jobs[n_jobs++]);
+				j = k;
+				if (r < 0)
+					break;
+			}
+			{
+				int w = km_workpool_wait(pool);
+
+				if (r == 0)
+					r = w;
+			}
+			if (r < 0)
+				break;
+			vjobs[n_vjobs] = (struct verify_job){ t, window_start, off - window_start };
+			r = km_workpool_submit(hash_pool, verify_step, &vjobs[n_vjobs++]);
+		}
+	}
+	{
+		int w = km_workpool_wait(hash_pool);
+
+		if (r == 0)
+			r = w;
+	}
+	if (r < 0) {
+		if (!ctx.failed && err)
+			km_error_set(err, "rebuilding the image: %s", strerror(-r));
+		goto out;
+	}
+	stats.chunks_read = ctx.chunks_read;
+
+	for (size_t i = 0; i < ctx.n_targets; i++) {
+		struct join_target *t = &ctx.targets[i];
+		struct km_hash h;
+
+		km_hasher_final(t->hasher, &h);
+		if (!km_hash_equal(&h, &t->entry->sha256)) {
+			km_error_set(err, "rebuilt %s does not match its SHA-256 in the manifest",
+				     t->entry->name);
+			r = -EBADMSG;
+			goto out;
+		}
+		if (o->sync && t->map && msync(t->map, (size_t)t->entry->size, MS_SYNC) < 0) {
+			r = -errno;
+			km_error_set(err, "syncing %s: %s", t->entry->name, strerror(-r));
+			goto out;
+		}
+		if (fchmod(t->fd, t->entry->mode) < 0) {
+			r = -errno;
+			km_error_set(err, "%s: %s", t->entry->name, strerror(-r));
+			goto out;
+		}
+		stats.bytes_written += t->entry->size;
+	}
+
+	/* Everything verified: put the files in place. */
+	for (size_t i = 0; i < ctx.n_targets; i++) {
+		struct join_target *t = &ctx.targets[i];
+
+		if (renameat(dirfd, t->tmp_name, dirfd, t->entry->name) < 0) {
+			r = -errno;
+			km_error_set(err, "cannot rename rebuilt %s into place: %s", t->entry->name,
+				     strerror(-r));
+			goto out;
+		}
+		t->tmp_name[0] = 0;
+		stats.files_joined++;
+	}
+	if (o->sync)
+		(void)fsync(dirfd);
+	if (!o->keep_split) {
+		/* Manifest last: a directory with a manifest is still joinable. */
+		(void)unlinkat(dirfd, m->delta.name, 0);
+		if (unlinkat(dirfd, KM_MANIFEST_NAME, 0) < 0 && errno != ENOENT) {
+			r = -errno;
+			km_error_set(err, "cannot remove %s: %s", KM_MANIFEST_NAME, strerror(-r));
+			goto out;
+		}
+		if (o->sync)
+			(void)fsync(dirfd);
+	}
+	if (ret)
+		*ret = stats;
+out:
+	km_workpool_free(pool);
+	km_workpool_free(hash_pool);
+	if (ctx.targets)
+		targets_close(&ctx, dirfd, true);
+	free(ctx.targets);
+	free(ctx.places);
+	km_delta_reader_free(delta);
+	km_manifest_free(m);
+	pthread_mutex_destroy(&ctx.lock);
+	return r;
+}
+
+/* ------------------------------------------------------------------- gc */
+
+static int gc_refs(struct km_store_gc *gc, const char *kind, const char *name, const void *p,
+		   size_t n, void *userdata)
+{
+	struct km_error *err = userdata;
+	int r;
+
+	if (strcmp(kind, "manifests") == 0) {
+		struct km_manifest *m = NULL;
+
+		r = km_manifest_decode(p, n, &m, err);
+		if (r < 0)
+			return r;
+		for (size_t i = 0; i < m->n_files; i++)
+			for (size_t j = 0; j < m->files[i].n_extents; j++)
+				if (m->files[i].extents[j].kind == KM_EXTENT_CHUNK)
+					km_store_gc_keep(gc, &m->files[i].extents[j].id);
+		km_manifest_free(m);
+		return 0;
+	}
+	if (strcmp(kind, "indexes") == 0) {
+		struct km_weights_index *idx = NULL;
+
+		r = km_weights_index_decode(p, n, &idx, err);
+		if (r < 0)
+			return r;
+		for (size_t i = 0; i < idx->n_files; i++)
+			for (size_t j = 0; j < idx->files[i].n_extents; j++)
+				if (idx->files[i].extents[j].kind == KM_EXTENT_CHUNK)
+					km_store_gc_keep(gc, &idx->files[i].extents[j].id);
+		km_weights_index_free(idx);
+		return 0;
+	}
+	km_error_set(err, "unknown root kind %s (%s)", kind, name);
+	return -EBADMSG;
+}
+
+int km_image_store_gc(struct km_store *s, struct km_store_gc_stats *ret, struct km_error *err)
+{
+	return km_store_gc_run(s, gc_refs, err, ret, err);
+}

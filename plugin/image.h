@@ -32,7 +32,7 @@ struct km_split_opts {
 	uint64_t min_split_size; /* 0: default */
 	unsigned threads;	 /* 0: one per CPU */
 	bool add_chunks;	 /* put every non-zero chunk into the store */
-	bool sync;		 /* fsync what is written */
+	bool sync;		 /* fsync the manifest, delta and directory */
 	struct km_delta_params delta;
 };
 
@@ -91,7 +91,7 @@ struct km_seed_stats {
 	uint64_t bytes_zero;
 };
 int km_seed(struct km_store *s, const char *name, const char *const *paths, size_t n_paths,
-	    unsigned threads, bool sync, struct km_seed_stats *ret, struct km_error *err);
+	    unsigned threads, struct km_seed_stats *ret, struct km_error *err);
 
 /* gc with every manifest and weights index of the store as roots. */
 int km_image_store_gc(struct km_store *s, struct km_store_gc_stats *ret, struct km_error *err);

@@ -1,2 +1,694 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-int main(void) { return 0; }
+/*
+ * kvmotion: the command-line front end of the library. It parses options,
+ * calls one library function per command and prints what it did; every
+ * error is printed once, here, as "kvmotion: what: why".
+ */
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "format.h"
+#include "image.h"
+#include "store.h"
+#include "util.h"
+
+#define DEFAULT_STORE "/var/lib/kvmotion/store"
+
+struct cli {
+	const char *store_path;
+	const char *name;
+	unsigned threads;
+	bool json;
+	bool sync;
+	bool add_chunks;
+	bool keep;
+	bool repair;
+	bool extents;
+	uint64_t min_split_size;
+	struct km_delta_params delta;
+	struct km_chunker_params chunker;
+	bool chunker_set;
+	const char *output;
+};
+
+static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("kvmotion: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return EXIT_FAILURE;
+}
+
+/* Prints err's message if the library left one, else strerror. */
+static int fail_with(const char *what, int r, const struct km_error *err)
+{
+	if (err && err->msg[0])
+		return fail("%s: %s", what, err->msg);
+	return fail("%s: %s", what, strerror(-r));
+}
+
+static void usage(FILE *f)
+{
+	fputs("Usage:\n"
+	      "  kvmotion seed FILE... [--store S] [--name NAME]   add model files to the store as a weights index\n"
+	      "  kvmotion split DIR [--store S] [--add-chunks]     split a CRIU image directory in place\n"
+	      "  kvmotion join DIR [--store S] [--keep]            rebuild the original image files\n"
+	      "  kvmotion inspect DIR [--extents]                  show what a split image holds\n"
+	      "  kvmotion store init|verify|gc|list [--store S]\n"
+	      "  kvmotion store has|stat|get ID [--store S] [-o FILE]\n"
+	      "  kvmotion store put FILE [--store S]\n"
+	      "  kvmotion store release MANIFEST-ID [--store S]   let gc drop what a split image referenced\n"
+	      "\n"
+	      "Options:\n"
+	      "  --store S            chunk store (default $KVMOTION_STORE, else " DEFAULT_STORE ")\n"
+	      "  --threads N          worker threads (default: one per CPU)\n"
+	      "  --json               print the result as one JSON object\n"
+	      "  --no-sync            skip fsync (tmpfs, tests, benchmarks)\n"
+	      "  --name NAME          weights index name (seed; default: the first file's name)\n"
+	      "  --add-chunks         split: also store every chunk the store lacks\n"
+	      "  --min-split-size N   split: files of at least N bytes are split (default 1 MiB;\n"
+	      "                       pages-*.img always are)\n"
+	      "  --level L            split: zstd level of the delta (default 1)\n"
+	      "  --frame-size N       split: raw bytes per delta frame (default 4 MiB)\n"
+	      "  --filter MODE        split: byte-plane filter auto|never|always (default auto)\n"
+	      "  --keep               join: keep kvmotion.manifest and kvmotion.delta\n"
+	      "  --repair             store verify: remove the bad chunks it finds\n"
+	      "  --chunk-min/--chunk-avg/--chunk-max N   store init: chunker sizes\n"
+	      "  --extents            inspect: list every extent\n"
+	      "  -o, --output FILE    store get: write the chunk to FILE\n",
+	      f);
+}
+
+static int parse_u64(const char *s, uint64_t *ret)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 0);
+	if (errno || end == s)
+		return -EINVAL;
+	switch (*end) {
+	case 'K': case 'k': v <<= 10; end++; break;
+	case 'M': case 'm': v <<= 20; end++; break;
+	case 'G': case 'g': v <<= 30; end++; break;
+	default: break;
+	}
+	if (*end)
+		return -EINVAL;
+	*ret = v;
+	return 0;
+}
+
+static int open_store(const struct cli *c, unsigned flags, struct km_store **ret)
+{
+	int r;
+
+	if (!c->sync)
+		flags |= KM_STORE_NOSYNC;
+	r = km_store_open(c->store_path, flags, c->chunker_set ? &c->chunker : NULL, ret);
+	if (r < 0) {
+		const char *why = r == -ENOENT		? "no such store (create it with 'kvmotion store init' or 'kvmotion seed')"
+				  : r == -EBADMSG	? "not a kvmotion store (no valid config.kmstore)"
+				  : r == -EPROTONOSUPPORT ? "store of an unsupported format version"
+				  : r == -EBUSY		? "store is locked by another process (gc running?)"
+							: strerror(-r);
+
+		fail("store %s: %s", c->store_path, why);
+	}
+	return r;
+}
+
+static int open_dir(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+	if (fd < 0)
+		fail("%s: %s", path, strerror(errno));
+	return fd;
+}
+
+static void print_bytes_line(const char *label, uint64_t n)
+{
+	char b[32];
+
+	printf("  %-28s %15" PRIu64 "  (%s)\n", label, n, km_format_bytes(n, b));
+}
+
+static int cmd_seed(struct cli *c, int argc, char **argv)
+{
+	struct km_store *s = NULL;
+	struct km_seed_stats st;
+	struct km_error err = { { 0 } };
+	const char *name = c->name;
+	_cleanup_free_ char *derived = NULL;
+	int r;
+
+	if (argc < 1)
+		return fail("seed: no model file given");
+	if (!name) {
+		const char *base = strrchr(argv[0], '/');
+
+		derived = strdup(base ? base + 1 : argv[0]);
+		if (!derived)
+			return fail("seed: %s", strerror(ENOMEM));
+		name = derived;
+	}
+	if (open_store(c, KM_STORE_CREATE, &s) < 0)
+		return EXIT_FAILURE;
+	r = km_seed(s, name, (const char *const *)argv, (size_t)argc, c->threads, &st, &err);
+	km_store_free(s);
+	if (r < 0)
+		return fail_with("seed", r, &err);
+	if (c->json) {
+		printf("{\"name\":\"%s\",\"files\":%" PRIu64 ",\"bytes\":%" PRIu64
+		       ",\"chunks\":%" PRIu64 ",\"chunks_added\":%" PRIu64
+		       ",\"bytes_added\":%" PRIu64 ",\"bytes_zero\":%" PRIu64 "}\n",
+		       name, st.files, st.bytes, st.chunks, st.chunks_added, st.bytes_added,
+		       st.bytes_zero);
+		return EXIT_SUCCESS;
+	}
+	printf("seeded weights index %s into %s\n", name, c->store_path);
+	print_bytes_line("model bytes", st.bytes);
+	print_bytes_line("added to the store", st.bytes_added);
+	print_bytes_line("zero (not stored)", st.bytes_zero);
+	printf("  %-28s %15" PRIu64 " of %" PRIu64 "\n", "new chunks", st.chunks_added, st.chunks);
+	return EXIT_SUCCESS;
+}
+
+static int cmd_split(struct cli *c, int argc, char **argv)
+{
+	struct km_split_opts o = {
+		.min_split_size = c->min_split_size,
+		.threads = c->threads,
+		.add_chunks = c->add_chunks,
+		.sync = c->sync,
+		.delta = c->delta,
+	};
+	struct km_split_stats st;
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	_cleanup_close_ int dirfd = -1;
+	char hex[KM_HASH_HEX_SIZE];
+	int r;
+
+	if (argc != 1)
+		return fail("split: expected one image directory");
+	dirfd = open_dir(argv[0]);
+	if (dirfd < 0)
+		return EXIT_FAILURE;
+	if (open_store(c, c->add_chunks ? KM_STORE_CREATE : 0, &s) < 0)
+		return EXIT_FAILURE;
+	r = km_image_split(dirfd, s, &o, &st, &err);
+	km_store_free(s);
+	if (r < 0)
+		return fail_with(argv[0], r, &err);
+	km_hash_to_hex(&st.manifest_id, hex);
+	if (c->json) {
+		printf("{\"manifest_id\":\"%s\",\"files_split\":%" PRIu64 ",\"files_kept\":%" PRIu64
+		       ",\"bytes_split\":%" PRIu64 ",\"bytes_referenced\":%" PRIu64
+		       ",\"chunks_referenced\":%" PRIu64 ",\"bytes_added\":%" PRIu64
+		       ",\"chunks_added\":%" PRIu64 ",\"bytes_zero\":%" PRIu64
+		       ",\"bytes_delta\":%" PRIu64 ",\"delta_file_size\":%" PRIu64
+		       ",\"manifest_size\":%" PRIu64 "}\n",
+		       hex, st.files_split, st.files_kept, st.bytes_split, st.bytes_referenced,
+		       st.chunks_referenced, st.bytes_added, st.chunks_added, st.bytes_zero,
+		       st.bytes_delta, st.delta_file_size, st.manifest_size);
+		return EXIT_SUCCESS;
+	}
+	printf("split %s: %" PRIu64 " files split, %" PRIu64 " kept (manifest %.16s)\n", argv[0],
+	       st.files_split, st.files_kept, hex);
+	print_bytes_line("split bytes", st.bytes_split);
+	print_bytes_line("referenced in the store", st.bytes_referenced);
+	print_bytes_line("added to the store", st.bytes_added);
+	print_bytes_line("zero", st.bytes_zero);
+	print_bytes_line("delta (raw)", st.bytes_delta);
+	print_bytes_line("delta (compressed)", st.delta_file_size);
+	print_bytes_line("manifest", st.manifest_size);
+	return EXIT_SUCCESS;
+}
+
+static int cmd_join(struct cli *c, int argc, char **argv)
+{
+	struct km_join_opts o = { .threads = c->threads, .keep_split = c->keep, .sync = c->sync };
+	struct km_join_stats st;
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	_cleanup_close_ int dirfd = -1;
+	int r;
+
+	if (argc != 1)
+		return fail("join: expected one image directory");
+	dirfd = open_dir(argv[0]);
+	if (dirfd < 0)
+		return EXIT_FAILURE;
+	if (open_store(c, 0, &s) < 0)
+		return EXIT_FAILURE;
+	r = km_image_join(dirfd, s, &o, &st, &err);
+	km_store_free(s);
+	if (r < 0)
+		return fail_with(argv[0], r, &err);
+	if (c->json) {
+		printf("{\"files_joined\":%" PRIu64 ",\"bytes_written\":%" PRIu64
+		       ",\"bytes_from_store\":%" PRIu64 ",\"chunks_read\":%" PRIu64
+		       ",\"bytes_from_delta\":%" PRIu64 ",\"bytes_zero\":%" PRIu64 "}\n",
+		       st.files_joined, st.bytes_written, st.bytes_from_store, st.chunks_read,
+		       st.bytes_from_delta, st.bytes_zero);
+		return EXIT_SUCCESS;
+	}
+	printf("joined %s: %" PRIu64 " files rebuilt and verified\n", argv[0], st.files_joined);
+	print_bytes_line("written", st.bytes_written);
+	print_bytes_line("from the store", st.bytes_from_store);
+	print_bytes_line("from the delta", st.bytes_from_delta);
+	print_bytes_line("zero", st.bytes_zero);
+	return EXIT_SUCCESS;
+}
+
+static void json_string(const char *s)
+{
+	putchar('"');
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			printf("\\%c", *s);
+		else if ((unsigned char)*s < 0x20)
+			printf("\\u%04x", (unsigned char)*s);
+		else
+			putchar(*s);
+	}
+	putchar('"');
+}
+
+static int cmd_inspect(struct cli *c, int argc, char **argv)
+{
+	struct km_error err = { { 0 } };
+	struct km_manifest *m = NULL;
+	_cleanup_close_ int dirfd = -1;
+	uint64_t tot[3] = { 0 }, chunks = 0, kept = 0;
+	char hex[KM_HASH_HEX_SIZE];
+	int r;
+
+	if (argc != 1)
+		return fail("inspect: expected one image directory");
+	dirfd = open_dir(argv[0]);
+	if (dirfd < 0)
+		return EXIT_FAILURE;
+	r = km_image_read_manifest(dirfd, &m, &err);
+	if (r < 0)
+		return fail_with(argv[0], r, &err);
+
+	for (size_t i = 0; i < m->n_files; i++) {
+		const struct km_file_entry *f = &m->files[i];
+
+		if (!f->split)
+			kept += f->size;
+		for (size_t j = 0; j < f->n_extents; j++) {
+			tot[f->extents[j].kind] += f->extents[j].length;
+			chunks += f->extents[j].kind == KM_EXTENT_CHUNK;
+		}
+	}
+	if (c->json) {
+		printf("{\"format\":\"%u.%u\",\"created_by\":", m->major, m->minor);
+		json_string(m->created_by ? m->created_by : "");
+		printf(",\"created_unix\":%" PRIu64 ",\"chunker\":{\"min\":%u,\"avg\":%u,\"max\":%u}",
+		       m->created_unix, m->chunker.min_size, m->chunker.avg_size,
+		       m->chunker.max_size);
+		printf(",\"delta\":{\"name\":");
+		json_string(m->delta.name);
+		printf(",\"raw_size\":%" PRIu64 ",\"compressed_size\":%" PRIu64
+		       ",\"frames\":%" PRIu64 ",\"sha256\":\"%s\"}",
+		       m->delta.raw_size, m->delta.compressed_size, m->delta.frames,
+		       km_hash_to_hex(&m->delta.sha256, hex));
+		printf(",\"bytes_referenced\":%" PRIu64 ",\"chunks_referenced\":%" PRIu64
+		       ",\"bytes_zero\":%" PRIu64 ",\"bytes_delta\":%" PRIu64
+		       ",\"bytes_kept\":%" PRIu64 ",\"files\":[",
+		       tot[KM_EXTENT_CHUNK], chunks, tot[KM_EXTENT_ZERO], tot[KM_EXTENT_DELTA], kept);
+		for (size_t i = 0; i < m->n_files; i++) {
+			const struct km_file_entry *f = &m->files[i];
+			uint64_t t[3] = { 0 };
+
+			for (size_t j = 0; j < f->n_extents; j++)
+				t[f->extents[j].kind] += f->extents[j].length;
+			printf("%s{\"name\":", i ? "," : "");
+			json_string(f->name);
+			printf(",\"size\":%" PRIu64 ",\"mode\":%u,\"sha256\":\"%s\",\"storage\":\"%s\"",
+			       f->size, f->mode, km_hash_to_hex(&f->sha256, hex),
+			       f->split ? "split" : "kept");
+			if (f->split)
+				printf(",\"extents\":%zu,\"bytes_referenced\":%" PRIu64
+				       ",\"bytes_zero\":%" PRIu64 ",\"bytes_delta\":%" PRIu64,
+				       f->n_extents, t[KM_EXTENT_CHUNK], t[KM_EXTENT_ZERO],
+				       t[KM_EXTENT_DELTA]);
+			putchar('}');
+		}
+		printf("]}\n");
+		km_manifest_free(m);
+		return EXIT_SUCCESS;
+	}
+
+	printf("split image %s (format %u.%u, %s)\n", argv[0], m->major, m->minor,
+	       m->created_by ? m->created_by : "unknown creator");
+	printf("  chunker %u/%u/%u, delta %s: %" PRIu64 " frames, %s\n", m->chunker.min_size,
+	       m->chunker.avg_size, m->chunker.max_size, m->delta.name, m->delta.frames,
+	       km_hash_to_hex(&m->delta.sha256, hex));
+	print_bytes_line("referenced in the store", tot[KM_EXTENT_CHUNK]);
+	printf("  %-28s %15" PRIu64 "\n", "chunk references", chunks);
+	print_bytes_line("zero", tot[KM_EXTENT_ZERO]);
+	print_bytes_line("delta (raw)", tot[KM_EXTENT_DELTA]);
+	print_bytes_line("delta (compressed)", m->delta.compressed_size);
+	print_bytes_line("kept files", kept);
+	printf("  files:\n");
+	for (size_t i = 0; i < m->n_files; i++) {
+		const struct km_file_entry *f = &m->files[i];
+		char b[32];
+
+		printf("    %-32s %-5s %12s  %04o  %.16s", f->name, f->split ? "split" : "kept",
+		       km_format_bytes(f->size, b), f->mode, km_hash_to_hex(&f->sha256, hex));
+		if (f->split)
+			printf("  %zu extents", f->n_extents);
+		putchar('\n');
+		if (!c->extents)
+			continue;
+		for (size_t j = 0, off = 0; j < f->n_extents; off += f->extents[j].length, j++) {
+			const struct km_extent *e = &f->extents[j];
+
+			printf("      %12zu +%-10" PRIu64 " ", off, e->length);
+			if (e->kind == KM_EXTENT_CHUNK)
+				printf("chunk %s\n", km_hash_to_hex(&e->id, hex));
+			else if (e->kind == KM_EXTENT_DELTA)
+				printf("delta @%" PRIu64 "\n", e->delta_offset);
+			else
+				printf("zero\n");
+		}
+	}
+	km_manifest_free(m);
+	return EXIT_SUCCESS;
+}
+
+static void print_bad_chunk(const struct km_hash *id, int error, void *userdata)
+{
+	char hex[KM_HASH_HEX_SIZE];
+
+	(void)userdata;
+	fprintf(stderr, "kvmotion: chunk %s: %s\n", km_hash_to_hex(id, hex),
+		error == -EBADMSG ? "corrupt (content does not match its SHA-256)" : strerror(-error));
+}
+
+static int print_root(const char *name, void *userdata)
+{
+	printf("%s/%s\n", (const char *)userdata, name);
+	return 0;
+}
+
+static int parse_id(const char *s, struct km_hash *ret)
+{
+	if (km_hash_from_hex(s, ret) < 0)
+		return fail("'%s' is not a SHA-256 chunk id (64 hex digits)", s);
+	return 0;
+}
+
+static int cmd_store(struct cli *c, int argc, char **argv)
+{
+	struct km_store *s = NULL;
+	struct km_error err = { { 0 } };
+	struct km_hash id;
+	const char *sub;
+	int r, ret = EXIT_SUCCESS;
+
+	if (argc < 1)
+		return fail("store: expected a subcommand (init, verify, gc, list, has, stat, get, put, release)");
+	sub = argv[0];
+	argc--;
+	argv++;
+
+	if (strcmp(sub, "init") == 0) {
+		if (open_store(c, KM_STORE_CREATE, &s) < 0)
+			return EXIT_FAILURE;
+		printf("store %s: chunker %u/%u/%u\n", c->store_path,
+		       km_store_chunker_params(s)->min_size, km_store_chunker_params(s)->avg_size,
+		       km_store_chunker_params(s)->max_size);
+	} else if (strcmp(sub, "verify") == 0) {
+		struct km_store_verify_stats vs;
+
+		if (open_store(c, 0, &s) < 0)
+			return EXIT_FAILURE;
+		r = km_store_verify(s, c->repair, print_bad_chunk, NULL, &vs);
+		if (r < 0 && r != -EBADMSG)
+			ret = fail("store verify: %s", strerror(-r));
+		else if (c->json)
+			printf("{\"chunks\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"bad\":%" PRIu64 "}\n",
+			       vs.chunks, vs.bytes, vs.bad);
+		else
+			printf("verified %" PRIu64 " chunks, %" PRIu64 " bytes: %" PRIu64 " bad%s\n",
+			       vs.chunks, vs.bytes, vs.bad,
+			       vs.bad && c->repair ? " (removed)" : "");
+		if (r == -EBADMSG)
+			ret = EXIT_FAILURE;
+	} else if (strcmp(sub, "gc") == 0) {
+		struct km_store_gc_stats gs;
+
+		if (open_store(c, KM_STORE_EXCLUSIVE, &s) < 0)
+			return EXIT_FAILURE;
+		r = km_image_store_gc(s, &gs, &err);
+		if (r < 0)
+			ret = fail_with("store gc", r, &err);
+		else if (c->json)
+			printf("{\"roots\":%" PRIu64 ",\"chunks_kept\":%" PRIu64
+			       ",\"chunks_removed\":%" PRIu64 ",\"bytes_removed\":%" PRIu64 "}\n",
+			       gs.roots, gs.chunks_kept, gs.chunks_removed, gs.bytes_removed);
+		else
+			printf("gc: %" PRIu64 " roots, %" PRIu64 " chunks kept, %" PRIu64
+			       " removed (%" PRIu64 " bytes)\n",
+			       gs.roots, gs.chunks_kept, gs.chunks_removed, gs.bytes_removed);
+	} else if (strcmp(sub, "list") == 0) {
+		if (open_store(c, 0, &s) < 0)
+			return EXIT_FAILURE;
+		r = km_store_root_foreach(s, "indexes", print_root, (void *)"indexes");
+		if (r == 0)
+			r = km_store_root_foreach(s, "manifests", print_root, (void *)"manifests");
+		if (r < 0)
+			ret = fail("store list: %s", strerror(-r));
+	} else if (strcmp(sub, "has") == 0 || strcmp(sub, "stat") == 0 ||
+		   strcmp(sub, "get") == 0) {
+		uint64_t size;
+
+		if (argc != 1)
+			return fail("store %s: expected one chunk id", sub);
+		if (parse_id(argv[0], &id) != 0)
+			return EXIT_FAILURE;
+		if (open_store(c, 0, &s) < 0)
+			return EXIT_FAILURE;
+		if (strcmp(sub, "has") == 0) {
+			r = km_store_has(s, &id);
+			if (r < 0)
+				ret = fail("store has: %s", strerror(-r));
+			else
+				ret = r ? EXIT_SUCCESS : EXIT_FAILURE;
+		} else if (strcmp(sub, "stat") == 0) {
+			r = km_store_stat(s, &id, &size);
+			if (r < 0)
+				ret = fail("chunk %s: %s", argv[0],
+					   r == -ENOENT ? "missing from the store" : strerror(-r));
+			else
+				printf("%" PRIu64 "\n", size);
+		} else {
+			_cleanup_free_ void *buf = malloc(KM_CHUNK_MAX_LIMIT);
+			size_t n = 0;
+
+			if (!buf)
+				return fail("store get: %s", strerror(ENOMEM));
+			r = km_store_get(s, &id, buf, KM_CHUNK_MAX_LIMIT, &n);
+			if (r < 0) {
+				ret = fail("chunk %s: %s", argv[0],
+					   r == -ENOENT	   ? "missing from the store"
+					   : r == -EBADMSG ? "corrupt (content does not match its SHA-256)"
+							   : strerror(-r));
+			} else {
+				_cleanup_close_ int fd = c->output ? open(c->output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)
+								   : dup(STDOUT_FILENO);
+
+				if (fd < 0 || km_write_full(fd, buf, n) < 0)
+					ret = fail("store get: cannot write %s: %s",
+						   c->output ? c->output : "stdout", strerror(errno));
+			}
+		}
+	} else if (strcmp(sub, "put") == 0) {
+		_cleanup_free_ void *buf = NULL;
+		size_t n;
+		char hex[KM_HASH_HEX_SIZE];
+
+		if (argc != 1)
+			return fail("store put: expected one file");
+		r = km_read_file_at(AT_FDCWD, argv[0], KM_CHUNK_MAX_LIMIT, &buf, &n);
+		if (r < 0)
+			return fail("store put: %s: %s", argv[0],
+				    r == -EFBIG ? "larger than a chunk may be" : strerror(-r));
+		if (open_store(c, KM_STORE_CREATE, &s) < 0)
+			return EXIT_FAILURE;
+		km_hash_buf(buf, n, &id);
+		r = km_store_put(s, &id, buf, n);
+		if (r < 0 && r != -EEXIST)
+			ret = fail("store put: %s", strerror(-r));
+		else
+			printf("%s%s\n", km_hash_to_hex(&id, hex), r == -EEXIST ? " (already stored)" : "");
+	} else if (strcmp(sub, "release") == 0) {
+		char root[KM_HASH_HEX_SIZE + 8];
+
+		if (argc != 1)
+			return fail("store release: expected one manifest id");
+		if (parse_id(argv[0], &id) != 0)
+			return EXIT_FAILURE;
+		if (open_store(c, 0, &s) < 0)
+			return EXIT_FAILURE;
+		snprintf(root, sizeof(root), "%s.kmman", argv[0]);
+		r = km_store_root_remove(s, "manifests", root);
+		if (r < 0)
+			ret = fail("store release %s: %s", argv[0],
+				   r == -ENOENT ? "no such manifest in the store" : strerror(-r));
+	} else {
+		return fail("store: unknown subcommand '%s'", sub);
+	}
+	km_store_free(s);
+	return ret;
+}
+
+enum {
+	OPT_STORE = 256,
+	OPT_NAME,
+	OPT_THREADS,
+	OPT_JSON,
+	OPT_NO_SYNC,
+	OPT_ADD_CHUNKS,
+	OPT_KEEP,
+	OPT_REPAIR,
+	OPT_EXTENTS,
+	OPT_MIN_SPLIT,
+	OPT_LEVEL,
+	OPT_FRAME,
+	OPT_FILTER,
+	OPT_CMIN,
+	OPT_CAVG,
+	OPT_CMAX,
+};
+
+int main(int argc, char **argv)
+{
+	static const struct option options[] = {
+		{ "store", required_argument, NULL, OPT_STORE },
+		{ "name", required_argument, NULL, OPT_NAME },
+		{ "threads", required_argument, NULL, OPT_THREADS },
+		{ "json", no_argument, NULL, OPT_JSON },
+		{ "no-sync", no_argument, NULL, OPT_NO_SYNC },
+		{ "add-chunks", no_argument, NULL, OPT_ADD_CHUNKS },
+		{ "keep", no_argument, NULL, OPT_KEEP },
+		{ "repair", no_argument, NULL, OPT_REPAIR },
+		{ "extents", no_argument, NULL, OPT_EXTENTS },
+		{ "min-split-size", required_argument, NULL, OPT_MIN_SPLIT },
+		{ "level", required_argument, NULL, OPT_LEVEL },
+		{ "frame-size", required_argument, NULL, OPT_FRAME },
+		{ "filter", required_argument, NULL, OPT_FILTER },
+		{ "chunk-min", required_argument, NULL, OPT_CMIN },
+		{ "chunk-avg", required_argument, NULL, OPT_CAVG },
+		{ "chunk-max", required_argument, NULL, OPT_CMAX },
+		{ "output", required_argument, NULL, 'o' },
+		{ "help", no_argument, NULL, 'h' },
+		{ "version", no_argument, NULL, 'V' },
+		{}
+	};
+	struct cli c = {
+		.store_path = getenv("KVMOTION_STORE") ? getenv("KVMOTION_STORE") : DEFAULT_STORE,
+		.sync = true,
+		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+	};
+	const char *cmd;
+	uint64_t v;
+	int opt;
+
+	/* Options may come before or after the command and its arguments. */
+	while ((opt = getopt_long(argc, argv, "o:hV", options, NULL)) != -1) {
+		switch (opt) {
+		case OPT_STORE: c.store_path = optarg; break;
+		case OPT_NAME: c.name = optarg; break;
+		case OPT_JSON: c.json = true; break;
+		case OPT_NO_SYNC: c.sync = false; break;
+		case OPT_ADD_CHUNKS: c.add_chunks = true; break;
+		case OPT_KEEP: c.keep = true; break;
+		case OPT_REPAIR: c.repair = true; break;
+		case OPT_EXTENTS: c.extents = true; break;
+		case 'o': c.output = optarg; break;
+		case OPT_FILTER:
+			if (strcmp(optarg, "auto") == 0)
+				c.delta.filter = KM_DELTA_FILTER_AUTO;
+			else if (strcmp(optarg, "never") == 0)
+				c.delta.filter = KM_DELTA_FILTER_NEVER;
+			else if (strcmp(optarg, "always") == 0)
+				c.delta.filter = KM_DELTA_FILTER_ALWAYS;
+			else
+				return fail("--filter: expected auto, never or always, not '%s'", optarg);
+			break;
+		case OPT_THREADS:
+		case OPT_MIN_SPLIT:
+		case OPT_LEVEL:
+		case OPT_FRAME:
+		case OPT_CMIN:
+		case OPT_CAVG:
+		case OPT_CMAX:
+			if (parse_u64(optarg, &v) < 0 || v > UINT32_MAX)
+				return fail("%s: '%s' is not a valid number", argv[optind - 1], optarg);
+			if (opt == OPT_THREADS)
+				c.threads = (unsigned)v;
+			else if (opt == OPT_MIN_SPLIT)
+				c.min_split_size = v;
+			else if (opt == OPT_LEVEL)
+				c.delta.level = (int)v;
+			else if (opt == OPT_FRAME)
+				c.delta.frame_size = (uint32_t)v;
+			else {
+				c.chunker_set = true;
+				if (opt == OPT_CMIN)
+					c.chunker.min_size = (uint32_t)v;
+				else if (opt == OPT_CAVG)
+					c.chunker.avg_size = (uint32_t)v;
+				else
+					c.chunker.max_size = (uint32_t)v;
+			}
+			break;
+		case 'h': usage(stdout); return EXIT_SUCCESS;
+		case 'V': printf("kvmotion %s\n", KM_VERSION); return EXIT_SUCCESS;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (c.chunker_set && km_chunker_params_check(&c.chunker) < 0)
+		return fail("chunk sizes %u/%u/%u: need 64 <= min <= avg <= max <= 64 MiB, avg a power of two",
+			    c.chunker.min_size, c.chunker.avg_size, c.chunker.max_size);
+	if (optind >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	cmd = argv[optind];
+	argc -= optind + 1;
+	argv += optind + 1;
+
+	if (strcmp(cmd, "seed") == 0)
+		return cmd_seed(&c, argc, argv);
+	if (strcmp(cmd, "split") == 0)
+		return cmd_split(&c, argc, argv);
+	if (strcmp(cmd, "join") == 0)
+		return cmd_join(&c, argc, argv);
+	if (strcmp(cmd, "inspect") == 0)
+		return cmd_inspect(&c, argc, argv);
+	if (strcmp(cmd, "store") == 0)
+		return cmd_store(&c, argc, argv);
+	fail("unknown command '%s'", cmd);
+	usage(stderr);
+	return 2;
+}

@@ -1,11 +1,275 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* Placeholder: replaced by the real suite. */
 #include <check.h>
+#include <endian.h>
 #include <stdlib.h>
+#include <string.h>
 
-START_TEST(test_format_placeholder)
+#include "format.h"
+
+static struct km_manifest *sample_manifest(void)
 {
-	ck_assert_int_eq(1, 1);
+	struct km_manifest *m = calloc(1, sizeof(*m));
+	struct km_extent e;
+
+	m->major = KM_FORMAT_MAJOR;
+	m->minor = KM_FORMAT_MINOR;
+	m->chunker = KM_CHUNKER_PARAMS_DEFAULT;
+	m->delta.name = strdup(KM_DELTA_NAME);
+	m->delta.raw_size = 1000;
+	m->delta.compressed_size = 600;
+	m->delta.frames = 1;
+	memset(m->delta.sha256.b, 0xaa, KM_HASH_SIZE);
+	m->created_by = strdup("kvmotion test");
+	m->created_unix = 1234;
+	m->n_files = 2;
+	m->files = calloc(2, sizeof(*m->files));
+	m->files[0].name = strdup("inventory.img");
+	m->files[0].size = 42;
+	m->files[0].mode = 0600;
+	memset(m->files[0].sha256.b, 1, KM_HASH_SIZE);
+	m->files[1].name = strdup("pages-1.img");
+	m->files[1].size = 4096 + 1000 + 300;
+	m->files[1].mode = 0644;
+	m->files[1].split = true;
+	memset(m->files[1].sha256.b, 2, KM_HASH_SIZE);
+	e = (struct km_extent){ .kind = KM_EXTENT_CHUNK, .length = 4096 };
+	memset(e.id.b, 3, KM_HASH_SIZE);
+	ck_assert_int_eq(km_file_entry_add_extent(&m->files[1], &e), 0);
+	e = (struct km_extent){ .kind = KM_EXTENT_DELTA, .length = 600, .delta_offset = 0 };
+	ck_assert_int_eq(km_file_entry_add_extent(&m->files[1], &e), 0);
+	e = (struct km_extent){ .kind = KM_EXTENT_DELTA, .length = 400, .delta_offset = 600 };
+	ck_assert_int_eq(km_file_entry_add_extent(&m->files[1], &e), 0);
+	e = (struct km_extent){ .kind = KM_EXTENT_ZERO, .length = 100 };
+	ck_assert_int_eq(km_file_entry_add_extent(&m->files[1], &e), 0);
+	e = (struct km_extent){ .kind = KM_EXTENT_ZERO, .length = 200 };
+	ck_assert_int_eq(km_file_entry_add_extent(&m->files[1], &e), 0);
+	return m;
+}
+
+START_TEST(test_format_extents_merge)
+{
+	struct km_manifest *m = sample_manifest();
+
+	/* chunk, delta (two contiguous merged), zero (two merged) */
+	ck_assert_uint_eq(m->files[1].n_extents, 3);
+	ck_assert_uint_eq(m->files[1].extents[1].length, 1000);
+	ck_assert_uint_eq(m->files[1].extents[2].length, 300);
+	km_manifest_free(m);
+}
+END_TEST
+
+START_TEST(test_format_manifest_round_trip)
+{
+	struct km_manifest *m = sample_manifest(), *d = NULL;
+	struct km_error err = { { 0 } };
+	void *buf;
+	size_t n;
+
+	ck_assert_int_eq(km_manifest_encode(m, &buf, &n), 0);
+	ck_assert_int_eq(memcmp(buf, KM_MAGIC_MANIFEST, KM_MAGIC_SIZE), 0);
+	ck_assert_int_eq(km_manifest_decode(buf, n, &d, &err), 0);
+	ck_assert_uint_eq(d->n_files, 2);
+	ck_assert_str_eq(d->files[0].name, "inventory.img");
+	ck_assert(!d->files[0].split);
+	ck_assert_uint_eq(d->files[0].mode, 0600);
+	ck_assert(d->files[1].split);
+	ck_assert_uint_eq(d->files[1].n_extents, 3);
+	ck_assert_int_eq(d->files[1].extents[0].kind, KM_EXTENT_CHUNK);
+	ck_assert(km_hash_equal(&d->files[1].extents[0].id, &m->files[1].extents[0].id));
+	ck_assert_int_eq(d->files[1].extents[1].kind, KM_EXTENT_DELTA);
+	ck_assert_uint_eq(d->files[1].extents[1].delta_offset, 0);
+	ck_assert(km_hash_equal(&d->delta.sha256, &m->delta.sha256));
+	ck_assert_str_eq(d->created_by, "kvmotion test");
+	ck_assert_uint_eq(d->created_unix, 1234);
+	km_manifest_free(d);
+	km_manifest_free(m);
+	free(buf);
+}
+END_TEST
+
+/* Re-encodes m after 'mutate' and expects decode to fail with 'expect'. */
+static void expect_decode_error(void (*mutate)(struct km_manifest *), int expect,
+				const char *msg_part)
+{
+	struct km_manifest *m = sample_manifest(), *d = NULL;
+	struct km_error err = { { 0 } };
+	void *buf;
+	size_t n;
+
+	mutate(m);
+	ck_assert_int_eq(km_manifest_encode(m, &buf, &n), 0);
+	ck_assert_int_eq(km_manifest_decode(buf, n, &d, &err), expect);
+	ck_assert_ptr_null(d);
+	ck_assert_msg(strstr(err.msg, msg_part), "error '%s' lacks '%s'", err.msg, msg_part);
+	km_manifest_free(m);
+	free(buf);
+}
+
+static void set_major_2(struct km_manifest *m)
+{
+	m->major = 2;
+}
+static void bad_sum(struct km_manifest *m)
+{
+	m->files[1].size += 1;
+}
+static void delta_outside(struct km_manifest *m)
+{
+	m->delta.raw_size = 500;
+}
+static void dup_name(struct km_manifest *m)
+{
+	free(m->files[0].name);
+	m->files[0].name = strdup("pages-1.img");
+}
+static void bad_name(struct km_manifest *m)
+{
+	free(m->files[0].name);
+	m->files[0].name = strdup("../etc/passwd");
+}
+static void bad_chunker(struct km_manifest *m)
+{
+	m->chunker.avg_size = 3000;
+}
+
+START_TEST(test_format_manifest_rejects_bad)
+{
+	expect_decode_error(set_major_2, -EPROTONOSUPPORT, "major version");
+	expect_decode_error(bad_sum, -EBADMSG, "extents cover");
+	expect_decode_error(delta_outside, -EBADMSG, "outside the delta");
+	expect_decode_error(dup_name, -EBADMSG, "twice");
+	expect_decode_error(bad_name, -EBADMSG, "invalid name");
+	expect_decode_error(bad_chunker, -EBADMSG, "chunker");
+}
+END_TEST
+
+START_TEST(test_format_manifest_rejects_foreign_and_truncated)
+{
+	struct km_manifest *m = sample_manifest(), *d = NULL;
+	struct km_error err = { { 0 } };
+	uint8_t *buf;
+	size_t n;
+
+	ck_assert_int_eq(km_manifest_encode(m, (void **)&buf, &n), 0);
+	/* every truncation point fails cleanly */
+	for (size_t k = 0; k < n; k++) {
+		int r = km_manifest_decode(buf, k, &d, &err);
+
+		ck_assert_msg(r == -EBADMSG || r == -ENOTRECOVERABLE, "cut at %zu gave %d", k, r);
+		ck_assert_ptr_null(d);
+	}
+	/* trailing garbage */
+	{
+		uint8_t *big = malloc(n + 3);
+
+		memcpy(big, buf, n);
+		memset(big + n, 0x55, 3);
+		ck_assert_int_eq(km_manifest_decode(big, n + 3, &d, &err), -EBADMSG);
+		free(big);
+	}
+	/* a weights index is not a manifest */
+	buf[0] ^= 0xff;
+	ck_assert_int_eq(km_manifest_decode(buf, n, &d, &err), -ENOTRECOVERABLE);
+	ck_assert(strstr(err.msg, "not a kvmotion manifest"));
+	/* hostile record length */
+	buf[0] ^= 0xff;
+	{
+		uint32_t le = htole32(0xfffffff0u);
+
+		memcpy(buf + KM_MAGIC_SIZE, &le, 4);
+		ck_assert_int_eq(km_manifest_decode(buf, n, &d, &err), -EBADMSG);
+	}
+	free(buf);
+	km_manifest_free(m);
+}
+END_TEST
+
+START_TEST(test_format_index_round_trip)
+{
+	struct km_weights_index idx = {
+		.major = KM_FORMAT_MAJOR,
+		.minor = KM_FORMAT_MINOR,
+		.name = (char *)"model",
+		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+	};
+	struct km_file_entry f = { .name = (char *)"model.safetensors", .size = 5000, .split = true };
+	struct km_extent e = { .kind = KM_EXTENT_CHUNK, .length = 4000 };
+	struct km_weights_index *d = NULL;
+	struct km_error err = { { 0 } };
+	struct km_manifest *m = NULL;
+	void *buf;
+	size_t n;
+
+	memset(e.id.b, 9, KM_HASH_SIZE);
+	ck_assert_int_eq(km_file_entry_add_extent(&f, &e), 0);
+	e = (struct km_extent){ .kind = KM_EXTENT_ZERO, .length = 1000 };
+	ck_assert_int_eq(km_file_entry_add_extent(&f, &e), 0);
+	idx.files = &f;
+	idx.n_files = 1;
+	ck_assert_int_eq(km_weights_index_encode(&idx, &buf, &n), 0);
+	ck_assert_int_eq(km_weights_index_decode(buf, n, &d, &err), 0);
+	ck_assert_str_eq(d->name, "model");
+	ck_assert_uint_eq(d->n_files, 1);
+	ck_assert_uint_eq(d->files[0].n_extents, 2);
+	ck_assert_uint_eq(d->files[0].extents[0].id.b[0], 9);
+	/* an index is not a manifest */
+	ck_assert_int_eq(km_manifest_decode(buf, n, &m, &err), -ENOTRECOVERABLE);
+	km_weights_index_free(d);
+	free(f.extents);
+	free(buf);
+}
+END_TEST
+
+START_TEST(test_format_index_rejects_delta_extents)
+{
+	struct km_weights_index idx = {
+		.major = KM_FORMAT_MAJOR,
+		.name = (char *)"model",
+		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+	};
+	struct km_file_entry f = { .name = (char *)"m", .size = 10, .split = true };
+	struct km_extent e = { .kind = KM_EXTENT_DELTA, .length = 10 };
+	struct km_weights_index *d = NULL;
+	struct km_error err = { { 0 } };
+	void *buf;
+	size_t n;
+
+	ck_assert_int_eq(km_file_entry_add_extent(&f, &e), 0);
+	idx.files = &f;
+	idx.n_files = 1;
+	ck_assert_int_eq(km_weights_index_encode(&idx, &buf, &n), 0);
+	ck_assert_int_eq(km_weights_index_decode(buf, n, &d, &err), -EBADMSG);
+	free(f.extents);
+	free(buf);
+}
+END_TEST
+
+START_TEST(test_format_store_config)
+{
+	struct km_chunker_params p = { 1024, 4096, 16384 }, q;
+	struct km_error err = { { 0 } };
+	uint8_t *buf;
+	size_t n;
+
+	ck_assert_int_eq(km_store_config_encode(&p, (void **)&buf, &n), 0);
+	ck_assert_int_eq(km_store_config_decode(buf, n, &q, &err), 0);
+	ck_assert_uint_eq(q.min_size, 1024);
+	ck_assert_uint_eq(q.avg_size, 4096);
+	ck_assert_uint_eq(q.max_size, 16384);
+	buf[3] = 'X';
+	ck_assert_int_eq(km_store_config_decode(buf, n, &q, &err), -ENOTRECOVERABLE);
+	free(buf);
+}
+END_TEST
+
+START_TEST(test_format_plain_names)
+{
+	ck_assert(km_filename_is_plain("pages-1.img"));
+	ck_assert(!km_filename_is_plain(""));
+	ck_assert(!km_filename_is_plain("."));
+	ck_assert(!km_filename_is_plain(".."));
+	ck_assert(!km_filename_is_plain("a/b"));
+	ck_assert(!km_filename_is_plain("a\nb"));
 }
 END_TEST
 
@@ -16,7 +280,15 @@ int main(void)
 	SRunner *sr;
 	int failed;
 
-	tcase_add_test(tc, test_format_placeholder);
+	tcase_set_timeout(tc, 60);
+	tcase_add_test(tc, test_format_extents_merge);
+	tcase_add_test(tc, test_format_manifest_round_trip);
+	tcase_add_test(tc, test_format_manifest_rejects_bad);
+	tcase_add_test(tc, test_format_manifest_rejects_foreign_and_truncated);
+	tcase_add_test(tc, test_format_index_round_trip);
+	tcase_add_test(tc, test_format_index_rejects_delta_extents);
+	tcase_add_test(tc, test_format_store_config);
+	tcase_add_test(tc, test_format_plain_names);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);

@@ -1,11 +1,474 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
-/* Placeholder: replaced by the real suite. */
+/*
+ * Split and join on synthetic image directories: a pages-1.img holding
+ * random bytes, a model at an unaligned offset and zeros, beside small
+ * images. The real-CRIU round trip is tests/integration/.
+ */
 #include <check.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
-START_TEST(test_image_placeholder)
+#include "image.h"
+
+#define MODEL_SIZE (8u << 20)
+#define PAGES_RANDOM_HEAD ((1u << 20) + 123)
+#define PAGES_ZERO (2u << 20)
+#define PAGES_RANDOM_TAIL (1u << 20)
+
+struct fixture {
+	char root[64];
+	char dir[128];
+	char store_path[128];
+	char model_path[128];
+	uint8_t *pages;
+	size_t pages_size;
+	struct km_store *store;
+	int dirfd;
+};
+
+static void fill_random(uint8_t *p, size_t n, uint64_t seed)
 {
-	ck_assert_int_eq(1, 1);
+	uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+
+	for (size_t i = 0; i < n; i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		p[i] = (uint8_t)(x >> 24);
+	}
+}
+
+static void write_file(int dirfd, const char *name, const void *p, size_t n)
+{
+	int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(km_write_full(fd, p, n), 0);
+	close(fd);
+}
+
+static uint8_t *read_all(int dirfd, const char *name, size_t *ret_n)
+{
+	void *p = NULL;
+
+	ck_assert_int_eq(km_read_file_at(dirfd, name, 1u << 30, &p, ret_n), 0);
+	return p;
+}
+
+static void fixture_setup(struct fixture *f, const struct km_chunker_params *params)
+{
+	uint8_t *model = malloc(MODEL_SIZE);
+	uint8_t small[3000];
+	size_t off = 0;
+	int fd;
+
+	strcpy(f->root, "/tmp/km-test-image-XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(f->root));
+	snprintf(f->dir, sizeof(f->dir), "%s/img", f->root);
+	snprintf(f->store_path, sizeof(f->store_path), "%s/store", f->root);
+	snprintf(f->model_path, sizeof(f->model_path), "%s/model.bin", f->root);
+	ck_assert_int_eq(mkdir(f->dir, 0700), 0);
+	f->dirfd = open(f->dir, O_RDONLY | O_DIRECTORY);
+	ck_assert_int_ge(f->dirfd, 0);
+
+	fill_random(model, MODEL_SIZE, 42);
+	fd = open(f->model_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	ck_assert_int_eq(km_write_full(fd, model, MODEL_SIZE), 0);
+	close(fd);
+
+	f->pages_size = PAGES_RANDOM_HEAD + MODEL_SIZE + PAGES_ZERO + PAGES_RANDOM_TAIL;
+	f->pages = calloc(1, f->pages_size);
+	fill_random(f->pages, PAGES_RANDOM_HEAD, 1);
+	off += PAGES_RANDOM_HEAD;
+	memcpy(f->pages + off, model, MODEL_SIZE);
+	off += MODEL_SIZE + PAGES_ZERO;
+	fill_random(f->pages + off, PAGES_RANDOM_TAIL, 2);
+	write_file(f->dirfd, "pages-1.img", f->pages, f->pages_size);
+	fill_random(small, sizeof(small), 3);
+	write_file(f->dirfd, "inventory.img", small, 40);
+	write_file(f->dirfd, "core-1.img", small, sizeof(small));
+	write_file(f->dirfd, "pagemap-1.img", small + 100, 700);
+	free(model);
+
+	ck_assert_int_eq(km_store_open(f->store_path, KM_STORE_CREATE | KM_STORE_NOSYNC, params,
+				       &f->store),
+			 0);
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static void fixture_teardown(struct fixture *f)
+{
+	km_store_free(f->store);
+	close(f->dirfd);
+	free(f->pages);
+	nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void seed_model(struct fixture *f)
+{
+	const char *paths[] = { f->model_path };
+	struct km_seed_stats st;
+	struct km_error err = { { 0 } };
+
+	ck_assert_int_eq(km_seed(f->store, "model", paths, 1, 2, &st, &err), 0);
+	ck_assert_uint_eq(st.bytes, MODEL_SIZE);
+	ck_assert_uint_eq(st.bytes_added, MODEL_SIZE);
+}
+
+static void split(struct fixture *f, bool add_chunks, struct km_split_stats *st)
+{
+	struct km_split_opts o = { .threads = 2, .add_chunks = add_chunks };
+	struct km_error err = { { 0 } };
+	int r = km_image_split(f->dirfd, f->store, &o, st, &err);
+
+	ck_assert_msg(r == 0, "split: %d %s", r, err.msg);
+}
+
+/* Names in the directory, sorted, joined by spaces. */
+static void dir_listing(const char *dir, char *buf, size_t n)
+{
+	struct dirent **list;
+	int k = scandir(dir, &list, NULL, alphasort);
+
+	ck_assert_int_ge(k, 0);
+	buf[0] = 0;
+	for (int i = 0; i < k; i++) {
+		if (list[i]->d_name[0] != '.' || strlen(list[i]->d_name) > 2) {
+			strncat(buf, list[i]->d_name, n - strlen(buf) - 2);
+			strcat(buf, " ");
+		}
+		free(list[i]);
+	}
+	free(list);
+}
+
+static void assert_pages_intact(struct fixture *f)
+{
+	size_t n;
+	uint8_t *p = read_all(f->dirfd, "pages-1.img", &n);
+
+	ck_assert_uint_eq(n, f->pages_size);
+	ck_assert(memcmp(p, f->pages, n) == 0);
+	free(p);
+}
+
+START_TEST(test_image_split_join_round_trip)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	char before[1024], after[1024];
+	struct stat sb;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	dir_listing(f.dir, before, sizeof(before));
+	split(&f, false, &st);
+
+	ck_assert_int_eq(km_image_is_split(f.dirfd), 1);
+	ck_assert_int_lt(fstatat(f.dirfd, "pages-1.img", &sb, 0), 0);
+	ck_assert_int_eq(fstatat(f.dirfd, "core-1.img", &sb, 0), 0);
+	ck_assert_uint_eq(st.files_split, 1);
+	ck_assert_uint_eq(st.files_kept, 3);
+	/* The model, shifted by an odd offset, is found in the store. */
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_uint_ge(st.bytes_zero, PAGES_ZERO - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_uint_le(st.bytes_delta,
+			  PAGES_RANDOM_HEAD + PAGES_RANDOM_TAIL + 4 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_uint_eq(st.bytes_referenced + st.bytes_zero + st.bytes_delta, f.pages_size);
+	ck_assert_uint_eq(st.chunks_added, 0);
+
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, &js, &err), 0);
+	ck_assert_uint_eq(js.files_joined, 1);
+	ck_assert_uint_eq(js.bytes_written, f.pages_size);
+	ck_assert_uint_eq(js.bytes_from_store, st.bytes_referenced);
+	assert_pages_intact(&f);
+	dir_listing(f.dir, after, sizeof(after));
+	ck_assert_str_eq(before, after);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_split_without_store_match_goes_to_delta)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 1 };
+	struct km_error err = { { 0 } };
+
+	fixture_setup(&f, NULL);
+	split(&f, false, &st);
+	ck_assert_uint_eq(st.bytes_referenced, 0);
+	ck_assert_uint_eq(st.bytes_zero + st.bytes_delta, f.pages_size);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_add_chunks_dedups_second_dump)
+{
+	struct fixture f;
+	struct km_split_stats st1, st2;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+
+	fixture_setup(&f, NULL);
+	split(&f, true, &st1);
+	ck_assert_uint_gt(st1.chunks_added, 0);
+	ck_assert_uint_eq(st1.bytes_delta, 0);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+
+	/* The same image again: nothing new, everything referenced. */
+	split(&f, true, &st2);
+	ck_assert_uint_eq(st2.chunks_added, 0);
+	ck_assert_uint_eq(st2.bytes_referenced, st1.bytes_added + st1.bytes_referenced);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_split_twice_refused)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_split_opts o = { .threads = 1 };
+	struct km_error err = { { 0 } };
+
+	fixture_setup(&f, NULL);
+	split(&f, false, &st);
+	ck_assert_int_eq(km_image_split(f.dirfd, f.store, &o, &st, &err), -EEXIST);
+	ck_assert(strstr(err.msg, "already split"));
+	fixture_teardown(&f);
+}
+END_TEST
+
+static char chunk_path[512];
+
+static int find_first_chunk(const struct km_hash *id, uint64_t size, void *userdata)
+{
+	struct fixture *f = userdata;
+	char hex[KM_HASH_HEX_SIZE];
+
+	(void)size;
+	km_hash_to_hex(id, hex);
+	snprintf(chunk_path, sizeof(chunk_path), "%s/chunks/%.2s/%s", f->store_path, hex, hex);
+	return 1;
+}
+
+/* Join must fail with 'expect', name 'what', and leave the directory as it was. */
+static void expect_join_failure(struct fixture *f, int expect, const char *what)
+{
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	char before[1024], after[1024];
+	int r;
+
+	dir_listing(f->dir, before, sizeof(before));
+	r = km_image_join(f->dirfd, f->store, &jo, NULL, &err);
+	ck_assert_msg(r == expect, "join gave %d (%s), expected %d", r, err.msg, expect);
+	ck_assert_msg(strstr(err.msg, what), "error '%s' does not name '%s'", err.msg, what);
+	dir_listing(f->dir, after, sizeof(after));
+	ck_assert_str_eq(before, after);
+	ck_assert_int_eq(km_image_is_split(f->dirfd), 1);
+}
+
+START_TEST(test_image_join_missing_chunk)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	char hex[KM_HASH_HEX_SIZE];
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &f), 1);
+	ck_assert_int_eq(unlink(chunk_path), 0);
+	strcpy(hex, strrchr(chunk_path, '/') + 1);
+	expect_join_failure(&f, -ENOENT, hex);
+	expect_join_failure(&f, -ENOENT, "missing from the store");
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_join_corrupt_chunk)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	char hex[KM_HASH_HEX_SIZE];
+	int fd;
+	uint8_t b;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &f), 1);
+	fd = open(chunk_path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, &b, 1, 100), 1);
+	b ^= 0x40;
+	ck_assert_int_eq(pwrite(fd, &b, 1, 100), 1);
+	close(fd);
+	strcpy(hex, strrchr(chunk_path, '/') + 1);
+	expect_join_failure(&f, -EBADMSG, hex);
+	expect_join_failure(&f, -EBADMSG, "corrupt");
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_join_corrupt_delta)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct stat sb;
+	int fd;
+	uint8_t b;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	fd = openat(f.dirfd, KM_DELTA_NAME, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(fstat(fd, &sb), 0);
+	ck_assert_int_eq(pread(fd, &b, 1, sb.st_size / 2), 1);
+	b ^= 1;
+	ck_assert_int_eq(pwrite(fd, &b, 1, sb.st_size / 2), 1);
+	close(fd);
+	expect_join_failure(&f, -EBADMSG, "delta");
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_join_missing_delta_and_manifest)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	ck_assert_int_eq(unlinkat(f.dirfd, KM_DELTA_NAME, 0), 0);
+	expect_join_failure(&f, -ENOENT, KM_DELTA_NAME);
+	ck_assert_int_eq(unlinkat(f.dirfd, KM_MANIFEST_NAME, 0), 0);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), -ENOENT);
+	ck_assert(strstr(err.msg, KM_MANIFEST_NAME));
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_join_changed_kept_file)
+{
+	struct fixture f;
+	struct km_split_stats st;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	write_file(f.dirfd, "core-1.img", "something else", 14);
+	expect_join_failure(&f, -EBADMSG, "core-1.img");
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_join_foreign_delta)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	size_t n;
+	uint8_t *other;
+	char dir2[200];
+	int dirfd2;
+
+	/* Split a second image and put its delta beside the first manifest. */
+	fixture_setup(&f, NULL);
+	snprintf(dir2, sizeof(dir2), "%s/img2", f.root);
+	ck_assert_int_eq(mkdir(dir2, 0700), 0);
+	dirfd2 = open(dir2, O_RDONLY | O_DIRECTORY);
+	fill_random(f.pages, 4096, 77);
+	write_file(dirfd2, "pages-1.img", f.pages, f.pages_size);
+	{
+		struct km_split_opts o = { .threads = 1 };
+		struct km_error err = { { 0 } };
+
+		ck_assert_int_eq(km_image_split(dirfd2, f.store, &o, &st, &err), 0);
+	}
+	split(&f, false, &st);
+	other = read_all(dirfd2, KM_DELTA_NAME, &n);
+	write_file(f.dirfd, KM_DELTA_NAME, other, n);
+	free(other);
+	expect_join_failure(&f, -EBADMSG, "does not belong");
+	close(dirfd2);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_gc_keeps_referenced)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_store_gc_stats gs;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	struct km_store *ex = NULL;
+	struct km_hash junk_id;
+	uint8_t junk[5000];
+
+	fixture_setup(&f, NULL);
+	split(&f, true, &st);
+	fill_random(junk, sizeof(junk), 99);
+	km_hash_buf(junk, sizeof(junk), &junk_id);
+	ck_assert_int_eq(km_store_put(f.store, &junk_id, junk, sizeof(junk)), 0);
+	km_store_free(f.store);
+	f.store = NULL;
+
+	ck_assert_int_eq(km_store_open(f.store_path, KM_STORE_EXCLUSIVE | KM_STORE_NOSYNC, NULL, &ex),
+			 0);
+	ck_assert_int_eq(km_image_store_gc(ex, &gs, &err), 0);
+	ck_assert_uint_eq(gs.chunks_removed, 1);
+	ck_assert_int_eq(km_store_has(ex, &junk_id), 0);
+	km_store_free(ex);
+
+	ck_assert_int_eq(km_store_open(f.store_path, KM_STORE_NOSYNC, NULL, &f.store), 0);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_image_small_chunks_round_trip)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+
+	fixture_setup(&f, &p);
+	seed_model(&f);
+	split(&f, false, &st);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 2 * 32768);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
 }
 END_TEST
 
@@ -16,7 +479,19 @@ int main(void)
 	SRunner *sr;
 	int failed;
 
-	tcase_add_test(tc, test_image_placeholder);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_image_split_join_round_trip);
+	tcase_add_test(tc, test_image_split_without_store_match_goes_to_delta);
+	tcase_add_test(tc, test_image_add_chunks_dedups_second_dump);
+	tcase_add_test(tc, test_image_split_twice_refused);
+	tcase_add_test(tc, test_image_join_missing_chunk);
+	tcase_add_test(tc, test_image_join_corrupt_chunk);
+	tcase_add_test(tc, test_image_join_corrupt_delta);
+	tcase_add_test(tc, test_image_join_missing_delta_and_manifest);
+	tcase_add_test(tc, test_image_join_changed_kept_file);
+	tcase_add_test(tc, test_image_join_foreign_delta);
+	tcase_add_test(tc, test_image_gc_keeps_referenced);
+	tcase_add_test(tc, test_image_small_chunks_round_trip);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);

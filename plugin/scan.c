@@ -1,0 +1,225 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include "scan.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+/* Bytes cut per window; each window's chunks are classified before emit. */
+#define SCAN_WINDOW (64u * 1024 * 1024)
+/* Bytes of chunks per pool job. */
+#define SCAN_JOB_BYTES (4u * 1024 * 1024)
+
+struct classify_job {
+	const struct km_scanner *sc;
+	const uint8_t *base;
+	struct km_scan_chunk *chunks;
+	size_t n;
+	int error;
+	size_t bad; /* chunk index of the error */
+};
+
+static int classify(void *arg)
+{
+	struct classify_job *j = arg;
+
+	for (size_t i = 0; i < j->n; i++) {
+		struct km_scan_chunk *c = &j->chunks[i];
+		const uint8_t *p = j->base + c->offset;
+		int r;
+
+		if (km_is_zero(p, c->length)) {
+			c->kind = KM_SCAN_ZERO;
+			continue;
+		}
+		km_hash_buf(p, c->length, &c->id);
+		if (j->sc->put) {
+			r = km_store_put(j->sc->store, &c->id, p, c->length);
+			if (r == 0)
+				c->kind = KM_SCAN_ADDED;
+			else if (r == -EEXIST)
+				c->kind = KM_SCAN_STORED;
+			else
+				goto fail;
+		} else {
+			r = km_store_has(j->sc->store, &c->id);
+			if (r < 0)
+				goto fail;
+			c->kind = r ? KM_SCAN_STORED : KM_SCAN_NOT_STORED;
+		}
+		continue;
+fail:
+		j->error = r;
+		j->bad = i;
+		return r;
+	}
+	return 0;
+}
+
+struct file_hash_job {
+	struct km_hasher *hasher;
+	const uint8_t *p;
+	size_t n;
+};
+
+static int file_hash_update(void *arg)
+{
+	struct file_hash_job *j = arg;
+
+	km_hasher_update(j->hasher, j->p, j->n);
+	return 0;
+}
+
+int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
+	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
+	    struct km_error *err)
+{
+	size_t max_chunks = SCAN_WINDOW / sc->params->min_size + 2;
+	size_t max_jobs = SCAN_WINDOW / SCAN_JOB_BYTES + max_chunks / 64 + 2;
+	_cleanup_free_ struct km_scan_chunk *chunks = NULL;
+	_cleanup_free_ struct classify_job *jobs = NULL;
+	_cleanup_free_ struct file_hash_job *hash_jobs = NULL;
+	struct km_hasher *hasher = NULL;
+	size_t n_hash_jobs = size / SCAN_WINDOW + 2, hash_job = 0;
+	struct km_chunker ch;
+	uint64_t pos = 0;
+	int r;
+
+	r = km_chunker_init(&ch, sc->params);
+	if (r < 0)
+		return r;
+	chunks = calloc(max_chunks, sizeof(*chunks));
+	jobs = calloc(max_jobs, sizeof(*jobs));
+	hash_jobs = calloc(n_hash_jobs, sizeof(*hash_jobs));
+	hasher = km_hasher_new();
+	if (!chunks || !jobs || !hash_jobs || !hasher) {
+		km_hasher_free(hasher);
+		return -ENOMEM;
+	}
+
+	while (pos < size) {
+		uint64_t window_end = KM_MIN(size, pos + SCAN_WINDOW);
+		size_t n = 0, n_jobs = 0, job_start = 0;
+		uint64_t job_bytes = 0, start = pos;
+
+		/*
+		 * Cut until the window is covered; the last chunk of a window
+		 * may run past it (up to max_size), never past the file.
+		 */
+		while (pos < window_end) {
+			uint64_t chunk_start = pos;
+			size_t k = km_chunker_scan(&ch, base + pos, size - pos);
+
+			pos = k == KM_CHUNKER_NO_BOUNDARY ? size : pos + k;
+			if (k == KM_CHUNKER_NO_BOUNDARY)
+				km_chunker_reset(&ch);
+			chunks[n] = (struct km_scan_chunk){ .offset = chunk_start,
+							    .length = (uint32_t)(pos - chunk_start) };
+			job_bytes += chunks[n].length;
+			n++;
+			if (job_bytes >= SCAN_JOB_BYTES || pos >= window_end || n == max_chunks) {
+				jobs[n_jobs] = (struct classify_job){ .sc = sc, .base = base,
+								      .chunks = chunks + job_start,
+								      .n = n - job_start };
+				n_jobs++;
+				job_start = n;
+				job_bytes = 0;
+			}
+			if (n == max_chunks || n_jobs == max_jobs)
+				break;
+		}
+		if (job_start < n) {
+			jobs[n_jobs] = (struct classify_job){ .sc = sc, .base = base,
+							      .chunks = chunks + job_start,
+							      .n = n - job_start };
+			n_jobs++;
+		}
+
+		if (hash_job == n_hash_jobs) {
+			/* Windows end early only at max_chunks: grow. */
+			struct file_hash_job *x;
+
+			r = km_workpool_wait(sc->file_hash_pool);
+			if (r < 0)
+				goto out;
+			x = realloc(hash_jobs, 2 * n_hash_jobs * sizeof(*x));
+			if (!x) {
+				r = -ENOMEM;
+				goto out;
+			}
+			hash_jobs = x;
+			n_hash_jobs *= 2;
+		}
+		hash_jobs[hash_job] = (struct file_hash_job){ .hasher = hasher, .p = base + start,
+							      .n = pos - start };
+		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[hash_job]);
+		if (r < 0)
+			goto out;
+		hash_job++;
+
+		for (size_t i = 0; i < n_jobs; i++) {
+			r = km_workpool_submit(sc->pool, classify, &jobs[i]);
+			if (r < 0)
+				break;
+		}
+		{
+			int w = km_workpool_wait(sc->pool);
+
+			if (r == 0)
+				r = w;
+		}
+		if (r < 0) {
+			for (size_t i = 0; i < n_jobs; i++)
+				if (jobs[i].error) {
+					char hex[KM_HASH_HEX_SIZE];
+					const struct km_scan_chunk *c = &jobs[i].chunks[jobs[i].bad];
+
+					km_error_set(err, "%s: chunk %s at offset %llu: %s", what,
+						     km_hash_to_hex(&c->id, hex),
+						     (unsigned long long)c->offset,
+						     strerror(-jobs[i].error));
+					break;
+				}
+			goto out;
+		}
+		r = emit(userdata, base, chunks, n);
+		if (r < 0)
+			goto out;
+	}
+out:
+	{
+		int w = km_workpool_wait(sc->file_hash_pool);
+
+		if (r == 0)
+			r = w;
+	}
+	if (r == 0)
+		km_hasher_final(hasher, ret_file_hash);
+	km_hasher_free(hasher);
+	return r;
+}
+
+int km_map_file(int fd, uint64_t size, const uint8_t **ret)
+{
+	void *p;
+
+	if (size == 0) {
+		*ret = NULL;
+		return 0;
+	}
+	if (size > SIZE_MAX)
+		return -EFBIG;
+	p = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+	if (p == MAP_FAILED)
+		return -errno;
+	/* One sequential pass: let the kernel read ahead aggressively. */
+	(void)madvise(p, (size_t)size, MADV_SEQUENTIAL);
+	*ret = p;
+	return 0;
+}
+
+void km_unmap_file(const uint8_t *p, uint64_t size)
+{
+	if (p)
+		munmap((void *)p, (size_t)size);
+}

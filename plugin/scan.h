@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_SCAN_H
+#define KM_SCAN_H
+
+/*
+ * Internal to split and seed: cuts a mapped file into content-defined
+ * chunks and classifies each (zero, in the store, not in the store),
+ * hashing and looking up chunks on a thread pool while the whole-file
+ * SHA-256 runs on a thread of its own. Results come back in file order, one
+ * window at a time, so the caller can stream the delta.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "chunker.h"
+#include "hash.h"
+#include "store.h"
+#include "util.h"
+#include "workpool.h"
+
+enum km_scan_kind {
+	KM_SCAN_ZERO,	   /* all zero bytes */
+	KM_SCAN_STORED,	   /* the store had it */
+	KM_SCAN_ADDED,	   /* put into the store by this scan */
+	KM_SCAN_NOT_STORED /* not in the store (and not put) */
+};
+
+struct km_scan_chunk {
+	uint64_t offset;
+	uint32_t length;
+	enum km_scan_kind kind;
+	struct km_hash id; /* not set for KM_SCAN_ZERO */
+};
+
+/* Called in file order; chunks are valid during the call. */
+typedef int (*km_scan_emit_fn)(void *userdata, const uint8_t *base,
+			       const struct km_scan_chunk *chunks, size_t n);
+
+struct km_scanner {
+	const struct km_chunker_params *params;
+	struct km_workpool *pool; /* hashing and store look-ups */
+	struct km_workpool *file_hash_pool; /* one thread: whole-file SHA-256 */
+	struct km_store *store;
+	bool put; /* put every non-zero chunk the store lacks */
+};
+
+/*
+ * Scans size bytes at base (a read-only mapping of the file called 'what',
+ * for errors). *ret_file_hash gets the SHA-256 of all of it.
+ */
+int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
+	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
+	    struct km_error *err);
+
+/* Maps a whole file read-only; *ret is NULL for an empty file. */
+int km_map_file(int fd, uint64_t size, const uint8_t **ret);
+void km_unmap_file(const uint8_t *p, uint64_t size);
+
+#endif

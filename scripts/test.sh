@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# Sets up, builds and runs every test: the warning-free build (-Werror) with
+# the whole suite (unit + integration on the real CRIU), then an ASan/UBSan
+# build running the suite again.
+#
+#   scripts/test.sh              everything
+#   KM_TEST_SANITIZE=0 scripts/test.sh   skip the sanitizer run
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+
+bash scripts/setup.sh
+
+configure() {
+	local dir=$1
+	shift
+	if [ -d "$dir" ] && [ -f "$dir/build.ninja" ]; then
+		meson configure "$dir" "$@" >/dev/null
+	else
+		meson setup "$dir" "$@" >/dev/null
+	fi
+}
+
+configure build --werror -Dtests=enabled
+ninja -C build
+meson test -C build --print-errorlogs --num-processes 2
+
+if [ "${KM_TEST_SANITIZE:-1}" != 0 ]; then
+	# Integration tests run the real CRIU, which does not load sanitized
+	# code; the sanitized CLI and library still run under them.
+	configure build-asan --werror -Dtests=enabled -Db_sanitize=address,undefined \
+		-Db_lundef=false -Dbuildtype=debug
+	ninja -C build-asan
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		meson test -C build-asan --print-errorlogs --num-processes 2 --suite unit
+fi
