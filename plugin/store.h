@@ -45,7 +45,8 @@ enum {
  * records 'params' (NULL: defaults) in its config; an existing store keeps
  * its own, see km_store_chunker_params. -ENOENT if absent without CREATE,
  * -EBADMSG if path holds something that is not a kvmotion store (or a store
- * of an unknown major version: -EPROTONOSUPPORT).
+ * of an unknown major version: -EPROTONOSUPPORT). CREATE adopts only an
+ * empty directory. A shared open waits while a gc holds the exclusive lock.
  */
 int km_store_open(const char *path, unsigned flags, const struct km_chunker_params *params,
 		  struct km_store **ret);
@@ -92,7 +93,8 @@ struct km_store_verify_stats {
 /*
  * Re-hashes every chunk. For each bad one calls bad_fn (may be NULL).
  * With 'repair' the bad chunk files are removed. Returns 0 if all good,
- * -EBADMSG if any was bad, other <0 on I/O errors.
+ * -EBADMSG if any was bad (*ret is filled in both cases), other <0 on I/O
+ * errors.
  */
 typedef void (*km_store_bad_fn)(const struct km_hash *id, int error, void *userdata);
 int km_store_verify(struct km_store *s, bool repair, km_store_bad_fn bad_fn, void *userdata,
