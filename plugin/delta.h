@@ -8,7 +8,7 @@
  * parallel. Each frame may be stored through a 2-byte byte-plane filter
  * (low bytes of every 16-bit element, then high bytes), chosen per frame
  * when that compresses better (bf16/fp16 data). Format: docs/formats.md,
- * proto/delta.proto. The only module that includes zstd.h.
+ * proto/kvmotion.proto. The only module that includes zstd.h.
  *
  * Errors: -EBADMSG corrupt or truncated data (the error names the frame),
  * -EPROTONOSUPPORT unknown major version, -ENOTRECOVERABLE not a delta file.
@@ -47,7 +47,9 @@ struct km_delta_summary {
 
 /*
  * Writer: appends bytes, compresses full frames on a thread pool, writes
- * them to fd in order. fd is written sequentially from its current offset.
+ * them to fd in order. fd is written sequentially from its current offset;
+ * the magic and header are written at once. -EINVAL for a frame size over
+ * 128 MiB, a bad level or filter mode, and for any call after finish.
  */
 struct km_delta_writer;
 int km_delta_writer_new(int fd, const struct km_delta_params *p, struct km_delta_writer **ret);
@@ -58,7 +60,8 @@ void km_delta_writer_free(struct km_delta_writer *w);
 
 /*
  * Reader: checks the header and reads the frame table (the frame headers
- * only), then decodes frames on a thread pool.
+ * only), then decodes frames on a thread pool. The delta starts at offset 0
+ * of fd; open duplicates fd, so the caller may close its own.
  */
 struct km_delta_reader;
 int km_delta_reader_open(int fd, struct km_delta_reader **ret, struct km_error *err);

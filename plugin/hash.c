@@ -113,7 +113,9 @@ bool km_is_zero(const void *p, size_t n)
 		if (b[i++])
 			return false;
 	for (; i + 64 <= n; i += 64) {
-		const uint64_t *w = (const uint64_t *)(b + i);
+		/* The bytes may have any effective type: read them as may_alias. */
+		typedef uint64_t __attribute__((may_alias)) word_t;
+		const word_t *w = (const word_t *)(b + i);
 
 		if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
 			return false;
