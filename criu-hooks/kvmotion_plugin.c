@@ -1,0 +1,439 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * kvmotion's CRIU plugin: a thin adapter between CRIU's hooks and the
+ * kvmotion library. One .so does both jobs, because CRIU stops at the first
+ * plugin that handles a device hook:
+ *
+ *   GPU     PAUSE_DEVICES: lock the CUDA process; CHECKPOINT_DEVICES: GPU
+ *           memory into host memory; exit(DUMP): on failure or
+ *           --leave-running, restore and unlock; RESUME_DEVICES_LATE:
+ *           restore (with GPU UUID remapping) and unlock.
+ *   Images  exit(DUMP): split the complete image directory against the
+ *           node's chunk store; init(RESTORE): join and verify it before
+ *           CRIU opens any image or creates any process.
+ *
+ * This file is the only place with global state: CRIU's plugin API passes
+ * no context between hooks. Docs: docs/criu.md.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <criu/criu-plugin.h>
+
+#include "config.h"
+#include "criuimg.h"
+#include "format.h"
+#include "gpu.h"
+#include "image.h"
+#include "store.h"
+#include "util.h"
+
+#define PLUGIN_NAME "kvmotion"
+
+/* CRIU's log levels (criu/include/log.h) and the functions CRIU exports. */
+enum { KM_LOG_ERROR = 1, KM_LOG_WARN = 2, KM_LOG_INFO = 3, KM_LOG_DEBUG = 4 };
+extern void print_on_level(unsigned int loglevel, const char *format, ...)
+	__attribute__((format(printf, 2, 3)));
+extern int add_inventory_plugin(const char *name) __attribute__((weak));
+extern bool check_and_remove_inventory_plugin(const char *name, size_t n) __attribute__((weak));
+extern void set_compel_interrupt_only_mode(void) __attribute__((weak));
+
+extern cr_plugin_desc_t CR_PLUGIN_DESC __attribute__((visibility("default")));
+
+#define pr_err(fmt, ...) print_on_level(KM_LOG_ERROR, PLUGIN_NAME ": " fmt "\n", ##__VA_ARGS__)
+#define pr_warn(fmt, ...) print_on_level(KM_LOG_WARN, PLUGIN_NAME ": " fmt "\n", ##__VA_ARGS__)
+#define pr_info(fmt, ...) print_on_level(KM_LOG_INFO, PLUGIN_NAME ": " fmt "\n", ##__VA_ARGS__)
+
+#define MAX_PIDS 1024
+
+static struct {
+	int stage;
+	struct km_config cfg;
+	struct km_gpu *gpu;
+	struct km_gpu_pair *pairs;
+	size_t n_pairs;
+	int image_dir; /* dup of CRIU's image directory fd */
+	bool split_wanted;
+	bool comm_selected; /* some task of the tree matches split_comm */
+	bool leave_running;
+	sigset_t saved_mask; /* the restore thread's mask while it runs */
+} km = { .image_dir = -1 };
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* --leave-running (-R) on CRIU's command line; swrk (RPC) cannot tell. */
+static enum km_tristate cmdline_leave_running(void)
+{
+	char buf[8192];
+	ssize_t n;
+	_cleanup_close_ int fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
+	bool swrk = false;
+
+	if (fd < 0)
+		return KM_AUTO;
+	n = km_read_full(fd, buf, sizeof(buf) - 1);
+	if (n <= 0)
+		return KM_AUTO;
+	buf[n] = 0;
+	for (char *p = buf; p < buf + n; p += strlen(p) + 1) {
+		if (strcmp(p, "--leave-running") == 0 || strcmp(p, "-R") == 0)
+			return KM_YES;
+		if (strcmp(p, "swrk") == 0 || strcmp(p, "service") == 0)
+			swrk = true;
+	}
+	return swrk ? KM_AUTO : KM_NO;
+}
+
+/*
+ * The driver's restore thread must run while the tree is ptrace-frozen:
+ * let that one thread go with every signal but SIGTRAP blocked, and stop
+ * it again afterwards with its mask put back (as CRIU's cuda_plugin does).
+ */
+static int restore_thread_hook(void *userdata, pid_t pid, pid_t tid, bool start)
+{
+	int status;
+
+	(void)userdata;
+	(void)pid;
+	if (start) {
+		sigset_t run_mask;
+
+		if (ptrace(PTRACE_GETSIGMASK, tid, sizeof(sigset_t), &km.saved_mask) < 0) {
+			pr_err("ptrace(GETSIGMASK, %d): %s", tid, strerror(errno));
+			return -errno;
+		}
+		sigfillset(&run_mask);
+		sigdelset(&run_mask, SIGTRAP);
+		if (ptrace(PTRACE_SETSIGMASK, tid, sizeof(sigset_t), &run_mask) < 0 ||
+		    ptrace(PTRACE_CONT, tid, NULL, NULL) < 0) {
+			pr_err("cannot let restore thread %d run: %s", tid, strerror(errno));
+			return -errno;
+		}
+		return 0;
+	}
+	if (ptrace(PTRACE_INTERRUPT, tid, NULL, NULL) < 0) {
+		pr_err("ptrace(INTERRUPT, %d): %s", tid, strerror(errno));
+		return -errno;
+	}
+	if (waitpid(tid, &status, __WALL) < 0) {
+		pr_err("waitpid(%d): %s", tid, strerror(errno));
+		return -errno;
+	}
+	if (ptrace(PTRACE_SETSIGMASK, tid, sizeof(sigset_t), &km.saved_mask) < 0) {
+		pr_err("ptrace(SETSIGMASK, %d): %s", tid, strerror(errno));
+		return -errno;
+	}
+	return 0;
+}
+
+static void free_state(void)
+{
+	km_gpu_close(km.gpu);
+	km.gpu = NULL;
+	free(km.pairs);
+	km.pairs = NULL;
+	km.n_pairs = 0;
+	if (km.image_dir >= 0)
+		close(km.image_dir);
+	km.image_dir = -1;
+}
+
+static int open_gpu(void)
+{
+	struct km_error err = { { 0 } };
+	int r;
+
+	r = km_gpu_open(km.cfg.libcuda, &km.gpu, &err);
+	if (r < 0) {
+		pr_err("GPU driver %s: %s", km.cfg.libcuda, err.msg[0] ? err.msg : strerror(-r));
+		return r;
+	}
+	if (!km_gpu_available(km.gpu)) {
+		pr_info("no CUDA driver (%s): processes are handled as plain processes",
+			km.cfg.libcuda);
+		return 0;
+	}
+	km_gpu_set_thread_hook(km.gpu, restore_thread_hook, NULL);
+	if (set_compel_interrupt_only_mode)
+		set_compel_interrupt_only_mode();
+	return 0;
+}
+
+/* A store we can write: created when split is forced on, else it must exist. */
+static int probe_store(bool create)
+{
+	struct km_store *s = NULL;
+	char probe[4200];
+	int r, fd;
+
+	r = km_store_open(km.cfg.store, create ? KM_STORE_CREATE : 0, &km.cfg.chunker, &s);
+	if (r < 0)
+		return r;
+	km_store_free(s);
+	/* An unwritable store must stop the dump now, before anything is frozen. */
+	snprintf(probe, sizeof(probe), "%s/tmp/.probe-%d", km.cfg.store, (int)getpid());
+	fd = open(probe, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd < 0)
+		return -errno;
+	close(fd);
+	unlink(probe);
+	return 0;
+}
+
+static int init_dump(void)
+{
+	int r;
+
+	km.leave_running = km.cfg.leave_running == KM_AUTO
+				   ? cmdline_leave_running() != KM_NO
+				   : km.cfg.leave_running == KM_YES;
+	r = open_gpu();
+	if (r < 0)
+		return r;
+	if (km.cfg.split != KM_NO) {
+		r = probe_store(km.cfg.split == KM_YES);
+		if (r == 0) {
+			km.split_wanted = true;
+		} else if (km.cfg.split == KM_YES || r != -ENOENT) {
+			pr_err("chunk store %s is not usable: %s; refusing to dump", km.cfg.store,
+			       r == -EBADMSG ? "not a kvmotion store" : strerror(-r));
+			return r;
+		} else {
+			pr_info("no chunk store at %s: images are not split", km.cfg.store);
+		}
+	}
+	if (km.split_wanted && add_inventory_plugin && add_inventory_plugin(PLUGIN_NAME) != 0) {
+		pr_err("cannot record the plugin in the inventory");
+		return -EIO;
+	}
+	pr_info("dump: store %s, split %s, GPU %s, config %s", km.cfg.store,
+		km.split_wanted ? "on" : "off",
+		km_gpu_available(km.gpu) ? "checkpoint API" : "none", km.cfg.source);
+	return 0;
+}
+
+static int init_restore(void)
+{
+	struct km_join_opts jo = { .threads = km.cfg.threads, .sync = km.cfg.sync };
+	struct km_join_stats st;
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	double t0;
+	int r;
+
+	if (check_and_remove_inventory_plugin)
+		(void)check_and_remove_inventory_plugin(PLUGIN_NAME, strlen(PLUGIN_NAME));
+	r = open_gpu();
+	if (r < 0)
+		return r;
+	if (km.cfg.gpu_map[0]) {
+		r = km_gpu_parse_map(km.cfg.gpu_map, &km.pairs, &km.n_pairs, &err);
+		if (r < 0) {
+			pr_err("gpu_map: %s", err.msg);
+			return r;
+		}
+	}
+	r = km_image_is_split(km.image_dir);
+	if (r <= 0) {
+		if (r < 0)
+			pr_err("image directory: %s", strerror(-r));
+		return r;
+	}
+	r = km_store_open(km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, NULL, &s);
+	if (r < 0) {
+		pr_err("split image, but chunk store %s cannot be opened: %s; refusing to restore",
+		       km.cfg.store, r == -EBADMSG ? "not a kvmotion store" : strerror(-r));
+		return r;
+	}
+	t0 = now_s();
+	r = km_image_join(km.image_dir, s, &jo, &st, &err);
+	km_store_free(s);
+	if (r < 0) {
+		pr_err("join failed, refusing to restore: %s", err.msg[0] ? err.msg : strerror(-r));
+		return r;
+	}
+	pr_info("joined %llu files (%llu bytes: %llu from the store, %llu from the delta) in %.3f s",
+		(unsigned long long)st.files_joined, (unsigned long long)st.bytes_written,
+		(unsigned long long)st.bytes_from_store, (unsigned long long)st.bytes_from_delta,
+		now_s() - t0);
+	return 0;
+}
+
+static int kvmotion_init(int stage)
+{
+	struct km_error err = { { 0 } };
+	int r;
+
+	km.stage = stage;
+	if (stage == CR_PLUGIN_STAGE__PRE_DUMP)
+		return 0; /* pre-dump never reaches exit: nothing to do */
+	km_config_init(&km.cfg);
+	r = km_config_load(&km.cfg, NULL, &err);
+	if (r < 0) {
+		pr_err("%s", err.msg);
+		return -1;
+	}
+	km.image_dir = dup(criu_get_image_dir());
+	if (km.image_dir < 0) {
+		pr_err("cannot use the image directory: %s", strerror(errno));
+		return -1;
+	}
+	r = stage == CR_PLUGIN_STAGE__DUMP ? init_dump() : init_restore();
+	if (r < 0) {
+		free_state();
+		return -1;
+	}
+	return 0;
+}
+
+static void split_image(void)
+{
+	struct km_split_opts o = {
+		.min_split_size = km.cfg.min_split_size,
+		.threads = km.cfg.threads,
+		.add_chunks = km.cfg.add_chunks,
+		.sync = km.cfg.sync,
+		.delta = { .level = km.cfg.delta_level, .threads = km.cfg.threads },
+	};
+	struct km_criu_pages_info info;
+	struct km_split_stats st;
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	bool local = false;
+	double t0 = now_s();
+	int r;
+
+	r = km_criu_pages_local(km.image_dir, &local, &info, &err);
+	if (r < 0 || !local) {
+		pr_warn("split skipped, image left as CRIU wrote it: %s",
+			err.msg[0] ? err.msg : strerror(-r));
+		return;
+	}
+	r = km_store_open(km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, NULL, &s);
+	if (r == 0)
+		r = km_image_split(km.image_dir, s, &o, &st, &err);
+	km_store_free(s);
+	if (r < 0) {
+		/* The split never removes a file before its replacement is complete. */
+		pr_err("split failed, image left as CRIU wrote it: %s",
+		       err.msg[0] ? err.msg : strerror(-r));
+		return;
+	}
+	pr_info("split %llu files in %.3f s: %llu bytes referenced in the store, %llu zero, "
+		"%llu to the delta (%llu compressed), %llu added to the store",
+		(unsigned long long)st.files_split, now_s() - t0,
+		(unsigned long long)st.bytes_referenced, (unsigned long long)st.bytes_zero,
+		(unsigned long long)st.bytes_delta, (unsigned long long)st.delta_file_size,
+		(unsigned long long)st.bytes_added);
+}
+
+static void kvmotion_exit(int stage, int ret)
+{
+	struct km_error err = { { 0 } };
+
+	if (stage == CR_PLUGIN_STAGE__DUMP && km.gpu) {
+		/* First give the source its GPU back when it lives on. */
+		if (km_gpu_dump_done(km.gpu, ret == 0, km.leave_running, &err) < 0)
+			pr_err("GPU after dump: %s", err.msg);
+		if (ret == 0 && km.split_wanted && km.comm_selected)
+			split_image();
+		else if (ret == 0 && km.split_wanted)
+			pr_info("split skipped: no task matches split_comm '%s'", km.cfg.split_comm);
+	}
+	free_state();
+}
+
+CR_PLUGIN_REGISTER(PLUGIN_NAME, kvmotion_init, kvmotion_exit)
+
+static bool task_comm_selected(pid_t pid)
+{
+	char path[64], comm[64] = "";
+	ssize_t n;
+	_cleanup_close_ int fd = -1;
+
+	snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return km_config_wants_comm(&km.cfg, "");
+	n = km_read_full(fd, comm, sizeof(comm) - 1);
+	if (n > 0 && comm[n - 1] == '\n')
+		n--;
+	comm[n > 0 ? n : 0] = 0;
+	return km_config_wants_comm(&km.cfg, comm);
+}
+
+static int kvmotion_pause_devices(int pid)
+{
+	struct km_error err = { { 0 } };
+	bool is_cuda = false;
+	int r;
+
+	if (km.stage != CR_PLUGIN_STAGE__DUMP)
+		return 0;
+	if (task_comm_selected(pid))
+		km.comm_selected = true;
+	if (!km.gpu)
+		return 0;
+	r = km_gpu_pause(km.gpu, pid, km.cfg.lock_timeout_ms, &is_cuda, &err);
+	if (r < 0) {
+		pr_err("pause %d: %s", pid, err.msg);
+		return r;
+	}
+	if (is_cuda)
+		pr_info("locked CUDA process %d", pid);
+	return 0;
+}
+CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__PAUSE_DEVICES, kvmotion_pause_devices)
+
+static int kvmotion_checkpoint_devices(int pid)
+{
+	struct km_error err = { { 0 } };
+	double t0 = now_s();
+	int r;
+
+	if (!km.gpu)
+		return 0;
+	r = km_gpu_checkpoint(km.gpu, pid, &err);
+	if (r < 0) {
+		pr_err("checkpoint %d: %s", pid, err.msg);
+		return r;
+	}
+	pr_info("GPU state of %d checkpointed in %.3f s", pid, now_s() - t0);
+	return 0;
+}
+CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__CHECKPOINT_DEVICES, kvmotion_checkpoint_devices)
+
+static int kvmotion_resume_devices_late(int pid)
+{
+	struct km_error err = { { 0 } };
+	double t0 = now_s();
+	int r;
+
+	if (!km.gpu)
+		return 0;
+	r = km_gpu_resume(km.gpu, pid, km.pairs, km.n_pairs, &err);
+	if (r < 0) {
+		pr_err("resume %d: %s", pid, err.msg);
+		return r;
+	}
+	pr_info("GPU state of %d resumed in %.3f s", pid, now_s() - t0);
+	return 0;
+}
+CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__RESUME_DEVICES_LATE, kvmotion_resume_devices_late)
