@@ -156,6 +156,7 @@ struct cctx {
 struct km_delta_writer {
 	int fd; /* borrowed */
 	uint32_t frame_size;
+	struct km_hash image_id;
 	int level;
 	enum km_delta_filter_mode filter;
 	struct km_workpool *pool;
@@ -338,12 +339,16 @@ static int writer_write(struct km_delta_writer *w, const void *p, size_t n)
 static int writer_write_header(struct km_delta_writer *w)
 {
 	Kvmotion__DeltaHeader h = KVMOTION__DELTA_HEADER__INIT;
-	uint8_t buf[KM_MAGIC_SIZE + 4 + 64];
+	uint8_t buf[KM_MAGIC_SIZE + 4 + 128];
 	size_t len;
 
 	h.major = KM_FORMAT_MAJOR;
 	h.minor = KM_FORMAT_MINOR;
 	h.frame_size = w->frame_size;
+	if (!km_hash_is_null(&w->image_id)) {
+		h.has_image_id = 1;
+		h.image_id = (ProtobufCBinaryData){ .len = KM_HASH_SIZE, .data = w->image_id.b };
+	}
 	memcpy(buf, KM_MAGIC_DELTA, KM_MAGIC_SIZE);
 	len = kvmotion__delta_header__pack(&h, buf + KM_MAGIC_SIZE + 4);
 	put_le32(buf + KM_MAGIC_SIZE, (uint32_t)len);
@@ -471,6 +476,7 @@ int km_delta_writer_new(int fd, const struct km_delta_params *p, struct km_delta
 		return -ENOMEM;
 	w->fd = fd;
 	w->frame_size = p->frame_size ? p->frame_size : KM_DELTA_FRAME_SIZE_DEFAULT;
+	w->image_id = p->image_id;
 	w->level = p->level ? p->level : KM_DELTA_LEVEL_DEFAULT;
 	w->filter = p->filter;
 	pthread_mutex_init(&w->lock, NULL);
@@ -605,7 +611,8 @@ struct km_delta_reader {
 	size_t n_frames, frames_cap;
 	uint32_t max_raw, max_compressed;
 	bool any_filtered;
-	struct km_hash sha256;
+	bool has_image_id;
+	struct km_hash image_id;
 };
 
 static void delta_header_freep(Kvmotion__DeltaHeader **h)
@@ -722,6 +729,14 @@ static int reader_read_header(struct km_delta_reader *r, uint64_t size, uint64_t
 	if (h->frame_size == 0 || h->frame_size > DELTA_FRAME_SIZE_MAX) {
 		km_error_set(err, "delta frame size %" PRIu32 " is invalid", h->frame_size);
 		return -EBADMSG;
+	}
+	if (h->has_image_id) {
+		if (h->image_id.len != KM_HASH_SIZE) {
+			km_error_set(err, "delta header has a malformed image id");
+			return -EBADMSG;
+		}
+		memcpy(r->image_id.b, h->image_id.data, KM_HASH_SIZE);
+		r->has_image_id = true;
 	}
 	r->frame_size = h->frame_size;
 	*off = KM_MAGIC_SIZE + 4 + (uint64_t)len;
@@ -854,9 +869,6 @@ int km_delta_reader_open(int fd, struct km_delta_reader **ret, struct km_error *
 		if (rv < 0)
 			goto fail;
 	}
-	rv = hash_file(r->fd, (uint64_t)st.st_size, &r->sha256, err);
-	if (rv < 0)
-		goto fail;
 	*ret = r;
 	return 0;
 fail:
@@ -884,9 +896,20 @@ uint64_t km_delta_reader_frames(const struct km_delta_reader *r)
 	return r->n_frames;
 }
 
-const struct km_hash *km_delta_reader_sha256(const struct km_delta_reader *r)
+const struct km_hash *km_delta_reader_image_id(const struct km_delta_reader *r)
 {
-	return &r->sha256;
+	return r->has_image_id ? &r->image_id : NULL;
+}
+
+int km_delta_reader_sha256(struct km_delta_reader *r, struct km_hash *ret, struct km_error *err)
+{
+	struct stat st;
+
+	if (fstat(r->fd, &st) < 0) {
+		km_error_set(err, "stat on the delta: %s", strerror(errno));
+		return -errno;
+	}
+	return hash_file(r->fd, (uint64_t)st.st_size, ret, err);
 }
 
 /* One decode call: workers take the next frame index until none is left

@@ -35,6 +35,7 @@ struct km_delta_params {
 	int level;	      /* zstd level; 0: default */
 	unsigned threads;     /* 0: one per CPU */
 	enum km_delta_filter_mode filter;
+	struct km_hash image_id; /* recorded in the header; all zero: none */
 };
 
 struct km_delta_summary {
@@ -68,8 +69,13 @@ int km_delta_reader_open(int fd, struct km_delta_reader **ret, struct km_error *
 void km_delta_reader_free(struct km_delta_reader *r);
 uint64_t km_delta_reader_raw_size(const struct km_delta_reader *r);
 uint64_t km_delta_reader_frames(const struct km_delta_reader *r);
-/* SHA-256 of the whole file, computed while opening. */
-const struct km_hash *km_delta_reader_sha256(const struct km_delta_reader *r);
+/* The image id of the header, NULL if the writer recorded none. */
+const struct km_hash *km_delta_reader_image_id(const struct km_delta_reader *r);
+/*
+ * SHA-256 of the whole file: reads it all. Decoding checks every frame by
+ * its zstd checksum, so a join needs this only to tell what went wrong.
+ */
+int km_delta_reader_sha256(struct km_delta_reader *r, struct km_hash *ret, struct km_error *err);
 
 /*
  * Decodes every frame and hands its raw bytes to sink(userdata, raw_offset,

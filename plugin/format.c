@@ -396,6 +396,10 @@ int km_manifest_encode(const struct km_manifest *m, void **ret, size_t *ret_size
 	delta.compressed_size = m->delta.compressed_size;
 	delta.frames = m->delta.frames;
 	delta.sha256 = hash_to_pb(&m->delta.sha256);
+	if (!km_hash_is_null(&m->delta.image_id)) {
+		delta.has_image_id = 1;
+		delta.image_id = hash_to_pb(&m->delta.image_id);
+	}
 	pb.delta = &delta;
 	pb.created_by = m->created_by;
 	if (m->created_unix) {
@@ -444,7 +448,8 @@ int km_manifest_decode(const void *p, size_t n, struct km_manifest **ret, struct
 	if (r < 0)
 		goto out;
 	if (!km_filename_is_plain(pb->delta->name) ||
-	    hash_from_pb(&pb->delta->sha256, &m->delta.sha256) < 0) {
+	    hash_from_pb(&pb->delta->sha256, &m->delta.sha256) < 0 ||
+	    (pb->delta->has_image_id && hash_from_pb(&pb->delta->image_id, &m->delta.image_id) < 0)) {
 		km_error_set(err, "manifest has a malformed delta reference");
 		r = -EBADMSG;
 		goto out;

@@ -64,6 +64,7 @@ struct km_delta_ref {
 	uint64_t compressed_size;
 	uint64_t frames;
 	struct km_hash sha256;
+	struct km_hash image_id; /* all zero: none recorded */
 };
 
 struct km_manifest {

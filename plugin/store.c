@@ -486,6 +486,57 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 	return 0;
 }
 
+int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
+		     uint64_t dst_off)
+{
+	char path[CHUNK_PATH_SIZE];
+	_cleanup_close_ int fd = -1;
+	loff_t in = 0, out = (loff_t)dst_off;
+	struct stat st;
+
+	chunk_path(id, path);
+	fd = openat(s->chunks_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return errno == ELOOP ? -EBADMSG : -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != length)
+		return -EBADMSG;
+	while ((uint64_t)in < length) {
+		ssize_t k = copy_file_range(fd, &in, dst_fd, &out, (size_t)(length - (uint64_t)in), 0);
+
+		if (k > 0)
+			continue;
+		if (k == 0)
+			return -EBADMSG; /* shrank under us */
+		if (errno == EINTR)
+			continue;
+		if (errno != EXDEV && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+			return -errno;
+		/* No in-kernel copy between these file systems: by hand. */
+		{
+			uint8_t buf[64 * 1024];
+
+			while ((uint64_t)in < length) {
+				size_t want = (size_t)KM_MIN(sizeof(buf), length - (uint64_t)in);
+				ssize_t n = km_pread_full(fd, buf, want, in);
+				int r;
+
+				if (n < 0)
+					return (int)n;
+				if ((size_t)n != want)
+					return -EBADMSG;
+				r = km_pwrite_full(dst_fd, buf, want, out);
+				if (r < 0)
+					return r;
+				in += (loff_t)want;
+				out += (loff_t)want;
+			}
+		}
+	}
+	return 0;
+}
+
 int km_store_stat(struct km_store *s, const struct km_hash *id, uint64_t *ret_size)
 {
 	char path[CHUNK_PATH_SIZE];

@@ -72,6 +72,16 @@ int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, si
 int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t bufsize,
 		 size_t *ret_size);
 
+/*
+ * Copies chunk 'id' into dst_fd at dst_off in the kernel (copy_file_range,
+ * else read + pwrite), WITHOUT hashing it: for a caller that verifies the
+ * destination by other means and, when that fails, names the bad chunk
+ * with km_store_get (join does both: see image.c). -ENOENT missing,
+ * -EBADMSG not exactly 'length' bytes, other <0 from the copy (-ENOSPC).
+ */
+int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
+		     uint64_t dst_off);
+
 /* Size of the stored chunk without reading it (not verified). */
 int km_store_stat(struct km_store *s, const struct km_hash *id, uint64_t *ret_size);
 

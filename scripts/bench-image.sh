@@ -80,49 +80,81 @@ dump() { # $1: image dir
 	"$criu" dump -t "$pid" -D "$1" --leave-running -o dump.log -v2 ||
 		{ tail -n 20 "$1/dump.log" >&2; exit 1; }
 }
-dump "$work/img1"
-image_bytes=$(dir_bytes "$work/img1")
+# Two dumps a second apart; then the process goes, so that the timings
+# below run on a quiet machine.
+dump "$work/d1"
+sleep 1
+dump "$work/d2"
+kill -9 "$pid"
+wait "$pid" 2>/dev/null || true
+pid=
+image_bytes=$(dir_bytes "$work/d1")
 
-# cp baseline: the same bytes, same file system, cold destination.
-t0=$(now); cp -r "$work/img1" "$work/img-cp"; sync -f "$work/img-cp" 2>/dev/null || true; t1=$(now)
-cp_s=$(elapsed "$t0" "$t1")
-rm -rf "$work/img-cp"
-cp -r "$work/img1" "$work/img1.orig"
-
-t0=$(now); split_json=$("$km" split "$work/img1" --store "$store" --no-sync --json); t1=$(now)
-split_s=$(elapsed "$t0" "$t1")
-t0=$(now); join_json=$("$km" join "$work/img1" --store "$store" --no-sync --json --keep); t1=$(now)
-join_s=$(elapsed "$t0" "$t1")
-diff -r -x kvmotion.manifest -x kvmotion.delta "$work/img1" "$work/img1.orig" >/dev/null ||
-	{ echo "join output differs from the dump" >&2; exit 1; }
-rm -rf "$work/img1.orig"
+# median of three runs of each, on fresh copies of the same image
+median() { python3 -c 'import sys; v = sorted(map(float, sys.argv[1:])); print(v[len(v) // 2])' "$@"; }
+cp_runs=() split_runs=() join_runs=()
+for _ in 1 2 3; do
+	rm -rf "$work/img" "$work/img-cp"
+	t0=$(now); cp -r "$work/d1" "$work/img-cp"; t1=$(now)
+	cp_runs+=("$(elapsed "$t0" "$t1")")
+	mv "$work/img-cp" "$work/img"
+	t0=$(now); split_json=$("$km" split "$work/img" --store "$store" --no-sync --json); t1=$(now)
+	split_runs+=("$(elapsed "$t0" "$t1")")
+	t0=$(now); join_json=$("$km" join "$work/img" --store "$store" --no-sync --json); t1=$(now)
+	join_runs+=("$(elapsed "$t0" "$t1")")
+	diff -r "$work/img" "$work/d1" >/dev/null ||
+		{ echo "join output differs from the dump" >&2; exit 1; }
+done
+rm -rf "$work/img"
+cp_s=$(median "${cp_runs[@]}")
+split_s=$(median "${split_runs[@]}")
+join_s=$(median "${join_runs[@]}")
+echo "cp ${cp_runs[*]} s; split ${split_runs[*]} s; join ${join_runs[*]} s"
 
 echo "== 4. stored bytes for two dumps of the same process (split --add-chunks)"
 store2="$work/store2"
 "$km" seed "$work/model.safetensors" --store "$store2" --name model --no-sync --json >/dev/null
 store_after_seed=$(dir_bytes "$store2/chunks")
-rm -rf "$work/img1"
-dump "$work/d1"
-sleep 1
-dump "$work/d2"
 a1=$("$km" split "$work/d1" --store "$store2" --add-chunks --no-sync --json)
 a2=$("$km" split "$work/d2" --store "$store2" --add-chunks --no-sync --json)
 store_after=$(dir_bytes "$store2/chunks")
 d1_bytes=$(dir_bytes "$work/d1")
 d2_bytes=$(dir_bytes "$work/d2")
-kill -9 "$pid"; pid=
+# The changed bytes, counted independently of kvmotion: 4 KiB pages of the
+# second dump that differ from the first at the same offset of pages-*.img
+# (the split directories no longer hold them: join copies first).
+"$km" join "$work/d1" --store "$store2" --no-sync --keep >/dev/null
+"$km" join "$work/d2" --store "$store2" --no-sync --keep >/dev/null
+changed_pages=$(python3 - "$work/d1" "$work/d2" <<'PY'
+import glob, os, sys
+a = sorted(glob.glob(os.path.join(sys.argv[1], "pages-*.img")))
+b = sorted(glob.glob(os.path.join(sys.argv[2], "pages-*.img")))
+changed = 0
+for x, y in zip(a, b):
+    with open(x, "rb") as f, open(y, "rb") as g:
+        while True:
+            p, q = f.read(4096), g.read(4096)
+            if not p and not q:
+                break
+            changed += p != q
+print(changed * 4096)
+PY
+)
 
 python3 - "$chunk_json" "$delta_json" "$seed_json" "$split_json" "$join_json" "$a1" "$a2" \
 	"$seed_s" "$split_s" "$join_s" "$cp_s" "$image_bytes" "$store_after_seed" "$store_after" \
-	"$d1_bytes" "$d2_bytes" "$model_mib" "$dynamic_mib" "${json_out:-}" <<'EOF'
+	"$d1_bytes" "$d2_bytes" "$model_mib" "$dynamic_mib" "${json_out:-}" "$changed_pages" <<'EOF'
 import json, sys
 (chunk, delta, seed, split, join, a1, a2) = (json.loads(x) for x in sys.argv[1:8])
 seed_s, split_s, join_s, cp_s = (float(x) for x in sys.argv[8:12])
 image_bytes, store_seed, store_after, d1, d2 = (int(x) for x in sys.argv[12:17])
 model_mib, dynamic_mib, out = int(sys.argv[17]), int(sys.argv[18]), sys.argv[19]
+changed_pages = int(sys.argv[20])
 model = seed["bytes"]
-changed = a1["bytes_added"] + a2["bytes_added"]
-stored_two = store_after + d1 + d2
+# What two dumps must store at least: one model, dump 1's other bytes, and
+# the pages dump 2 changed.
+changed = (image_bytes - model) + changed_pages
+stored_two = (store_after - store_seed) + store_seed + d1 + d2
 r = {
     "chunk": chunk, "delta": delta,
     "image_bytes": image_bytes, "model_bytes": model,
@@ -134,6 +166,7 @@ r = {
         "chunks_added_dump1": a1["chunks_added"], "bytes_added_dump1": a1["bytes_added"],
         "chunks_added_dump2": a2["chunks_added"], "bytes_added_dump2": a2["bytes_added"],
         "split_dirs_bytes": d1 + d2,
+        "dump2_changed_page_bytes": changed_pages,
         "stored_total": stored_two,
         "stored_over_model_plus_changed": stored_two / (model + changed),
         "plain_two_images": 2 * image_bytes,
@@ -143,13 +176,14 @@ mib = lambda b: f"{b / 2**20:.1f} MiB"
 print()
 print(f"chunk+hash: {chunk['chunk_hash_gbps_1t']:.2f} GB/s on 1 thread, "
       f"{chunk['chunk_hash_gbps_nt']:.2f} GB/s on {chunk['threads']} threads")
-print(f"image {mib(image_bytes)} (model {mib(model)}): split {split_s:.2f} s, join {join_s:.2f} s, "
-      f"cp {cp_s:.2f} s -> join/cp {join_s / cp_s:.2f}x, split/cp {split_s / cp_s:.2f}x")
+print(f"image {mib(image_bytes)} (model {mib(model)}), medians of 3: split {split_s:.2f} s, "
+      f"join {join_s:.2f} s, cp {cp_s:.2f} s -> join/cp {join_s / cp_s:.2f}x, split/cp {split_s / cp_s:.2f}x")
 print(f"  referenced {mib(split['bytes_referenced'])}, delta raw {mib(split['bytes_delta'])}, "
       f"delta file {mib(split['delta_file_size'])}, zero {mib(split['bytes_zero'])}")
 print(f"two dumps: store {mib(store_seed)} after seed -> {mib(store_after)} after both splits; "
       f"split dirs {mib(d1 + d2)}; total {mib(stored_two)} = "
-      f"{stored_two / (model + changed):.3f} x (model + changed bytes {mib(changed)}); "
+      f"{stored_two / (model + changed):.3f} x (model + dump 1's other bytes + dump 2's changed pages = "
+      f"{mib(changed)}); "
       f"two plain images would be {mib(2 * image_bytes)}")
 if out:
     with open(out, "w") as f:
