@@ -441,6 +441,35 @@ static int open_and_decode(int fd, unsigned threads, struct km_error *err)
 	return ret;
 }
 
+START_TEST(test_delta_image_id)
+{
+	uint8_t data[1000];
+	struct km_delta_params p = { .frame_size = 256, .threads = 1 };
+	struct km_delta_summary sum;
+	struct km_delta_reader *r = NULL;
+	struct km_error err = { { 0 } };
+	int fd;
+
+	memset(data, 7, sizeof(data));
+	/* Without an id the reader reports none. */
+	fd = make_delta(data, sizeof(data), &p, &sum);
+	ck_assert_int_eq(km_delta_reader_open(fd, &r, &err), 0);
+	ck_assert_ptr_null(km_delta_reader_image_id(r));
+	km_delta_reader_free(r);
+	close(fd);
+	/* With one, it comes back as written. */
+	memset(p.image_id.b, 0xa5, KM_HASH_SIZE);
+	p.image_id.b[31] = 1;
+	fd = make_delta(data, sizeof(data), &p, &sum);
+	ck_assert_int_eq(km_delta_reader_open(fd, &r, &err), 0);
+	ck_assert_ptr_nonnull(km_delta_reader_image_id(r));
+	ck_assert(km_hash_equal(km_delta_reader_image_id(r), &p.image_id));
+	ck_assert_uint_eq(km_delta_reader_raw_size(r), sizeof(data));
+	km_delta_reader_free(r);
+	close(fd);
+}
+END_TEST
+
 START_TEST(test_delta_corrupt_frame_is_named)
 {
 	const size_t n = 4 * 256 * KIB;
@@ -876,6 +905,7 @@ int main(void)
 	tcase_add_test(tc, test_delta_sha256_matches_file);
 	tcase_add_test(tc, test_delta_sink_error_stops);
 	tcase_add_test(tc, test_delta_writer_errors);
+	tcase_add_test(tc, test_delta_image_id);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_ENV);
