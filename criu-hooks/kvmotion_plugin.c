@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -67,7 +68,10 @@ static struct {
 	bool split_wanted;
 	bool comm_selected; /* some task of the tree matches split_comm */
 	bool leave_running;
-	sigset_t saved_mask; /* the restore thread's mask while it runs */
+	uint64_t rss_bytes; /* resident memory of the tasks paused so far */
+	bool inventory_recorded;
+	uint64_t saved_mask; /* the restore thread's signal mask while it runs */
+	pid_t thread_stopped_by_us;
 } km = { .image_dir = -1 };
 
 static double now_s(void)
@@ -102,9 +106,12 @@ static enum km_tristate cmdline_leave_running(void)
 }
 
 /*
- * The driver's restore thread must run while the tree is ptrace-frozen:
- * let that one thread go with every signal but SIGTRAP blocked, and stop
- * it again afterwards with its mask put back (as CRIU's cuda_plugin does).
+ * The driver's restore thread must run while the tree is ptrace-frozen
+ * (during CHECKPOINT_DEVICES, RESUME_DEVICES_LATE and exit(DUMP)): let that
+ * one thread go with every signal but SIGTRAP blocked and seccomp
+ * suspension off, then stop it again and put its options and mask back,
+ * as CRIU's own cuda_plugin does. The kernel's mask for PTRACE_*SIGMASK
+ * is 8 bytes, not a glibc sigset_t.
  */
 static int restore_thread_hook(void *userdata, pid_t pid, pid_t tid, bool start)
 {
@@ -113,31 +120,54 @@ static int restore_thread_hook(void *userdata, pid_t pid, pid_t tid, bool start)
 	(void)userdata;
 	(void)pid;
 	if (start) {
-		sigset_t run_mask;
+		uint64_t run_mask = ~(1ull << (SIGTRAP - 1));
 
-		if (ptrace(PTRACE_GETSIGMASK, tid, sizeof(sigset_t), &km.saved_mask) < 0) {
+		km.thread_stopped_by_us = 0;
+		if (ptrace(PTRACE_GETSIGMASK, tid, sizeof(km.saved_mask), &km.saved_mask) < 0) {
+			if (errno == ESRCH)
+				return 0; /* not frozen by CRIU (yet): it runs anyway */
 			pr_err("ptrace(GETSIGMASK, %d): %s", tid, strerror(errno));
 			return -errno;
 		}
-		sigfillset(&run_mask);
-		sigdelset(&run_mask, SIGTRAP);
-		if (ptrace(PTRACE_SETSIGMASK, tid, sizeof(sigset_t), &run_mask) < 0 ||
+		if (ptrace(PTRACE_SETSIGMASK, tid, sizeof(run_mask), &run_mask) < 0 ||
+		    ptrace(PTRACE_SETOPTIONS, tid, NULL, 0) < 0 ||
 		    ptrace(PTRACE_CONT, tid, NULL, NULL) < 0) {
 			pr_err("cannot let restore thread %d run: %s", tid, strerror(errno));
 			return -errno;
 		}
+		km.thread_stopped_by_us = tid;
 		return 0;
 	}
+	if (km.thread_stopped_by_us != tid)
+		return 0;
+	km.thread_stopped_by_us = 0;
 	if (ptrace(PTRACE_INTERRUPT, tid, NULL, NULL) < 0) {
 		pr_err("ptrace(INTERRUPT, %d): %s", tid, strerror(errno));
 		return -errno;
 	}
-	if (waitpid(tid, &status, __WALL) < 0) {
-		pr_err("waitpid(%d): %s", tid, strerror(errno));
-		return -errno;
+	/* Signals that arrive first are passed on until the interrupt's stop. */
+	for (;;) {
+		if (wait4(tid, &status, __WALL, NULL) < 0) {
+			if (errno == EINTR)
+				continue;
+			pr_err("wait4(%d): %s", tid, strerror(errno));
+			return -errno;
+		}
+		if (!WIFSTOPPED(status)) {
+			pr_err("restore thread %d ended while the driver ran it", tid);
+			return -ESRCH;
+		}
+		if ((status >> 16) == PTRACE_EVENT_STOP)
+			break;
+		if (ptrace(PTRACE_CONT, tid, NULL, (void *)(long)WSTOPSIG(status)) < 0) {
+			pr_err("ptrace(CONT, %d): %s", tid, strerror(errno));
+			return -errno;
+		}
 	}
-	if (ptrace(PTRACE_SETSIGMASK, tid, sizeof(sigset_t), &km.saved_mask) < 0) {
-		pr_err("ptrace(SETSIGMASK, %d): %s", tid, strerror(errno));
+	if (ptrace(PTRACE_SETOPTIONS, tid, NULL,
+		   (void *)(long)(PTRACE_O_SUSPEND_SECCOMP | PTRACE_O_TRACESYSGOOD)) < 0 ||
+	    ptrace(PTRACE_SETSIGMASK, tid, sizeof(km.saved_mask), &km.saved_mask) < 0) {
+		pr_err("cannot put restore thread %d back: %s", tid, strerror(errno));
 		return -errno;
 	}
 	return 0;
@@ -197,6 +227,19 @@ static int probe_store(bool create)
 	return 0;
 }
 
+/* A restore without kvmotion must refuse this image rather than misread it. */
+static int record_inventory(void)
+{
+	if (km.inventory_recorded || !add_inventory_plugin)
+		return 0;
+	if (add_inventory_plugin(PLUGIN_NAME) != 0) {
+		pr_err("cannot record the plugin in the inventory");
+		return -EIO;
+	}
+	km.inventory_recorded = true;
+	return 0;
+}
+
 static int init_dump(void)
 {
 	int r;
@@ -219,9 +262,10 @@ static int init_dump(void)
 			pr_info("no chunk store at %s: images are not split", km.cfg.store);
 		}
 	}
-	if (km.split_wanted && add_inventory_plugin && add_inventory_plugin(PLUGIN_NAME) != 0) {
-		pr_err("cannot record the plugin in the inventory");
-		return -EIO;
+	if (km.split_wanted) {
+		r = record_inventory();
+		if (r < 0)
+			return r;
 	}
 	pr_info("dump: store %s, split %s, GPU %s, config %s", km.cfg.store,
 		km.split_wanted ? "on" : "off",
@@ -238,11 +282,13 @@ static int init_restore(void)
 	double t0;
 	int r;
 
-	if (check_and_remove_inventory_plugin)
-		(void)check_and_remove_inventory_plugin(PLUGIN_NAME, strlen(PLUGIN_NAME));
-	r = open_gpu();
-	if (r < 0)
-		return r;
+	/* A dump that used kvmotion: the tree may hold CUDA processes whose
+	 * restore thread must run inside the frozen tree. */
+	if (check_and_remove_inventory_plugin &&
+	    check_and_remove_inventory_plugin(PLUGIN_NAME, strlen(PLUGIN_NAME)) &&
+	    set_compel_interrupt_only_mode)
+		set_compel_interrupt_only_mode();
+	/* The driver is opened at the first RESUME_DEVICES_LATE: not before CRIU forks. */
 	if (km.cfg.gpu_map[0]) {
 		r = km_gpu_parse_map(km.cfg.gpu_map, &km.pairs, &km.n_pairs, &err);
 		if (r < 0) {
@@ -379,6 +425,49 @@ static bool task_comm_selected(pid_t pid)
 	return km_config_wants_comm(&km.cfg, comm);
 }
 
+/* VmRSS of pid in bytes, 0 if unknown. */
+static uint64_t task_rss(pid_t pid)
+{
+	char path[64], buf[4096], *p;
+	_cleanup_close_ int fd = -1;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	n = km_read_full(fd, buf, sizeof(buf) - 1);
+	if (n <= 0)
+		return 0;
+	buf[n] = 0;
+	p = strstr(buf, "\nVmRSS:");
+	return p ? strtoull(p + 8, NULL, 10) * 1024 : 0;
+}
+
+/*
+ * The split needs room beside CRIU's images for its delta, up to the size
+ * of the pages in the worst case. A full disk found now fails the dump
+ * while the tasks still run; found in exit(DUMP), it could only leave the
+ * image unsplit (complete, but a failure nonetheless).
+ */
+static int check_space(pid_t pid)
+{
+	struct statvfs sv;
+	uint64_t avail, need;
+
+	km.rss_bytes += task_rss(pid);
+	if (fstatvfs(km.image_dir, &sv) < 0)
+		return 0;
+	avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+	need = 2 * km.rss_bytes + (16u << 20);
+	if (avail >= need)
+		return 0;
+	pr_err("not enough space in the image directory: %llu bytes free, the dump and its split "
+	       "may need %llu (twice the tasks' resident memory); refusing to dump",
+	       (unsigned long long)avail, (unsigned long long)need);
+	return -ENOSPC;
+}
+
 static int kvmotion_pause_devices(int pid)
 {
 	struct km_error err = { { 0 } };
@@ -389,8 +478,22 @@ static int kvmotion_pause_devices(int pid)
 		return 0;
 	if (task_comm_selected(pid))
 		km.comm_selected = true;
+	if (km.split_wanted) {
+		r = check_space(pid);
+		if (r < 0)
+			return r;
+	}
 	if (!km.gpu)
 		return 0;
+	if (km_gpu_available(km.gpu)) {
+		enum km_gpu_state state = KM_GPU_NONE;
+
+		if (km_gpu_get_state(km.gpu, pid, &state, &err) == 0 && state != KM_GPU_NONE) {
+			r = record_inventory();
+			if (r < 0)
+				return r;
+		}
+	}
 	r = km_gpu_pause(km.gpu, pid, km.cfg.lock_timeout_ms, &is_cuda, &err);
 	if (r < 0) {
 		pr_err("pause %d: %s", pid, err.msg);
@@ -426,8 +529,11 @@ static int kvmotion_resume_devices_late(int pid)
 	double t0 = now_s();
 	int r;
 
-	if (!km.gpu)
-		return 0;
+	if (!km.gpu) {
+		r = open_gpu();
+		if (r < 0)
+			return r;
+	}
 	r = km_gpu_resume(km.gpu, pid, km.pairs, km.n_pairs, &err);
 	if (r < 0) {
 		pr_err("resume %d: %s", pid, err.msg);

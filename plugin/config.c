@@ -16,7 +16,8 @@ void km_config_init(struct km_config *c)
 	c->delta_level = 1;
 	c->sync = true;
 	snprintf(c->libcuda, sizeof(c->libcuda), "libcuda.so.1");
-	c->lock_timeout_ms = 60000;
+	/* Inside CRIU's default --timeout of 10 s, which bounds the freeze. */
+	c->lock_timeout_ms = 8000;
 	c->leave_running = KM_AUTO;
 	snprintf(c->source, sizeof(c->source), "defaults");
 }

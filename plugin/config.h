@@ -20,7 +20,7 @@
  *   sync             KVMOTION_SYNC             yes
  *   gpu_map          KVMOTION_GPU_MAP          (none) "GPU-a=GPU-b,..."
  *   libcuda          KVMOTION_LIBCUDA          libcuda.so.1
- *   lock_timeout_ms  KVMOTION_LOCK_TIMEOUT_MS  60000
+ *   lock_timeout_ms  KVMOTION_LOCK_TIMEOUT_MS  8000 (keep below CRIU's --timeout)
  *   leave_running    KVMOTION_LEAVE_RUNNING    auto (from CRIU's command line)
  *
  * File syntax: "key = value" lines, '#' comments, blank lines ignored.
