@@ -518,7 +518,8 @@ static int kvmotion_checkpoint_devices(int pid)
 		pr_err("checkpoint %d: %s", pid, err.msg);
 		return r;
 	}
-	pr_info("GPU state of %d checkpointed in %.3f s", pid, now_s() - t0);
+	if (km_gpu_available(km.gpu))
+		pr_info("GPU state of %d checkpointed in %.3f s", pid, now_s() - t0);
 	return 0;
 }
 CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__CHECKPOINT_DEVICES, kvmotion_checkpoint_devices)
@@ -539,7 +540,8 @@ static int kvmotion_resume_devices_late(int pid)
 		pr_err("resume %d: %s", pid, err.msg);
 		return r;
 	}
-	pr_info("GPU state of %d resumed in %.3f s", pid, now_s() - t0);
+	if (km_gpu_available(km.gpu))
+		pr_info("GPU state of %d resumed in %.3f s", pid, now_s() - t0);
 	return 0;
 }
 CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__RESUME_DEVICES_LATE, kvmotion_resume_devices_late)

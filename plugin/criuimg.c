@@ -67,11 +67,15 @@ static int read_pagemap(int dirfd, const char *name, uint32_t *ret_pages_id,
 			flags = e->has_flags ? e->flags
 					     : (e->has_in_parent && e->in_parent ? KM_CRIU_PE_PARENT
 										 : KM_CRIU_PE_PRESENT);
-			if ((flags & KM_CRIU_PE_PRESENT) &&
-			    !(flags & (KM_CRIU_PE_LAZY | KM_CRIU_PE_PARENT)))
-				*ret_present += e->nr_pages;
-			else if (flags & (KM_CRIU_PE_LAZY | KM_CRIU_PE_PARENT))
+			/*
+			 * PE_LAZY marks pages a lazy restore could fetch; they
+			 * are in pages-*.img unless --lazy-pages kept them out,
+			 * which the size check below tells.
+			 */
+			if (flags & KM_CRIU_PE_PARENT)
 				*ret_elsewhere += e->nr_pages;
+			else if (flags & KM_CRIU_PE_PRESENT)
+				*ret_present += e->nr_pages;
 			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
 		}
 		off += len;
@@ -117,7 +121,7 @@ int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *r
 		info.pages_present += present;
 		info.pages_elsewhere += elsewhere;
 		if (elsewhere && local) {
-			km_error_set(err, "%s has %llu pages that are not in local images (lazy pages or a parent image)",
+			km_error_set(err, "%s has %llu pages in a parent image (incremental dump)",
 				     de->d_name, (unsigned long long)elsewhere);
 			local = false;
 		}

@@ -23,7 +23,7 @@
 struct km_criu_pages_info {
 	uint64_t pagemaps;
 	uint64_t pages_present; /* pages CRIU wrote into local pages-*.img */
-	uint64_t pages_elsewhere; /* lazy, parent or not written locally */
+	uint64_t pages_elsewhere; /* in a parent image */
 	uint64_t pages_bytes;	/* size of the local pages-*.img files */
 };
 

@@ -56,6 +56,13 @@ static int list_files(int dirfd, char ***ret, size_t *ret_n)
 		if (strcmp(de->d_name, KM_MANIFEST_NAME) == 0 ||
 		    strcmp(de->d_name, KM_DELTA_NAME) == 0)
 			continue;
+		/*
+		 * CRIU's logs and statistics are no part of the image, and CRIU
+		 * writes them after the split (dump.log, stats-dump) and during
+		 * a restore: recording them would make a restore refuse.
+		 */
+		if (fnmatch("*.log", de->d_name, 0) == 0 || fnmatch("stats-*", de->d_name, 0) == 0)
+			continue;
 		if (fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
 			r = -errno;
 			break;
