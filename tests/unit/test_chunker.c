@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <check.h>
+
+#include "km-check.h"
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -639,8 +641,6 @@ int main(void)
 {
 	Suite *s = suite_create("chunker");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, test_chunker_params_check);
@@ -658,9 +658,5 @@ int main(void)
 	tcase_add_test(tc, test_chunker_embedded_dedup);
 	tcase_add_test(tc, test_chunker_zeros_give_max_chunks);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }

@@ -2,6 +2,8 @@
 /* The delta writer and reader: round trips, the filter choice, and
  * rejection of corrupt, truncated and foreign files. */
 #include <check.h>
+
+#include "km-check.h"
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -886,8 +888,6 @@ int main(void)
 {
 	Suite *s = suite_create("delta");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_delta_roundtrip_sizes);
@@ -907,9 +907,5 @@ int main(void)
 	tcase_add_test(tc, test_delta_writer_errors);
 	tcase_add_test(tc, test_delta_image_id);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }

@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include <check.h>
+
+#include "km-check.h"
 #include <endian.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,8 +279,6 @@ int main(void)
 {
 	Suite *s = suite_create("format");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 60);
 	tcase_add_test(tc, test_format_extents_merge);
@@ -290,9 +290,5 @@ int main(void)
 	tcase_add_test(tc, test_format_store_config);
 	tcase_add_test(tc, test_format_plain_names);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }

@@ -6,6 +6,8 @@
  * call, so a test sets faults right before the call they should hit.
  */
 #include <check.h>
+
+#include "km-check.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -823,8 +825,6 @@ int main(void)
 {
 	Suite *s = suite_create("gpu");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 60);
 	tcase_add_checked_fixture(tc, setup, teardown);
@@ -857,9 +857,5 @@ int main(void)
 	tcase_add_test(tc, test_gpu_thread_hook);
 	tcase_add_test(tc, test_gpu_thread_hook_errors);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }

@@ -5,6 +5,8 @@
  * images. The real-CRIU round trip is tests/integration/.
  */
 #include <check.h>
+
+#include "km-check.h"
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -476,8 +478,6 @@ int main(void)
 {
 	Suite *s = suite_create("image");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_image_split_join_round_trip);
@@ -493,9 +493,5 @@ int main(void)
 	tcase_add_test(tc, test_image_gc_keeps_referenced);
 	tcase_add_test(tc, test_image_small_chunks_round_trip);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }

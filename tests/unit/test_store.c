@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* The chunk store: layout, integrity checks, concurrency, roots and gc. */
 #include <check.h>
+
+#include "km-check.h"
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -916,8 +918,6 @@ int main(void)
 {
 	Suite *s = suite_create("store");
 	TCase *tc = tcase_create("core");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_store_create_reopen_keeps_config);
@@ -941,9 +941,5 @@ int main(void)
 	tcase_add_test(tc, test_store_gc_failing_refs_removes_nothing);
 	tcase_add_test(tc, test_store_gc_needs_exclusive);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_ENV);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return km_check_run(s);
 }
