@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# CRIU plugin benchmark (issue 3), one run, the same process lineage:
+#   plain `criu dump` + `criu restore`  vs.  the same with kvmotion's plugin
+# for a process holding --weights-mib of bf16 weights in anonymous memory
+# (default 1536) and --kv-mib of live, changing memory (default 256).
+# Order: plain dump (process killed), plain restore, plugin dump (killed),
+# plugin restore; each restore must come back and keep running.
+#
+#   scripts/bench-criu.sh [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE]
+#
+# Images on tmpfs (--dir, default /dev/shm), store seeded with the weights.
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+weights_mib=1536
+kv_mib=256
+base=/dev/shm
+json_out=
+while [ $# -gt 0 ]; do
+	case $1 in
+	--weights-mib) weights_mib=$2; shift 2 ;;
+	--kv-mib) kv_mib=$2; shift 2 ;;
+	--dir) base=$2; shift 2 ;;
+	--json) json_out=$2; shift 2 ;;
+	*) echo "usage: $0 [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE]" >&2; exit 2 ;;
+	esac
+done
+
+bash "$top/scripts/setup.sh"
+build="$top/build"
+[ -f "$build/build.ninja" ] || meson setup "$build" -Dtests=enabled >/dev/null
+ninja -C "$build" >/dev/null
+km="$build/plugin/kvmotion"
+criu="$top/.deps/bin/criu"
+plugin_dir="$build/criu-hooks"
+[ -f "$plugin_dir/kvmotion.so" ] || { echo "the CRIU plugin was not built" >&2; exit 1; }
+empty_dir=$(mktemp -d)
+
+work=$(mktemp -d "$base/km-bench-criu.XXXXXX")
+pid=
+cleanup() {
+	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+	rm -rf "$work" "$empty_dir"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+dir_bytes() { du -sb --apparent-size "$1" | cut -f1; }
+progress() { head -c 20 "$work/progress" 2>/dev/null | tr -dc 0-9; }
+wait_gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.05; done; }
+wait_progress() { # the counter moves past $1
+	local before=$1
+	for _ in $(seq 400); do
+		[ "$(progress)" != "$before" ] && [ -n "$(progress)" ] && return 0
+		sleep 0.05
+	done
+	echo "the process does not make progress" >&2
+	exit 1
+}
+
+"$build/tests/helpers/mkmodel" "$work/weights.safetensors" --size $((weights_mib * 1024 * 1024)) --seed 11
+"$km" seed "$work/weights.safetensors" --store "$work/store" --name weights --no-sync >/dev/null
+setsid "$build/tests/helpers/memproc" --model "$work/weights.safetensors" --dynamic "$kv_mib" \
+	--progress "$work/progress" </dev/null >"$work/proc.log" 2>&1 &
+pid=$!
+disown "$pid"
+wait_progress ""
+rss=$(awk '/VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+
+export KVMOTION_STORE="$work/store" KVMOTION_SYNC=0
+dump() { # $1 dir, $2 plugin dir
+	mkdir -p "$1"
+	local t0 t1
+	t0=$(now)
+	"$criu" dump -t "$pid" -D "$1" -o dump.log -v2 -L "$2" ||
+		{ tail -n 20 "$1/dump.log" >&2; exit 1; }
+	t1=$(now)
+	wait_gone "$pid"
+	elapsed "$t0" "$t1"
+}
+restore() { # $1 dir, $2 plugin dir
+	local t0 t1 before
+	before=$(progress)
+	t0=$(now)
+	"$criu" restore -D "$1" -d -o restore.log -v2 -L "$2" ||
+		{ tail -n 20 "$1/restore.log" >&2; exit 1; }
+	t1=$(now)
+	wait_progress "$before"
+	elapsed "$t0" "$t1"
+}
+
+# Three rounds of plain then plugin, on the same process lineage; medians.
+median() { python3 -c 'import sys; v = sorted(map(float, sys.argv[1:])); print(v[len(v) // 2])' "$@"; }
+pd=() pr=() kd=() kr=()
+for round in 1 2 3; do
+	pd+=("$(dump "$work/plain" "$empty_dir")")
+	plain_bytes=$(dir_bytes "$work/plain")
+	pr+=("$(restore "$work/plain" "$empty_dir")")
+	rm -rf "$work/plain"
+	kd+=("$(dump "$work/plugin" "$plugin_dir")")
+	plugin_bytes=$(dir_bytes "$work/plugin")
+	plugin_json=$("$km" inspect "$work/plugin" --json)
+	kr+=("$(restore "$work/plugin" "$plugin_dir")")
+	rm -rf "$work/plugin"
+	echo "round $round: plain dump ${pd[-1]} s, restore ${pr[-1]} s; plugin dump ${kd[-1]} s, restore ${kr[-1]} s"
+done
+plain_dump_s=$(median "${pd[@]}")
+plain_restore_s=$(median "${pr[@]}")
+plugin_dump_s=$(median "${kd[@]}")
+plugin_restore_s=$(median "${kr[@]}")
+kill -USR1 "$pid"
+sleep 0.5
+grep -q "VERIFY OK" "$work/progress" || { echo "restored process fails its check" >&2; exit 1; }
+
+python3 - "$plain_dump_s" "$plain_restore_s" "$plain_bytes" "$plugin_dump_s" "$plugin_restore_s" \
+	"$plugin_bytes" "$plugin_json" "$weights_mib" "$kv_mib" "$rss" "${json_out:-}" <<'EOF'
+import json, sys
+pd, pr = float(sys.argv[1]), float(sys.argv[2])
+pb = int(sys.argv[3])
+kd, kr = float(sys.argv[4]), float(sys.argv[5])
+kb = int(sys.argv[6])
+ins = json.loads(sys.argv[7])
+wmib, kvmib, rss, out = int(sys.argv[8]), int(sys.argv[9]), int(sys.argv[10]), sys.argv[11]
+# Bytes not in the weights image: everything the plugin's image holds itself.
+not_weights = kb
+live = kvmib * 2**20
+r = {
+    "weights_mib": wmib, "kv_mib": kvmib, "rss_bytes": rss,
+    "plain": {"dump_s": pd, "restore_s": pr, "image_bytes": pb, "bytes_not_in_weights": pb},
+    "plugin": {"dump_s": kd, "restore_s": kr, "image_bytes": kb, "bytes_not_in_weights": not_weights,
+               "bytes_referenced": ins["bytes_referenced"], "delta_raw": ins["bytes_delta"],
+               "delta_compressed": ins["delta"]["compressed_size"]},
+    "dump_ratio": kd / pd, "restore_ratio": kr / pr,
+}
+mib = lambda b: f"{b / 2**20:.1f} MiB"
+print(f"process: {wmib} MiB weights + {kvmib} MiB live memory, RSS {mib(rss)}")
+print("medians of 3 rounds")
+print(f"{'':8} {'dump':>8} {'restore':>8} {'image':>12} {'not in weights':>15}")
+print(f"{'plain':8} {pd:7.2f}s {pr:7.2f}s {mib(pb):>12} {mib(pb):>15}")
+print(f"{'plugin':8} {kd:7.2f}s {kr:7.2f}s {mib(kb):>12} {mib(not_weights):>15}")
+print(f"plugin/plain: dump {kd / pd:.2f}x, restore {kr / pr:.2f}x; "
+      f"referenced {mib(ins['bytes_referenced'])}; not in weights {mib(not_weights)} "
+      f"vs live {mib(live)} + CPU state")
+if out:
+    with open(out, "w") as f:
+        json.dump(r, f, indent=1)
+EOF
