@@ -537,7 +537,14 @@ static int kvmotion_resume_devices_late(int pid)
 	}
 	r = km_gpu_resume(km.gpu, pid, km.pairs, km.n_pairs, &err);
 	if (r < 0) {
-		pr_err("resume %d: %s", pid, err.msg);
+		/*
+		 * CRIU 4.1 only logs a failed RESUME_DEVICES_LATE and resumes
+		 * the task, which would then run without its GPU memory. Kill
+		 * it instead: CRIU then fails the restore, and the image is
+		 * still there to retry (on another GPU, say).
+		 */
+		pr_err("resume %d: %s; killing the task so that the restore fails", pid, err.msg);
+		kill(pid, SIGKILL);
 		return r;
 	}
 	if (km_gpu_available(km.gpu))
