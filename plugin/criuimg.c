@@ -92,19 +92,14 @@ int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *r
 			struct km_error *err)
 {
 	struct km_criu_pages_info info = { 0 };
-	_cleanup_close_ int fd = -1;
 	struct dirent *de;
 	bool local = true;
 	DIR *d;
-	int r = 0;
+	int r;
 
-	fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	d = fdopendir(fd);
-	if (!d)
-		return -errno;
-	fd = -1;
+	r = km_opendir_at(dirfd, &d);
+	if (r < 0)
+		return r;
 	while ((de = readdir(d))) {
 		uint64_t present = 0, elsewhere = 0;
 		uint32_t pages_id = 0;

@@ -10,6 +10,8 @@
  */
 #include "gpu.h"
 
+#include "hash.h"
+
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
@@ -705,17 +707,6 @@ int km_gpu_resume(struct km_gpu *g, pid_t pid, const struct km_gpu_pair *pairs, 
 
 /* --- GPU maps --- */
 
-static int hex_digit(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 /* "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" in s[0..len), prefix and dashes optional. */
 static bool parse_uuid(const char *s, size_t len, unsigned char ret[KM_GPU_UUID_SIZE])
 {
@@ -736,7 +727,7 @@ static bool parse_uuid(const char *s, size_t len, unsigned char ret[KM_GPU_UUID_
 				return false;
 			continue;
 		}
-		v = hex_digit(s[i]);
+		v = km_hex_digit(s[i]);
 		if (v < 0 || digits == 2 * KM_GPU_UUID_SIZE)
 			return false;
 		u[digits / 2] = (unsigned char)(u[digits / 2] | (digits % 2 ? v : v << 4));

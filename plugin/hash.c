@@ -65,7 +65,7 @@ char *km_hash_to_hex(const struct km_hash *h, char buf[KM_HASH_HEX_SIZE])
 	return buf;
 }
 
-static int unhex(char c)
+int km_hex_digit(char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -83,7 +83,7 @@ int km_hash_from_hex(const char *s, struct km_hash *ret)
 	if (strlen(s) != KM_HASH_SIZE * 2)
 		return -EINVAL;
 	for (size_t i = 0; i < KM_HASH_SIZE; i++) {
-		int hi = unhex(s[2 * i]), lo = unhex(s[2 * i + 1]);
+		int hi = km_hex_digit(s[2 * i]), lo = km_hex_digit(s[2 * i + 1]);
 
 		if (hi < 0 || lo < 0)
 			return -EINVAL;

@@ -31,6 +31,9 @@ void km_hasher_final(struct km_hasher *h, struct km_hash *ret);
 
 /* Lower-case hex, NUL-terminated; returns buf. */
 char *km_hash_to_hex(const struct km_hash *h, char buf[KM_HASH_HEX_SIZE]);
+/* The value of one hex digit (either case), -1 if c is not one. */
+int km_hex_digit(char c);
+
 /* Parses exactly 64 hex digits (either case); -EINVAL otherwise. */
 int km_hash_from_hex(const char *s, struct km_hash *ret);
 

@@ -34,20 +34,15 @@ static void free_names(char **names, size_t n)
 /* Regular files of dirfd, sorted, without kvmotion's own and temp files. */
 static int list_files(int dirfd, char ***ret, size_t *ret_n)
 {
-	_cleanup_close_ int fd = -1;
 	DIR *d;
 	struct dirent *de;
 	char **names = NULL;
 	size_t n = 0, cap = 0;
-	int r = 0;
+	int r;
 
-	fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	d = fdopendir(fd);
-	if (!d)
-		return -errno;
-	fd = -1;
+	r = km_opendir_at(dirfd, &d);
+	if (r < 0)
+		return r;
 	while ((errno = 0, de = readdir(d))) {
 		struct stat st;
 

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include "util.h"
 
+#include <fcntl.h>
 #include <string.h>
 
 ssize_t km_read_full(int fd, void *buf, size_t n)
@@ -76,6 +77,24 @@ int km_pwrite_full(int fd, const void *buf, size_t n, off_t off)
 			return -EIO;
 		done += (size_t)k;
 	}
+	return 0;
+}
+
+int km_opendir_at(int dirfd, DIR **ret)
+{
+	int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d;
+
+	if (fd < 0)
+		return -errno;
+	d = fdopendir(fd);
+	if (!d) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	*ret = d;
 	return 0;
 }
 

@@ -4,6 +4,7 @@
 
 /* Small helpers shared by every module: cleanup attributes, full I/O. */
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -64,6 +65,9 @@ ssize_t km_read_full(int fd, void *buf, size_t n);
 ssize_t km_pread_full(int fd, void *buf, size_t n, off_t off);
 int km_write_full(int fd, const void *buf, size_t n);
 int km_pwrite_full(int fd, const void *buf, size_t n, off_t off);
+
+/* Opens dirfd's directory for readdir (a DIR of its own, dirfd stays open). */
+int km_opendir_at(int dirfd, DIR **ret);
 
 /*
  * Error details for the caller to print: the library never prints. Modules
