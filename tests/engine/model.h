@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef ENG_MODEL_H
+#define ENG_MODEL_H
+
+/*
+ * A Llama-shaped decoder-only transformer with bf16 weights and fp32
+ * compute: RMSNorm, rotary attention with grouped KV heads over a paged KV
+ * cache, SwiGLU MLP. The weights are copied from the safetensors file into
+ * anonymous memory, as an upload to a GPU would be: CRIU dumps them with the
+ * process, which is the point. Deterministic: one thread, fixed order.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvcache.h"
+
+struct model_config {
+	unsigned layers, dim, heads, kv_heads, ffn, vocab;
+	unsigned head_dim, kv_dim;
+};
+
+struct layer_weights {
+	const uint16_t *in_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+};
+
+struct model {
+	struct model_config c;
+	uint8_t *weights; /* anonymous copy of the data section */
+	uint64_t weights_size;
+	const uint16_t *embed, *final_norm, *lm_head;
+	struct layer_weights *layer;
+	/* scratch */
+	float *x, *xb, *q, *k, *v, *att_out, *hb, *hb2, *logits, *scores;
+	unsigned max_ctx;
+};
+
+/* err: 256 bytes. */
+int model_load(struct model *m, const char *path, unsigned max_ctx, char *err);
+void model_free(struct model *m);
+
+/*
+ * Runs token at position pos of a sequence whose KV blocks are 'blocks'
+ * (enough for pos + 1 tokens): writes its K/V into the cache and returns
+ * the greedy next token (argmax, lowest id on ties).
+ */
+uint32_t model_step(struct model *m, struct kv_pool *kv, const uint32_t *blocks, uint32_t token,
+		    unsigned pos);
+
+#endif
