@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# The test engine (tests/engine) dumped mid-generation by CRIU with
+# kvmotion's plugin and restored: the token stream is identical to that of an
+# engine that never stopped, its counters show no extra prefill (the KV cache
+# came back, nothing was recomputed), the image holds no raw pages file, the
+# weights are referenced from the store rather than copied, and the delta is
+# smaller than the engine's live dynamic memory. The status socket answers
+# after the restore.
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+km_init
+
+ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
+PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
+[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
+[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+
+T=$KM_TMP
+model=$T/model.safetensors
+store=$T/store
+sock=kvmotion-test-engine-$$
+args=(--model "$model" --seqs 4 --total-seqs 8 --prompt-len 24 --max-new 40 --kv-mib 32 --seed 3)
+
+run "$MKMODEL" "$model" --size $((24 << 20)) --seed 5
+weights=$(file_size "$model")
+run "$KVMOTION" seed "$model" --store "$store" --no-sync
+export KVMOTION_STORE=$store KVMOTION_SYNC=no KVMOTION_CONFIG=/dev/null
+
+# The reference: the same engine, never stopped.
+run "$ENGINE" "${args[@]}" --out "$T/ref.out" --status-file "$T/ref.json"
+ref_tokens=$(json_get "$T/ref.json" tokens_generated)
+ref_prefill=$(json_get "$T/ref.json" prefill_steps)
+log "reference: $ref_tokens tokens, $ref_prefill prefill steps"
+
+setsid "$ENGINE" "${args[@]}" --out "$T/live.out" --status-file "$T/live.json" \
+	--status-socket "$sock" --step-delay-ms 25 </dev/null >"$T/engine.log" 2>&1 &
+pid=$!
+disown "$pid"
+KM_PIDS+=("$pid")
+for _ in $(seq 200); do
+	[ -s "$T/live.json" ] && [ "$(json_get "$T/live.json" tokens_generated)" -ge 60 ] && break
+	sleep 0.05
+done
+before=$(json_get "$T/live.json" tokens_generated)
+[ "$before" -ge 60 ] || fail "the engine did not get going ($before tokens)"
+[ "$before" -lt "$ref_tokens" ] || fail "the engine finished before the dump"
+rss=$(awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$pid/status")
+
+criu_dump "$pid" "$T/img" -L "$PLUGIN_DIR"
+wait_pid_gone "$pid"
+grep -q 'kvmotion: split' "$T/img/dump.log" || fail "dump.log has no split line"
+if compgen -G "$T/img/pages-*.img" >/dev/null; then
+	fail "the split image still holds a raw pages file"
+fi
+pass "no pages-*.img after the dump"
+"$KVMOTION" inspect "$T/img" --json >"$T/inspect.json"
+referenced=$(json_get "$T/inspect.json" bytes_referenced)
+delta=$(json_get "$T/inspect.json" delta.compressed_size)
+dynamic=$((rss - weights))
+log "weights $weights B, referenced $referenced B; delta $delta B; RSS $rss B, dynamic $dynamic B"
+assert_ge "weights referenced from the store" "$referenced" $((weights * 9 / 10))
+assert_lt "delta vs the live dynamic memory" "$delta" "$dynamic"
+assert_lt "image bytes vs the weights" "$(du -sb --apparent-size "$T/img" | cut -f1)" "$weights"
+pass "weights referenced ($referenced B), delta $delta B < dynamic $dynamic B"
+
+criu_restore "$T/img" -L "$PLUGIN_DIR"
+grep -q 'kvmotion: joined' "$T/img/restore.log" || fail "restore.log has no join line"
+"$ENGINE" --query "$sock" >"$T/query.json" || fail "the status socket does not answer after the restore"
+json_check "$T/query.json" tokens_generated
+pass "status socket answers after the restore: $(cat "$T/query.json")"
+wait_pid_gone "$pid" 120
+
+cmp "$T/ref.out" "$T/live.out" || fail "token streams differ"
+pass "token stream identical to the uninterrupted run ($(wc -l <"$T/live.out") tokens)"
+assert_eq "tokens generated" "$(json_get "$T/live.json" tokens_generated)" "$ref_tokens"
+assert_eq "prefill steps (no recomputation)" "$(json_get "$T/live.json" prefill_steps)" "$ref_prefill"
+pass "counters equal the reference: no extra prefill"
