@@ -33,9 +33,17 @@ struct model {
 	/* scratch */
 	float *x, *xb, *q, *k, *v, *att_out, *hb, *hb2, *logits, *scores;
 	unsigned max_ctx;
+	void *gpu; /* the CUDA build's device state (model_cuda.cu) */
 };
 
-/* err: 256 bytes. */
+/*
+ * err: 256 bytes. The CPU build is model.c; the CUDA build (model_cuda.cu)
+ * implements the same three functions with the weights and the KV cache in
+ * device memory.
+ */
+#ifdef __cplusplus
+extern "C" {
+#endif
 int model_load(struct model *m, const char *path, unsigned max_ctx, char *err);
 void model_free(struct model *m);
 
@@ -46,5 +54,8 @@ void model_free(struct model *m);
  */
 uint32_t model_step(struct model *m, struct kv_pool *kv, const uint32_t *blocks, uint32_t token,
 		    unsigned pos);
+#ifdef __cplusplus
+}
+#endif
 
 #endif

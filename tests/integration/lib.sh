@@ -42,7 +42,7 @@ km_cleanup() {
 	set +e
 	for pid in "${KM_PIDS[@]}"; do
 		# only what is still a memproc: the pid may have been reused
-		if grep -qsE "^(memproc|engine)$" "/proc/$pid/comm"; then
+		if grep -qsE "^(memproc|engine|engine-cuda)$" "/proc/$pid/comm"; then
 			kill -KILL "$pid" 2>/dev/null
 		fi
 	done
