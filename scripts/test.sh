@@ -24,6 +24,7 @@ configure() {
 	fi
 }
 
+logs=(build/meson-logs/testlog.json)
 configure build --werror -Dtests=enabled
 ninja -C build
 meson test -C build --print-errorlogs --num-processes 2
@@ -38,4 +39,19 @@ if [ "${KM_TEST_SANITIZE:-1}" != 0 ]; then
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		meson test -C build-asan --print-errorlogs --num-processes 2 --no-suite plugin
+	logs+=(build-asan/meson-logs/testlog.json)
 fi
+
+# One closing line for whoever reads the log: every test of both runs.
+python3 - "${logs[@]}" <<'PY'
+import json, os, sys
+counts = {"passed": 0, "failed": 0, "skipped": 0}
+for path in sys.argv[1:]:
+    if not os.path.exists(path):
+        continue
+    for line in open(path):
+        result = json.loads(line)["result"]
+        key = {"OK": "passed", "EXPECTEDFAIL": "passed", "SKIP": "skipped"}.get(result, "failed")
+        counts[key] += 1
+print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+PY
