@@ -33,6 +33,7 @@
 
 #include "kvcache.h"
 #include "model.h"
+#include "rng.h"
 
 struct seq {
 	bool active;
@@ -70,15 +71,6 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
-static uint64_t splitmix(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 static void seq_start(struct engine *e, struct seq *s)
 {
 	uint64_t st = e->seed * 1000003u + e->started;
@@ -89,7 +81,7 @@ static void seq_start(struct engine *e, struct seq *s)
 	s->n_new = 0;
 	s->n_blocks = 0;
 	for (unsigned i = 0; i < e->prompt_len; i++)
-		s->prompt[i] = (uint32_t)(splitmix(&st) % e->m.c.vocab);
+		s->prompt[i] = (uint32_t)(splitmix64(&st) % e->m.c.vocab);
 }
 
 static void seq_finish(struct engine *e, struct seq *s)
@@ -224,7 +216,7 @@ static void park_blocks(struct engine *e, uint64_t bytes)
 			die("--kv-fill-mib is larger than the KV pool");
 		p = e->kv.data + (uint64_t)b * e->kv.block_elems;
 		for (size_t i = 0; i < e->kv.block_elems; i++)
-			p[i] = (uint16_t)(0x3c00 | (splitmix(&st) & 0x3ff)); /* small bf16 values */
+			p[i] = (uint16_t)(0x3c00 | (splitmix64(&st) & 0x3ff)); /* small bf16 values */
 		e->parked_blocks++;
 	}
 }

@@ -48,6 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "rng.h"
+
 #define BLOCK_SIZE (64u << 10) /* dynamic region: unit of rewrite and checksum */
 #define REWRITE_EVERY_NS 2000000L
 
@@ -90,43 +92,6 @@ static uint64_t parse_u64(const char *opt, const char *s)
 	return v;
 }
 
-/* xoshiro256**, seeded through splitmix64. */
-struct rng {
-	uint64_t s[4];
-};
-
-static inline uint64_t rotl(uint64_t x, int k)
-{
-	return (x << k) | (x >> (64 - k));
-}
-
-static void rng_seed(struct rng *r, uint64_t seed)
-{
-	uint64_t x = seed;
-
-	for (int i = 0; i < 4; i++) {
-		uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
-
-		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-		z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-		r->s[i] = z ^ (z >> 31);
-	}
-}
-
-static inline uint64_t rng_next(struct rng *r)
-{
-	uint64_t *s = r->s;
-	uint64_t result = rotl(s[1] * 5, 7) * 9;
-	uint64_t t = s[1] << 17;
-
-	s[2] ^= s[0];
-	s[3] ^= s[1];
-	s[1] ^= s[2];
-	s[0] ^= s[3];
-	s[2] ^= t;
-	s[3] = rotl(s[3], 45);
-	return result;
-}
 
 /*
  * A fast 64-bit checksum (four multiply-rotate lanes, in the manner of
@@ -373,7 +338,7 @@ int main(int argc, char **argv)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 
-	rng_seed(&s.rng, seed);
+	rng_seed(&s.rng, seed, 0);
 	s.model_size = read_model(model_path, &s.model);
 	s.model_sum0 = s.model_sum = checksum(s.model, s.model_size);
 

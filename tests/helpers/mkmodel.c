@@ -37,6 +37,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "rng.h"
+
 #define MAX_TENSORS 4096
 #define BUF_VALUES (1u << 19) /* 1 MiB of bf16 per write */
 
@@ -120,47 +122,6 @@ static uint64_t parse_size(const char *opt, const char *s)
 	return (uint64_t)v << shift;
 }
 
-/* xoshiro256** (Blackman, Vigna), seeded through splitmix64. */
-struct rng {
-	uint64_t s[4];
-};
-
-static uint64_t splitmix64(uint64_t *x)
-{
-	uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-	return z ^ (z >> 31);
-}
-
-static void rng_seed(struct rng *r, uint64_t seed, uint64_t stream)
-{
-	uint64_t x = seed ^ (stream * 0xd1342543de82ef95ULL);
-
-	for (int i = 0; i < 4; i++)
-		r->s[i] = splitmix64(&x);
-}
-
-static inline uint64_t rotl(uint64_t x, int k)
-{
-	return (x << k) | (x >> (64 - k));
-}
-
-static inline uint64_t rng_next(struct rng *r)
-{
-	uint64_t *s = r->s;
-	uint64_t result = rotl(s[1] * 5, 7) * 9;
-	uint64_t t = s[1] << 17;
-
-	s[2] ^= s[0];
-	s[3] ^= s[1];
-	s[1] ^= s[2];
-	s[0] ^= s[3];
-	s[2] ^= t;
-	s[3] = rotl(s[3], 45);
-	return result;
-}
 
 /* float to bf16, rounding to nearest even (no NaN can occur here). */
 static inline uint16_t to_bf16(float f)
