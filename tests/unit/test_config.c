@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "km-check.h"
+
+#include "config.h"
+
+static const char *const env_vars[] = {
+	"KVMOTION_CONFIG", "KVMOTION_STORE", "KVMOTION_SPLIT", "KVMOTION_SPLIT_COMM",
+	"KVMOTION_ADD_CHUNKS", "KVMOTION_MIN_SPLIT_SIZE", "KVMOTION_CHUNK_MIN",
+	"KVMOTION_CHUNK_AVG", "KVMOTION_CHUNK_MAX", "KVMOTION_DELTA_LEVEL", "KVMOTION_THREADS",
+	"KVMOTION_SYNC", "KVMOTION_GPU_MAP", "KVMOTION_LIBCUDA", "KVMOTION_LOCK_TIMEOUT_MS",
+	"KVMOTION_LEAVE_RUNNING",
+};
+
+static void clear_env(void)
+{
+	for (size_t i = 0; i < sizeof(env_vars) / sizeof(env_vars[0]); i++)
+		unsetenv(env_vars[i]);
+}
+
+/* A config file with these contents; the path is returned in path. */
+static void write_conf(char path[64], const char *text)
+{
+	int fd;
+
+	strcpy(path, "/tmp/km-test-config-XXXXXX");
+	fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+	close(fd);
+}
+
+START_TEST(test_config_defaults)
+{
+	struct km_config c;
+	struct km_error err = { { 0 } };
+	char path[64];
+
+	clear_env();
+	write_conf(path, "");
+	km_config_init(&c);
+	ck_assert_int_eq(km_config_load(&c, path, &err), 0);
+	ck_assert_str_eq(c.store, KM_STORE_PATH_DEFAULT);
+	ck_assert_int_eq(c.split, KM_AUTO);
+	ck_assert(c.sync);
+	ck_assert(!c.add_chunks);
+	ck_assert_uint_eq(c.lock_timeout_ms, 8000);
+	ck_assert_uint_eq(c.chunker.avg_size, KM_CHUNK_AVG_DEFAULT);
+	ck_assert_str_eq(c.libcuda, "libcuda.so.1");
+	unlink(path);
+}
+END_TEST
+
+START_TEST(test_config_file_then_env)
+{
+	struct km_config c;
+	struct km_error err = { { 0 } };
+	char path[64];
+
+	clear_env();
+	write_conf(path, "# a comment\n"
+			 "store = /srv/store   # trailing comment\n"
+			 "\n"
+			 "split = yes\n"
+			 "split_comm = engine,python3\n"
+			 "min_split_size = 4M\n"
+			 "chunk_min = 16K\n chunk_avg=64K\nchunk_max = 256K\n"
+			 "sync = no\n"
+			 "gpu_map = GPU-1=GPU-2\n");
+	setenv("KVMOTION_STORE", "/env/store", 1);
+	setenv("KVMOTION_THREADS", "3", 1);
+	km_config_init(&c);
+	ck_assert_msg(km_config_load(&c, path, &err) == 0, "%s", err.msg);
+	ck_assert_str_eq(c.store, "/env/store"); /* the environment wins */
+	ck_assert_int_eq(c.split, KM_YES);
+	ck_assert_uint_eq(c.min_split_size, 4u << 20);
+	ck_assert_uint_eq(c.chunker.min_size, 16u << 10);
+	ck_assert_uint_eq(c.chunker.avg_size, 64u << 10);
+	ck_assert_uint_eq(c.chunker.max_size, 256u << 10);
+	ck_assert(!c.sync);
+	ck_assert_uint_eq(c.threads, 3);
+	ck_assert_str_eq(c.gpu_map, "GPU-1=GPU-2");
+	ck_assert(strstr(c.source, path) && strstr(c.source, "+env"));
+	ck_assert(km_config_wants_comm(&c, "engine"));
+	ck_assert(km_config_wants_comm(&c, "python3"));
+	ck_assert(!km_config_wants_comm(&c, "python"));
+	ck_assert(!km_config_wants_comm(&c, "engine2"));
+	clear_env();
+	unlink(path);
+}
+END_TEST
+
+static void expect_bad(const char *text, const char *msg_part)
+{
+	struct km_config c;
+	struct km_error err = { { 0 } };
+	char path[64];
+
+	clear_env();
+	write_conf(path, text);
+	km_config_init(&c);
+	ck_assert_int_eq(km_config_load(&c, path, &err), -EINVAL);
+	ck_assert_msg(strstr(err.msg, msg_part), "'%s' lacks '%s'", err.msg, msg_part);
+	unlink(path);
+}
+
+START_TEST(test_config_rejects_bad_input)
+{
+	expect_bad("store = relative/path\n", "store");
+	expect_bad("split = maybe\n", "split");
+	expect_bad("no equals sign\n", ":1: expected 'key = value'");
+	expect_bad("\n\nfrobnicate = 1\n", ":3");
+	expect_bad("threads = -1\n", "threads");
+	expect_bad("chunk_avg = 3000\n", "chunk sizes");
+	expect_bad("min_split_size = 12Q\n", "min_split_size");
+}
+END_TEST
+
+START_TEST(test_config_env_errors_and_missing_file)
+{
+	struct km_config c;
+	struct km_error err = { { 0 } };
+
+	clear_env();
+	setenv("KVMOTION_SPLIT", "sometimes", 1);
+	km_config_init(&c);
+	ck_assert_int_eq(km_config_load(&c, "/nonexistent/kvmotion.conf", &err), -ENOENT);
+	km_config_init(&c);
+	setenv("KVMOTION_CONFIG", "/dev/null", 1);
+	ck_assert_int_eq(km_config_load(&c, NULL, &err), -EINVAL);
+	ck_assert(strstr(err.msg, "$KVMOTION_SPLIT"));
+	clear_env();
+}
+END_TEST
+
+START_TEST(test_config_empty_comm_list_selects_all)
+{
+	struct km_config c;
+
+	km_config_init(&c);
+	ck_assert(km_config_wants_comm(&c, "anything"));
+	ck_assert(km_config_wants_comm(&c, ""));
+}
+END_TEST
+
+int main(void)
+{
+	Suite *s = suite_create("config");
+	TCase *tc = tcase_create("core");
+
+	tcase_set_timeout(tc, 30);
+	tcase_add_test(tc, test_config_defaults);
+	tcase_add_test(tc, test_config_file_then_env);
+	tcase_add_test(tc, test_config_rejects_bad_input);
+	tcase_add_test(tc, test_config_env_errors_and_missing_file);
+	tcase_add_test(tc, test_config_empty_comm_list_selects_all);
+	suite_add_tcase(s, tc);
+	return km_check_run(s);
+}
