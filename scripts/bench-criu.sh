@@ -44,7 +44,7 @@ empty_dir=$(mktemp -d)
 work=$(mktemp -d "$base/km-bench-criu.XXXXXX")
 pid=
 cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+	if [ -n "$pid" ]; then kill -9 "$pid" 2>/dev/null || true; fi
 	rm -rf "$work" "$empty_dir"
 }
 trap cleanup EXIT

@@ -41,7 +41,7 @@ criu="$top/.deps/bin/criu"
 work=$(mktemp -d "$base/km-bench.XXXXXX")
 pid=
 cleanup() {
-	[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+	if [ -n "$pid" ]; then kill -9 "$pid" 2>/dev/null || true; fi
 	rm -rf "$work"
 }
 trap cleanup EXIT

@@ -92,12 +92,13 @@ EOF
 	# criu, its loader (libc6) and every library it needs, recursively.
 	# Non-library packages in the closure (perl, python, ...) are not needed
 	# to run /usr/sbin/criu and are left out.
-	local pkgs
-	pkgs=$(apt-cache "${apt_opts[@]}" depends --recurse --no-recommends \
+	local pkgs=()
+	mapfile -t pkgs < <(apt-cache "${apt_opts[@]}" depends --recurse --no-recommends \
 		--no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
 		--no-pre-depends criu libcompel1 libcriu-dev libc6 2>/dev/null |
 		grep -E '^[a-z0-9]' | grep -E '^(criu|lib)' | sort -u)
-	(cd "$work/debs" && apt-get "${apt_opts[@]}" download $pkgs >/dev/null)
+	[ ${#pkgs[@]} -gt 0 ] || die "could not resolve criu's dependencies in trixie"
+	(cd "$work/debs" && apt-get "${apt_opts[@]}" download "${pkgs[@]}" >/dev/null)
 	local deb
 	for deb in "$work"/debs/*.deb; do
 		dpkg -x "$deb" "$prefix.tmp"
