@@ -244,6 +244,8 @@ static int init_dump(void)
 {
 	int r;
 
+	/* No list: every tree, even where CRIU calls no PAUSE_DEVICES. */
+	km.comm_selected = km.cfg.split_comm[0] == 0;
 	km.leave_running = km.cfg.leave_running == KM_AUTO
 				   ? cmdline_leave_running() != KM_NO
 				   : km.cfg.leave_running == KM_YES;
