@@ -16,7 +16,8 @@
 # Images on tmpfs (--dir, default /dev/shm), store seeded with the weights.
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 weights_mib=1536
 kv_mib=256
 base=/dev/shm
@@ -31,12 +32,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-bash "$top/scripts/setup.sh"
-build="$top/build"
-[ -f "$build/build.ninja" ] || meson setup "$build" -Dtests=enabled >/dev/null
-ninja -C "$build" >/dev/null
-km="$build/plugin/kvmotion"
-criu="$top/.deps/bin/criu"
+bench_setup
 plugin_dir="$build/criu-hooks"
 [ -f "$plugin_dir/kvmotion.so" ] || { echo "the CRIU plugin was not built" >&2; exit 1; }
 empty_dir=$(mktemp -d)
@@ -49,9 +45,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
-dir_bytes() { du -sb --apparent-size "$1" | cut -f1; }
 progress() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"])' "$work/status.json" 2>/dev/null || true; }
 wait_gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.05; done; }
 wait_progress() { # the counter moves past $1
@@ -97,7 +90,6 @@ restore() { # $1 dir, $2 plugin dir
 }
 
 # Three rounds of plain then plugin, on the same process lineage; medians.
-median() { python3 -c 'import sys; v = sorted(map(float, sys.argv[1:])); print(v[len(v) // 2])' "$@"; }
 pd=() pr=() kd=() kr=()
 for round in 1 2 3; do
 	pd+=("$(dump "$work/plain" "$empty_dir")")

@@ -16,7 +16,8 @@
 # Images live in --dir (default a fresh directory under /dev/shm: tmpfs).
 set -euo pipefail
 
-top=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "$0")/bench-lib.sh"
 model_mib=1792
 dynamic_mib=256
 base=/dev/shm
@@ -31,12 +32,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-bash "$top/scripts/setup.sh"
-build="$top/build"
-[ -f "$build/build.ninja" ] || meson setup "$build" -Dtests=enabled >/dev/null
-ninja -C "$build" >/dev/null
-km="$build/plugin/kvmotion"
-criu="$top/.deps/bin/criu"
+bench_setup
 
 work=$(mktemp -d "$base/km-bench.XXXXXX")
 pid=
@@ -46,10 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
-json_field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
-dir_bytes() { du -sb --apparent-size "$1" | cut -f1; }
 
 echo "== 1. chunk + SHA-256 throughput (bench_chunk, 1024 MiB)"
 chunk_json=$("$build/tests/bench/bench_chunk" --size 1024 | tail -n1)
@@ -91,7 +83,6 @@ pid=
 image_bytes=$(dir_bytes "$work/d1")
 
 # median of three runs of each, on fresh copies of the same image
-median() { python3 -c 'import sys; v = sorted(map(float, sys.argv[1:])); print(v[len(v) // 2])' "$@"; }
 cp_runs=() split_runs=() join_runs=()
 for _ in 1 2 3; do
 	rm -rf "$work/img" "$work/img-cp"
