@@ -10,7 +10,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "safetensors.h"
 
 #define RMS_EPS 1e-5f
 #define ROPE_THETA 10000.0f
@@ -87,39 +86,12 @@ static void rope(float *v, unsigned n_heads, unsigned head_dim, unsigned pos)
 static int want(const struct st_file *f, const char *name, uint64_t rows, uint64_t cols,
 		const uint8_t *base, const uint16_t **ret, char *err)
 {
-	const struct st_tensor *t = st_find(f, name);
-	uint64_t n = rows * (cols ? cols : 1);
+	uint64_t off;
+	int r = model_find_tensor(f, name, rows, cols, &off, err);
 
-	if (!t) {
-		snprintf(err, 256, "tensor %s is missing", name);
-		return -ENOENT;
-	}
-	if (strcmp(t->dtype, "BF16") != 0 || t->n_dims != (cols ? 2u : 1u) || t->shape[0] != rows ||
-	    (cols && t->shape[1] != cols) || t->end - t->begin != n * 2) {
-		snprintf(err, 256, "tensor %s has the wrong dtype or shape", name);
-		return -EBADMSG;
-	}
-	*ret = (const uint16_t *)(base + t->begin);
-	return 0;
-}
-
-static int meta_uint(const struct st_file *f, const char *key, unsigned *ret, char *err)
-{
-	const char *v = st_meta_get(f, key);
-	char *end;
-	unsigned long n;
-
-	if (!v) {
-		snprintf(err, 256, "metadata %s is missing", key);
-		return -ENOENT;
-	}
-	n = strtoul(v, &end, 10);
-	if (*end || n == 0 || n > 1u << 24) {
-		snprintf(err, 256, "metadata %s=%s is invalid", key, v);
-		return -EBADMSG;
-	}
-	*ret = (unsigned)n;
-	return 0;
+	if (r == 0)
+		*ret = (const uint16_t *)(base + off);
+	return r;
 }
 
 int model_load(struct model *m, const char *path, unsigned max_ctx, char *err)
@@ -127,7 +99,6 @@ int model_load(struct model *m, const char *path, unsigned max_ctx, char *err)
 	struct model_config *c = &m->c;
 	struct st_file f;
 	int fd, r;
-	uint64_t off = 0;
 	char name[128];
 
 	memset(m, 0, sizeof(*m));
@@ -139,43 +110,13 @@ int model_load(struct model *m, const char *path, unsigned max_ctx, char *err)
 	r = st_open(fd, &f, err);
 	if (r < 0)
 		goto out_close;
-	if ((r = meta_uint(&f, "kvmotion.layers", &c->layers, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.dim", &c->dim, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.heads", &c->heads, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.kv_heads", &c->kv_heads, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.ffn", &c->ffn, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.vocab", &c->vocab, err)) < 0)
+	r = model_read_config(&f, c, err);
+	if (r < 0)
 		goto out;
-	if (c->dim % c->heads || c->heads % c->kv_heads || (c->dim / c->heads) % 2) {
-		snprintf(err, 256, "inconsistent shape: dim %u heads %u kv_heads %u", c->dim,
-			 c->heads, c->kv_heads);
-		r = -EBADMSG;
-		goto out;
-	}
-	c->head_dim = c->dim / c->heads;
-	c->kv_dim = c->head_dim * c->kv_heads;
-
-	/* The upload: anonymous memory, filled with pread, never a file mapping. */
 	m->weights_size = f.data_size;
-	m->weights = mmap(NULL, f.data_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-			  -1, 0);
-	if (m->weights == MAP_FAILED) {
-		m->weights = NULL;
-		r = -errno;
-		snprintf(err, 256, "cannot allocate %llu bytes for the weights",
-			 (unsigned long long)f.data_size);
+	r = model_read_weights(fd, &f, &m->weights, err);
+	if (r < 0)
 		goto out;
-	}
-	while (off < f.data_size) {
-		ssize_t k = pread(fd, m->weights + off, f.data_size - off, (off_t)(f.data_offset + off));
-
-		if (k <= 0) {
-			r = k < 0 ? -errno : -EIO;
-			snprintf(err, 256, "cannot read the weights of %s", path);
-			goto out;
-		}
-		off += (uint64_t)k;
-	}
 
 	m->layer = calloc(c->layers, sizeof(*m->layer));
 	if (!m->layer) {

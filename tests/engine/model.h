@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "kvcache.h"
+#include "safetensors.h"
 
 struct model_config {
 	unsigned layers, dim, heads, kv_heads, ffn, vocab;
@@ -36,14 +37,15 @@ struct model {
 	void *gpu; /* the CUDA build's device state (model_cuda.cu) */
 };
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /*
  * err: 256 bytes. The CPU build is model.c; the CUDA build (model_cuda.cu)
  * implements the same three functions with the weights and the KV cache in
  * device memory.
  */
-#ifdef __cplusplus
-extern "C" {
-#endif
 int model_load(struct model *m, const char *path, unsigned max_ctx, char *err);
 void model_free(struct model *m);
 
@@ -54,6 +56,14 @@ void model_free(struct model *m);
  */
 uint32_t model_step(struct model *m, struct kv_pool *kv, const uint32_t *blocks, uint32_t token,
 		    unsigned pos);
+
+/* Shared by both builds (model_common.c). */
+int model_read_config(const struct st_file *f, struct model_config *c, char *err);
+/* Offset in the data section of a BF16 tensor of rows x cols (cols 0: a vector). */
+int model_find_tensor(const struct st_file *f, const char *name, uint64_t rows, uint64_t cols,
+		      uint64_t *ret_offset, char *err);
+/* The data section read into anonymous memory (munmap with f->data_size). */
+int model_read_weights(int fd, const struct st_file *f, uint8_t **ret, char *err);
 #ifdef __cplusplus
 }
 #endif

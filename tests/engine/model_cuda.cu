@@ -17,9 +17,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-extern "C" {
-#include "safetensors.h"
-}
 #include "model.h"
 
 #define THREADS 256
@@ -231,27 +228,14 @@ static int cuda_fail(cudaError_t e, const char *what, char *err)
 		}                                                                                  \
 	} while (0)
 
-static int meta_uint(const struct st_file *f, const char *key, unsigned *ret, char *err)
-{
-	const char *v = st_meta_get(f, key);
-
-	if (!v || !(*ret = (unsigned)strtoul(v, NULL, 10))) {
-		snprintf(err, 256, "metadata %s is missing or invalid", key);
-		return -EBADMSG;
-	}
-	return 0;
-}
-
 static const uint16_t *dev_tensor(const struct st_file *f, const char *name, uint8_t *dev,
-				  uint64_t bytes, char *err)
+				  uint64_t rows, uint64_t cols, char *err)
 {
-	const struct st_tensor *t = st_find(f, name);
+	uint64_t off;
 
-	if (!t || strcmp(t->dtype, "BF16") != 0 || t->end - t->begin != bytes) {
-		snprintf(err, 256, "tensor %s is missing or of the wrong dtype or shape", name);
+	if (model_find_tensor(f, name, rows, cols, &off, err) < 0)
 		return NULL;
-	}
-	return (const uint16_t *)(dev + t->begin);
+	return (const uint16_t *)(dev + off);
 }
 
 extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, char *err)
@@ -260,7 +244,6 @@ extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, c
 	struct gpu_state *g;
 	struct st_file f;
 	uint8_t *host = NULL;
-	uint64_t off = 0;
 	int fd, r = 0;
 
 	memset(m, 0, sizeof(*m));
@@ -282,36 +265,16 @@ extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, c
 		m->gpu = NULL;
 		return r;
 	}
-	if ((r = meta_uint(&f, "kvmotion.layers", &c->layers, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.dim", &c->dim, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.heads", &c->heads, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.kv_heads", &c->kv_heads, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.ffn", &c->ffn, err)) < 0 ||
-	    (r = meta_uint(&f, "kvmotion.vocab", &c->vocab, err)) < 0)
+	r = model_read_config(&f, c, err);
+	if (r < 0)
 		goto out;
-	c->head_dim = c->dim / c->heads;
-	c->kv_dim = c->head_dim * c->kv_heads;
 	m->weights_size = f.data_size;
 	m->max_ctx = max_ctx;
 
 	/* Read into anonymous memory, upload, free: the GPU copy is the one. */
-	host = (uint8_t *)mmap(NULL, f.data_size, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (host == MAP_FAILED) {
-		host = NULL;
-		r = -ENOMEM;
+	r = model_read_weights(fd, &f, &host, err);
+	if (r < 0)
 		goto out;
-	}
-	while (off < f.data_size) {
-		ssize_t k = pread(fd, host + off, f.data_size - off, (off_t)(f.data_offset + off));
-
-		if (k <= 0) {
-			snprintf(err, 256, "cannot read the weights of %s", path);
-			r = -EIO;
-			goto out;
-		}
-		off += (uint64_t)k;
-	}
 	CK(cudaMalloc(&g->weights, f.data_size), "cudaMalloc(weights)");
 	CK(cudaMemcpy(g->weights, host, f.data_size, cudaMemcpyHostToDevice), "cudaMemcpy(weights)");
 
@@ -324,9 +287,9 @@ extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, c
 		uint64_t d = c->dim, kvd = c->kv_dim, ffn = c->ffn, v = c->vocab;
 		char name[128];
 
-		if (!(g->embed = dev_tensor(&f, "model.embed_tokens.weight", g->weights, v * d * 2, err)) ||
-		    !(g->final_norm = dev_tensor(&f, "model.norm.weight", g->weights, d * 2, err)) ||
-		    !(g->lm_head = dev_tensor(&f, "lm_head.weight", g->weights, v * d * 2, err))) {
+		if (!(g->embed = dev_tensor(&f, "model.embed_tokens.weight", g->weights, v, d, err)) ||
+		    !(g->final_norm = dev_tensor(&f, "model.norm.weight", g->weights, d, 0, err)) ||
+		    !(g->lm_head = dev_tensor(&f, "lm_head.weight", g->weights, v, d, err))) {
 			r = -EBADMSG;
 			goto out;
 		}
@@ -335,22 +298,22 @@ extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, c
 			const struct {
 				const char *suffix;
 				const uint16_t **dst;
-				uint64_t bytes;
+				uint64_t rows, cols;
 			} t[] = {
-				{ "input_layernorm", &lw->in_norm, d * 2 },
-				{ "self_attn.q_proj", &lw->q, d * d * 2 },
-				{ "self_attn.k_proj", &lw->k, kvd * d * 2 },
-				{ "self_attn.v_proj", &lw->v, kvd * d * 2 },
-				{ "self_attn.o_proj", &lw->o, d * d * 2 },
-				{ "post_attention_layernorm", &lw->post_norm, d * 2 },
-				{ "mlp.gate_proj", &lw->gate, ffn * d * 2 },
-				{ "mlp.up_proj", &lw->up, ffn * d * 2 },
-				{ "mlp.down_proj", &lw->down, d * ffn * 2 },
+				{ "input_layernorm", &lw->in_norm, d, 0 },
+				{ "self_attn.q_proj", &lw->q, d, d },
+				{ "self_attn.k_proj", &lw->k, kvd, d },
+				{ "self_attn.v_proj", &lw->v, kvd, d },
+				{ "self_attn.o_proj", &lw->o, d, d },
+				{ "post_attention_layernorm", &lw->post_norm, d, 0 },
+				{ "mlp.gate_proj", &lw->gate, ffn, d },
+				{ "mlp.up_proj", &lw->up, ffn, d },
+				{ "mlp.down_proj", &lw->down, d, ffn },
 			};
 
 			for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
 				snprintf(name, sizeof(name), "model.layers.%u.%s.weight", l, t[i].suffix);
-				*t[i].dst = dev_tensor(&f, name, g->weights, t[i].bytes, err);
+				*t[i].dst = dev_tensor(&f, name, g->weights, t[i].rows, t[i].cols, err);
 				if (!*t[i].dst) {
 					r = -EBADMSG;
 					goto out;

@@ -35,10 +35,18 @@ struct st_file {
 	size_t n_meta;
 };
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Reads and checks the header of fd; err (256 bytes) says what is wrong. */
 int st_open(int fd, struct st_file *ret, char err[256]);
 void st_free(struct st_file *f);
 const struct st_tensor *st_find(const struct st_file *f, const char *name);
 const char *st_meta_get(const struct st_file *f, const char *key);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
