@@ -262,16 +262,19 @@ START_TEST(test_image_split_twice_refused)
 }
 END_TEST
 
-static char chunk_path[512];
+struct first_chunk {
+	const struct fixture *f;
+	char path[512];
+};
 
 static int find_first_chunk(const struct km_hash *id, uint64_t size, void *userdata)
 {
-	struct fixture *f = userdata;
+	struct first_chunk *fc = userdata;
 	char hex[KM_HASH_HEX_SIZE];
 
 	(void)size;
 	km_hash_to_hex(id, hex);
-	snprintf(chunk_path, sizeof(chunk_path), "%s/chunks/%.2s/%s", f->store_path, hex, hex);
+	snprintf(fc->path, sizeof(fc->path), "%s/chunks/%.2s/%s", fc->f->store_path, hex, hex);
 	return 1;
 }
 
@@ -295,15 +298,16 @@ static void expect_join_failure(struct fixture *f, int expect, const char *what)
 START_TEST(test_image_join_missing_chunk)
 {
 	struct fixture f;
+	struct first_chunk fc = { .f = &f };
 	struct km_split_stats st;
 	char hex[KM_HASH_HEX_SIZE];
 
 	fixture_setup(&f, NULL);
 	seed_model(&f);
 	split(&f, false, &st);
-	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &f), 1);
-	ck_assert_int_eq(unlink(chunk_path), 0);
-	strcpy(hex, strrchr(chunk_path, '/') + 1);
+	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &fc), 1);
+	ck_assert_int_eq(unlink(fc.path), 0);
+	strcpy(hex, strrchr(fc.path, '/') + 1);
 	expect_join_failure(&f, -ENOENT, hex);
 	expect_join_failure(&f, -ENOENT, "missing from the store");
 	fixture_teardown(&f);
@@ -313,6 +317,7 @@ END_TEST
 START_TEST(test_image_join_corrupt_chunk)
 {
 	struct fixture f;
+	struct first_chunk fc = { .f = &f };
 	struct km_split_stats st;
 	char hex[KM_HASH_HEX_SIZE];
 	int fd;
@@ -321,14 +326,14 @@ START_TEST(test_image_join_corrupt_chunk)
 	fixture_setup(&f, NULL);
 	seed_model(&f);
 	split(&f, false, &st);
-	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &f), 1);
-	fd = open(chunk_path, O_RDWR);
+	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &fc), 1);
+	fd = open(fc.path, O_RDWR);
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(pread(fd, &b, 1, 100), 1);
 	b ^= 0x40;
 	ck_assert_int_eq(pwrite(fd, &b, 1, 100), 1);
 	close(fd);
-	strcpy(hex, strrchr(chunk_path, '/') + 1);
+	strcpy(hex, strrchr(fc.path, '/') + 1);
 	expect_join_failure(&f, -EBADMSG, hex);
 	expect_join_failure(&f, -EBADMSG, "corrupt");
 	fixture_teardown(&f);
