@@ -2,31 +2,48 @@
 /*
  * engine: the test suite's LLM inference engine. Several sequences decode
  * at once with greedy sampling over a paged KV cache; every generated token
- * is appended to --out as "seq=<id> pos=<n> tok=<id>". Everything is
- * deterministic, so a run that was dumped and restored by CRIU mid-way must
- * write exactly the tokens of a run that never stopped, and its counters
- * must show no extra prefill (the KV cache came back, nothing recomputed).
+ * is appended to --out as "seq=<id> pos=<n> tok=<id>" (pos: the position the
+ * token takes in its sequence). Everything that decides a token is
+ * deterministic, so a run that was dumped and restored by CRIU mid-way
+ * writes exactly the tokens of a run that never stopped, and its counters
+ * show no extra prefill (the KV cache came back, nothing was recomputed).
  *
  *   engine --model F --out F [--seqs N] [--total-seqs N] [--prompt-len N]
- *          [--max-new N] [--block-tokens N] [--kv-mib N] [--step-delay-ms N]
- *          [--status-file F] [--status-socket NAME] [--seed N] [--kv-fill-mib N]
- *   engine --query NAME        print the status of the engine serving NAME
+ *          [--max-new N] [--prefill-chunk N] [--max-batch N] [--block-tokens N]
+ *          [--kv-mib N] [--kv-fill-mib N] [--threads N] [--step-delay-ms N]
+ *          [--seed N] [--status PATH] [--status-socket NAME] [--status-file PATH]
+ *          [--quiet]
+ *   engine --query PATH|NAME   print the status line of a running engine
  *
- * The status socket is a UNIX socket in the abstract namespace ("@NAME"),
- * which CRIU restores without a file to collide with; each connection gets
- * one line of JSON. --status-file is rewritten atomically after each step.
+ * A step: every active sequence contributes its next prompt chunk (prefill)
+ * or its last token (decode) to one batch, which runs through the model in
+ * one pass over the weights; the sequences that reach --max-new tokens give
+ * their KV blocks back and the next sequence (ids increasing, prompt from
+ * --seed and the id) takes the slot, until --total-seqs have started (0:
+ * forever). Then the engine exits 0.
+ *
+ * Status, one line of JSON with the counters: --status PATH is a listening
+ * UNIX stream socket at a path, --status-socket NAME one in the abstract
+ * namespace ("@NAME"); each connection gets the line and is closed. Both
+ * are polled without blocking between steps (and during --step-delay-ms).
+ * --status-file is rewritten atomically (temp file + rename) after each step.
+ *
+ * Single-threaded unless --threads N > 1 (the matrix products then run on N
+ * threads; the tokens are the same for any N).
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdarg.h>
-#include <stddef.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,25 +52,42 @@
 #include "model.h"
 #include "rng.h"
 
+#define STATUS_MAX 1024
+#define LINE_MAX_LEN 64 /* "seq=4294967295 pos=4294967295 tok=4294967295\n" fits */
+
 struct seq {
 	bool active;
 	uint32_t id;
 	uint32_t *prompt;
-	unsigned pos;	    /* next position to run */
-	unsigned n_new;	    /* tokens generated so far */
-	uint32_t last;	    /* last generated token */
-	uint32_t *blocks;
+	unsigned pos;	 /* next position to run */
+	unsigned n_new;	 /* tokens generated so far */
+	uint32_t last;	 /* last generated token */
+	uint32_t *blocks; /* block table */
 	unsigned n_blocks;
+	unsigned first, batched; /* its tokens in the current batch */
+};
+
+struct options {
+	const char *model, *out, *status_path, *status_name, *status_file;
+	unsigned seqs, prompt_len, max_new, prefill_chunk, max_batch, block_tokens, threads;
+	unsigned delay_ms;
+	uint64_t total_seqs, seed, kv_mib, fill_mib;
+	bool quiet;
 };
 
 struct engine {
+	struct options o;
 	struct model m;
 	struct kv_pool kv;
 	struct seq *seqs;
-	unsigned n_seqs, prompt_len, max_new, max_blocks;
-	uint64_t total_seqs, started, seed;
-	int out_fd, listen_fd;
-	const char *status_file;
+	struct model_tok *toks;
+	char *lines; /* one step's output */
+	unsigned max_blocks, max_batch;
+	uint64_t started;
+	int out_fd;
+	int listen_fd[2]; /* --status, --status-socket */
+	char *status_tmp;
+	bool done;
 	uint64_t tokens_generated, prefill_steps, decode_steps, sequences_done, steps;
 	uint32_t parked_blocks; /* --kv-fill-mib: blocks held with synthetic KV */
 };
@@ -71,157 +105,386 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
+static void usage(FILE *f)
+{
+	fputs("usage: engine --model FILE --out FILE [--seqs N] [--total-seqs N (0: forever)]\n"
+	      "              [--prompt-len N] [--max-new N] [--prefill-chunk N (0: whole prompt)]\n"
+	      "              [--max-batch N] [--block-tokens N] [--kv-mib N] [--kv-fill-mib N]\n"
+	      "              [--threads N] [--step-delay-ms N] [--seed N] [--status PATH]\n"
+	      "              [--status-socket NAME] [--status-file PATH] [--quiet]\n"
+	      "       engine --query PATH|NAME (a NAME without '/' is an abstract socket)\n",
+	      f);
+}
+
+static uint64_t parse_num(const char *opt, const char *s, uint64_t min, uint64_t max)
+{
+	unsigned long long v;
+	char *end;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s || *end || *s == '-' || *s == '+' || v < min || v > max)
+		die("--%s: '%s' is not an integer in %" PRIu64 "..%" PRIu64, opt, s, min, max);
+	return v;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t k = write(fd, p, n);
+
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* The prompt of sequence id: a function of --seed and id only. */
 static void seq_start(struct engine *e, struct seq *s)
 {
-	uint64_t st = e->seed * 1000003u + e->started;
+	uint64_t st = e->o.seed * 1000003u + e->started;
 
 	s->active = true;
 	s->id = (uint32_t)e->started++;
 	s->pos = 0;
 	s->n_new = 0;
 	s->n_blocks = 0;
-	for (unsigned i = 0; i < e->prompt_len; i++)
+	for (unsigned i = 0; i < e->o.prompt_len; i++)
 		s->prompt[i] = (uint32_t)(splitmix64(&st) % e->m.c.vocab);
+}
+
+static bool more_to_start(const struct engine *e)
+{
+	return e->o.total_seqs == 0 || e->started < e->o.total_seqs;
 }
 
 static void seq_finish(struct engine *e, struct seq *s)
 {
 	for (unsigned i = 0; i < s->n_blocks; i++)
-		kv_release(&e->kv, s->blocks[i]);
+		if (kv_release(&e->kv, s->blocks[i]) < 0)
+			die("internal error: sequence %u gave back KV block %u twice", s->id,
+			    s->blocks[i]);
 	s->n_blocks = 0;
 	s->active = false;
 	e->sequences_done++;
-	if (e->total_seqs == 0 || e->started < e->total_seqs)
+	if (more_to_start(e))
 		seq_start(e, s);
 }
 
 static int status_json(const struct engine *e, char *buf, size_t n)
 {
-	return snprintf(buf, n,
-			"{\"tokens_generated\":%" PRIu64 ",\"prefill_steps\":%" PRIu64
-			",\"decode_steps\":%" PRIu64 ",\"sequences_done\":%" PRIu64
-			",\"sequences_started\":%" PRIu64 ",\"steps\":%" PRIu64
-			",\"kv_blocks_used\":%u,\"kv_blocks_total\":%u,\"kv_blocks_parked\":%u"
-			",\"weights_bytes\":%" PRIu64 ",\"pid\":%d}\n",
-			e->tokens_generated, e->prefill_steps, e->decode_steps, e->sequences_done,
-			e->started, e->steps, e->kv.n_blocks - e->kv.n_free, e->kv.n_blocks,
-			e->parked_blocks, e->m.weights_size, (int)getpid());
+	unsigned active = 0;
+	int len;
+
+	for (unsigned i = 0; i < e->o.seqs; i++)
+		active += e->seqs[i].active;
+	len = snprintf(buf, n,
+		       "{\"state\":\"%s\",\"tokens_generated\":%" PRIu64
+		       ",\"prefill_steps\":%" PRIu64 ",\"decode_steps\":%" PRIu64
+		       ",\"sequences_done\":%" PRIu64 ",\"sequences_started\":%" PRIu64
+		       ",\"sequences_active\":%u,\"steps\":%" PRIu64
+		       ",\"kv_blocks_used\":%u,\"kv_blocks_total\":%u,\"kv_blocks_parked\":%u"
+		       ",\"kv_block_tokens\":%u,\"weights_bytes\":%" PRIu64 ",\"pid\":%d}\n",
+		       e->done ? "done" : "running", e->tokens_generated, e->prefill_steps,
+		       e->decode_steps, e->sequences_done, e->started, active, e->steps,
+		       kv_used(&e->kv), e->kv.n_blocks, e->parked_blocks, e->kv.block_tokens,
+		       e->m.weights_size, (int)getpid());
+	return len < 0 || (size_t)len >= n ? -EOVERFLOW : len;
 }
 
-static void write_status(const struct engine *e)
+/* The status file, replaced atomically: readers see the old or the new line. */
+static int write_status_file(const struct engine *e)
 {
-	char buf[512], tmp[4200];
-	int len = status_json(e, buf, sizeof(buf)), fd;
+	char buf[STATUS_MAX];
+	int len, fd, r;
 
-	if (!e->status_file)
-		return;
-	snprintf(tmp, sizeof(tmp), "%s.tmp", e->status_file);
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (!e->o.status_file)
+		return 0;
+	len = status_json(e, buf, sizeof(buf));
+	if (len < 0)
+		return len;
+	fd = open(e->status_tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 	if (fd < 0)
-		return;
-	if (write(fd, buf, (size_t)len) == len)
-		(void)rename(tmp, e->status_file);
-	close(fd);
+		return -errno;
+	r = write_all(fd, buf, (size_t)len);
+	if (close(fd) < 0 && r == 0)
+		r = -errno;
+	if (r == 0 && rename(e->status_tmp, e->o.status_file) < 0)
+		r = -errno;
+	return r;
 }
 
+/* Answers every pending connection: one line, then close. Never blocks. */
 static void serve_status(const struct engine *e)
 {
-	char buf[512];
-	int len, c;
+	char buf[STATUS_MAX];
+	int len = -1;
 
-	if (e->listen_fd < 0)
-		return;
-	len = status_json(e, buf, sizeof(buf));
-	while ((c = accept4(e->listen_fd, NULL, NULL, SOCK_CLOEXEC)) >= 0) {
-		if (write(c, buf, (size_t)len) != len) {
-			/* the client went away: nothing to do */
+	for (unsigned i = 0; i < 2; i++) {
+		int c;
+
+		if (e->listen_fd[i] < 0)
+			continue;
+		while ((c = accept4(e->listen_fd[i], NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >=
+		       0) {
+			if (len < 0)
+				len = status_json(e, buf, sizeof(buf));
+			/* MSG_NOSIGNAL: a client that went away must not kill us */
+			if (len > 0 && send(c, buf, (size_t)len, MSG_NOSIGNAL) != len) {
+				/* nothing to do: the client gets what it gets */
+			}
+			close(c);
 		}
-		close(c);
 	}
 }
 
-static socklen_t abstract_addr(const char *name, struct sockaddr_un *sa)
+static int status_addr(const char *where, bool abstract, struct sockaddr_un *sa,
+		       socklen_t *ret_len)
 {
-	size_t n = strlen(name);
+	size_t n = strlen(where);
 
-	if (n + 1 > sizeof(sa->sun_path))
-		die("status socket name too long");
 	memset(sa, 0, sizeof(*sa));
 	sa->sun_family = AF_UNIX;
-	memcpy(sa->sun_path + 1, name, n);
-	return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
+	if (n == 0 || n + 1 > sizeof(sa->sun_path))
+		return -ENAMETOOLONG;
+	memcpy(sa->sun_path + abstract, where, n);
+	*ret_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + abstract + n +
+			       (abstract ? 0 : 1));
+	return 0;
 }
 
-static int query(const char *name)
+static int status_listen(const char *where, bool abstract, int *ret_fd)
 {
 	struct sockaddr_un sa;
-	socklen_t len = abstract_addr(name, &sa);
-	char buf[512];
-	ssize_t k;
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	socklen_t len;
+	struct stat st;
+	int fd, r;
 
+	r = status_addr(where, abstract, &sa, &len);
+	if (r < 0)
+		return r;
+	/* A socket file left by an earlier run (or a killed one) is stale. */
+	if (!abstract && lstat(where, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode))
+			return -EEXIST;
+		if (unlink(where) < 0)
+			return -errno;
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	if (bind(fd, (struct sockaddr *)&sa, len) < 0 || listen(fd, 64) < 0) {
+		r = -errno;
+		close(fd);
+		return r;
+	}
+	*ret_fd = fd;
+	return 0;
+}
+
+static int query(const char *where)
+{
+	bool abstract = !strchr(where, '/');
+	struct sockaddr_un sa;
+	char buf[STATUS_MAX];
+	socklen_t len;
+	ssize_t k;
+	int fd, r;
+
+	r = status_addr(where, abstract, &sa, &len);
+	if (r < 0)
+		die("--query %s: %s", where, strerror(-r));
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, len) < 0)
-		die("cannot connect to @%s: %s", name, strerror(errno));
-	while ((k = read(fd, buf, sizeof(buf))) > 0)
-		fwrite(buf, 1, (size_t)k, stdout);
+		die("cannot connect to %s%s: %s", abstract ? "@" : "", where, strerror(errno));
+	while ((k = read(fd, buf, sizeof(buf))) != 0) {
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			die("reading the status from %s: %s", where, strerror(errno));
+		}
+		if (write_all(STDOUT_FILENO, buf, (size_t)k) < 0)
+			die("writing the status: %s", strerror(errno));
+	}
 	close(fd);
 	return 0;
 }
 
-/* One position of one sequence; false if it waits for a KV block. */
-static bool seq_step(struct engine *e, struct seq *s)
+/*
+ * Adds up to 'want' tokens of s, from its position on, to the batch at
+ * e->toks + n, taking KV blocks as they are needed; returns how many fit.
+ */
+static unsigned seq_batch(struct engine *e, struct seq *s, unsigned n, unsigned want)
 {
-	unsigned bt = e->kv.block_tokens;
-	uint32_t token, next;
-	char line[96];
-	int len;
+	unsigned bt = e->kv.block_tokens, got = 0;
 
-	if (s->pos / bt >= s->n_blocks) {
-		int64_t b = kv_alloc(&e->kv);
+	while (got < want) {
+		unsigned p = s->pos + got;
+		struct model_tok *t = &e->toks[n + got];
 
-		if (b < 0)
-			return false;
-		s->blocks[s->n_blocks++] = (uint32_t)b;
+		if (p / bt >= s->n_blocks) {
+			int64_t b = kv_alloc(&e->kv);
+
+			if (b < 0)
+				break; /* waits for a block */
+			s->blocks[s->n_blocks++] = (uint32_t)b;
+		}
+		t->blocks = s->blocks;
+		t->token = p < e->o.prompt_len ? s->prompt[p] : s->last;
+		t->pos = p;
+		/* the last prompt position and every decode step yield a token */
+		t->want_next = p + 1 >= e->o.prompt_len;
+		got++;
 	}
-	token = s->pos < e->prompt_len ? s->prompt[s->pos] : s->last;
-	next = model_step(&e->m, &e->kv, s->blocks, token, s->pos);
-	if (s->pos < e->prompt_len)
-		e->prefill_steps++;
-	else
-		e->decode_steps++;
-	s->pos++;
-	if (s->pos < e->prompt_len)
-		return true;
-	/* The last prompt position and every decode step yield a token. */
-	s->last = next;
-	len = snprintf(line, sizeof(line), "seq=%u pos=%u tok=%u\n", s->id, s->pos, next);
-	if (write(e->out_fd, line, (size_t)len) != len)
-		die("cannot write the output: %s", strerror(errno));
-	e->tokens_generated++;
-	if (++s->n_new == e->max_new)
-		seq_finish(e, s);
-	return true;
+	return got;
+}
+
+/* One step of every active sequence; -ENOSPC if none could go on. */
+static int engine_step(struct engine *e)
+{
+	unsigned n = 0, chunk = e->o.prefill_chunk;
+	size_t out_len = 0;
+	char err[MODEL_ERR_SIZE];
+	bool any = false;
+	int r;
+
+	/* Decode tokens first: max_batch >= seqs, so each of them fits. */
+	for (unsigned i = 0; i < e->o.seqs; i++) {
+		struct seq *s = &e->seqs[i];
+
+		s->batched = 0;
+		if (!s->active)
+			continue;
+		any = true;
+		if (s->pos >= e->o.prompt_len) {
+			s->first = n;
+			s->batched = seq_batch(e, s, n, 1);
+			n += s->batched;
+		}
+	}
+	if (!any)
+		return 0;
+	for (unsigned i = 0; i < e->o.seqs && n < e->max_batch; i++) {
+		struct seq *s = &e->seqs[i];
+		unsigned want;
+
+		if (!s->active || s->pos >= e->o.prompt_len)
+			continue;
+		want = e->o.prompt_len - s->pos;
+		if (want > chunk)
+			want = chunk;
+		if (want > e->max_batch - n)
+			want = e->max_batch - n;
+		s->first = n;
+		s->batched = seq_batch(e, s, n, want);
+		n += s->batched;
+	}
+	if (n == 0)
+		return -ENOSPC;
+
+	/* The batch is in slot order per phase; the model does not care. */
+	r = model_forward(&e->m, &e->kv, e->toks, n, err);
+	if (r < 0)
+		die("model: %s", err);
+
+	for (unsigned i = 0; i < e->o.seqs; i++) {
+		struct seq *s = &e->seqs[i];
+		const struct model_tok *last;
+
+		if (!s->batched)
+			continue;
+		last = &e->toks[s->first + s->batched - 1];
+		for (unsigned k = 0; k < s->batched; k++) {
+			if (s->pos + k < e->o.prompt_len)
+				e->prefill_steps++;
+			else
+				e->decode_steps++;
+		}
+		s->pos += s->batched;
+		if (!last->want_next)
+			continue;
+		s->last = last->next;
+		out_len += (size_t)snprintf(e->lines + out_len, LINE_MAX_LEN,
+					    "seq=%u pos=%u tok=%u\n", s->id, s->pos, s->last);
+		e->tokens_generated++;
+		if (++s->n_new == e->o.max_new)
+			seq_finish(e, s);
+	}
+	/* One write per step, before anything else can happen to us. */
+	r = write_all(e->out_fd, e->lines, out_len);
+	if (r < 0)
+		die("cannot write to %s: %s", e->o.out, strerror(-r));
+	e->steps++;
+	return 1;
+}
+
+/* --step-delay-ms, answering status connections meanwhile. */
+static void delay(const struct engine *e)
+{
+	struct pollfd pfd[2];
+	unsigned nfds = 0;
+	double start = now_s(), left;
+
+	for (unsigned i = 0; i < 2; i++)
+		if (e->listen_fd[i] >= 0)
+			pfd[nfds++] = (struct pollfd){ .fd = e->listen_fd[i], .events = POLLIN };
+	for (;;) {
+		double t = now_s();
+
+		/* the clock may jump across a restore: never wait longer than asked */
+		if (t < start)
+			break;
+		left = (double)e->o.delay_ms / 1e3 - (t - start);
+		if (left <= 0)
+			break;
+		if (poll(pfd, nfds, (int)(left * 1e3) + 1) > 0)
+			serve_status(e);
+	}
 }
 
 /* Blocks held with synthetic KV content, as a long-lived context would. */
-static void park_blocks(struct engine *e, uint64_t bytes)
+static void park_blocks(struct engine *e)
 {
-	uint64_t block_bytes = e->kv.block_elems * sizeof(uint16_t), st = e->seed;
+	uint64_t bytes = e->o.fill_mib << 20, st = e->o.seed;
+	uint16_t *buf;
+	char err[MODEL_ERR_SIZE];
 
-	while ((uint64_t)e->parked_blocks * block_bytes < bytes) {
+	if (!bytes)
+		return;
+	buf = malloc(kv_block_bytes(&e->kv));
+	if (!buf)
+		die("out of memory");
+	while ((uint64_t)e->parked_blocks * kv_block_bytes(&e->kv) < bytes) {
 		int64_t b = kv_alloc(&e->kv);
-		uint16_t *p;
 
 		if (b < 0)
-			die("--kv-fill-mib is larger than the KV pool");
-		p = e->kv.data + (uint64_t)b * e->kv.block_elems;
+			die("--kv-fill-mib %" PRIu64
+			    " is larger than the KV pool (--kv-mib %" PRIu64 ")",
+			    e->o.fill_mib, e->o.kv_mib);
 		for (size_t i = 0; i < e->kv.block_elems; i++)
-			p[i] = (uint16_t)(0x3c00 | (splitmix64(&st) & 0x3ff)); /* small bf16 values */
+			buf[i] = (uint16_t)(0x3c00 |
+					    (splitmix64(&st) & 0x3ff)); /* small bf16 values */
+		if (model_kv_write(&e->m, &e->kv, (uint32_t)b, buf, err) < 0)
+			die("--kv-fill-mib: %s", err);
 		e->parked_blocks++;
 	}
+	free(buf);
 }
 
-int main(int argc, char **argv)
+static void parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
 		{ "model", required_argument, NULL, 'm' },
@@ -230,104 +493,214 @@ int main(int argc, char **argv)
 		{ "total-seqs", required_argument, NULL, 't' },
 		{ "prompt-len", required_argument, NULL, 'p' },
 		{ "max-new", required_argument, NULL, 'n' },
+		{ "prefill-chunk", required_argument, NULL, 'c' },
+		{ "max-batch", required_argument, NULL, 'B' },
 		{ "block-tokens", required_argument, NULL, 'b' },
 		{ "kv-mib", required_argument, NULL, 'k' },
 		{ "kv-fill-mib", required_argument, NULL, 'F' },
+		{ "threads", required_argument, NULL, 'j' },
 		{ "step-delay-ms", required_argument, NULL, 'd' },
-		{ "status-file", required_argument, NULL, 'S' },
-		{ "status-socket", required_argument, NULL, 'U' },
 		{ "seed", required_argument, NULL, 'r' },
+		{ "status", required_argument, NULL, 'S' },
+		{ "status-socket", required_argument, NULL, 'U' },
+		{ "status-file", required_argument, NULL, 'f' },
+		{ "quiet", no_argument, NULL, 'Q' },
 		{ "query", required_argument, NULL, 'q' },
+		{ "help", no_argument, NULL, 'h' },
 		{}
 	};
-	struct engine e = { .n_seqs = 4, .total_seqs = 8, .prompt_len = 16, .max_new = 32,
-			    .out_fd = -1, .listen_fd = -1 };
-	const char *model_path = NULL, *out_path = NULL, *sock_name = NULL;
-	unsigned block_tokens = 16, delay_ms = 0;
-	uint64_t kv_mib = 64, fill_mib = 0;
-	char err[256];
-	int opt, r;
+	int opt, idx;
 
-	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-		unsigned long long v = optarg ? strtoull(optarg, NULL, 10) : 0;
+	while ((opt = getopt_long(argc, argv, "", opts, &idx)) != -1) {
+		const char *name = opt == '?' ? "" : opts[idx].name;
 
 		switch (opt) {
-		case 'm': model_path = optarg; break;
-		case 'o': out_path = optarg; break;
-		case 's': e.n_seqs = (unsigned)v; break;
-		case 't': e.total_seqs = v; break;
-		case 'p': e.prompt_len = (unsigned)v; break;
-		case 'n': e.max_new = (unsigned)v; break;
-		case 'b': block_tokens = (unsigned)v; break;
-		case 'k': kv_mib = v; break;
-		case 'F': fill_mib = v; break;
-		case 'd': delay_ms = (unsigned)v; break;
-		case 'S': e.status_file = optarg; break;
-		case 'U': sock_name = optarg; break;
-		case 'r': e.seed = v; break;
-		case 'q': return query(optarg);
-		default: die("usage: see the comment at the top of tests/engine/engine.c");
+		case 'm': o->model = optarg; break;
+		case 'o': o->out = optarg; break;
+		case 's': o->seqs = (unsigned)parse_num(name, optarg, 1, 4096); break;
+		case 't': o->total_seqs = parse_num(name, optarg, 0, UINT32_MAX); break;
+		case 'p': o->prompt_len = (unsigned)parse_num(name, optarg, 1, 1 << 20); break;
+		case 'n': o->max_new = (unsigned)parse_num(name, optarg, 1, 1 << 20); break;
+		case 'c': o->prefill_chunk = (unsigned)parse_num(name, optarg, 0, 1 << 20); break;
+		case 'B': o->max_batch = (unsigned)parse_num(name, optarg, 1, 1 << 16); break;
+		case 'b': o->block_tokens = (unsigned)parse_num(name, optarg, 1, 1 << 16); break;
+		case 'k': o->kv_mib = parse_num(name, optarg, 1, 1 << 24); break;
+		case 'F': o->fill_mib = parse_num(name, optarg, 0, 1 << 24); break;
+		case 'j': o->threads = (unsigned)parse_num(name, optarg, 1, 256); break;
+		case 'd': o->delay_ms = (unsigned)parse_num(name, optarg, 0, 3600000); break;
+		case 'r': o->seed = parse_num(name, optarg, 0, UINT64_MAX); break;
+		case 'S': o->status_path = optarg; break;
+		case 'U': o->status_name = optarg; break;
+		case 'f': o->status_file = optarg; break;
+		case 'Q': o->quiet = true; break;
+		case 'q': exit(query(optarg));
+		case 'h': usage(stdout); exit(0);
+		default: usage(stderr); exit(2);
 		}
 	}
-	if (!model_path || !out_path)
-		die("--model and --out are required");
-	if (!e.n_seqs || !e.prompt_len || !e.max_new || !block_tokens)
-		die("--seqs, --prompt-len, --max-new and --block-tokens must be positive");
+	if (optind != argc) {
+		fprintf(stderr, "engine: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		exit(2);
+	}
+	if (!o->model || !o->out) {
+		fprintf(stderr, "engine: --model and --out are required\n");
+		usage(stderr);
+		exit(2);
+	}
+	if (!o->prefill_chunk || o->prefill_chunk > o->prompt_len)
+		o->prefill_chunk = o->prompt_len;
+	if ((uint64_t)o->prompt_len + o->max_new > 1 << 20)
+		die("--prompt-len + --max-new must be at most %u", 1 << 20);
+}
 
-	r = model_load(&e.m, model_path, e.prompt_len + e.max_new, err);
+static void engine_init(struct engine *e)
+{
+	const struct options *o = &e->o;
+	struct model_opts mo;
+	char err[MODEL_ERR_SIZE];
+	uint64_t want;
+	int r;
+
+	/* a batch: a chunk of prompt for every sequence, capped by --max-batch */
+	want = (uint64_t)o->seqs * o->prefill_chunk;
+	e->max_batch = want < o->max_batch ? (unsigned)want : o->max_batch;
+	if (e->max_batch < o->seqs)
+		e->max_batch = o->seqs;
+	mo = (struct model_opts){ .max_ctx = o->prompt_len + o->max_new,
+				  .max_batch = e->max_batch,
+				  .max_outputs = o->seqs,
+				  .threads = o->threads };
+	r = model_load(&e->m, o->model, &mo, err);
 	if (r < 0)
 		die("%s", err);
-	r = kv_pool_init(&e.kv, e.m.c.layers, e.m.c.kv_dim, block_tokens, kv_mib << 20);
+	r = kv_pool_init(&e->kv, e->m.c.layers, e->m.c.kv_dim, o->block_tokens, o->kv_mib << 20,
+			 !e->m.kv_on_device);
+	if (r == -EINVAL)
+		die("--kv-mib %" PRIu64 " holds no KV block of this model (%zu bytes each)",
+		    o->kv_mib, (size_t)e->m.c.layers * 2 * o->block_tokens * e->m.c.kv_dim * 2);
 	if (r < 0)
-		die("--kv-mib %" PRIu64 " holds no KV block of this model", kv_mib);
-	park_blocks(&e, fill_mib << 20);
-	e.max_blocks = (e.prompt_len + e.max_new + block_tokens - 1) / block_tokens;
-	e.out_fd = open(out_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-	if (e.out_fd < 0)
-		die("cannot open %s: %s", out_path, strerror(errno));
-	if (sock_name) {
-		struct sockaddr_un sa;
-		socklen_t len = abstract_addr(sock_name, &sa);
+		die("cannot allocate the KV pool (--kv-mib %" PRIu64 "): %s", o->kv_mib,
+		    strerror(-r));
+	r = model_kv_init(&e->m, &e->kv, err);
+	if (r < 0)
+		die("KV pool: %s", err);
+	e->max_blocks = (o->prompt_len + o->max_new + o->block_tokens - 1) / o->block_tokens;
+	if (e->max_blocks > e->kv.n_blocks)
+		die("one sequence needs %u KV blocks of %u tokens, --kv-mib %" PRIu64 " holds %u",
+		    e->max_blocks, o->block_tokens, o->kv_mib, e->kv.n_blocks);
+	park_blocks(e);
 
-		e.listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-		if (e.listen_fd < 0 || bind(e.listen_fd, (struct sockaddr *)&sa, len) < 0 ||
-		    listen(e.listen_fd, 16) < 0)
-			die("status socket @%s: %s", sock_name, strerror(errno));
-	}
-	e.seqs = calloc(e.n_seqs, sizeof(*e.seqs));
-	if (!e.seqs)
+	e->seqs = calloc(o->seqs, sizeof(*e->seqs));
+	e->toks = calloc(e->max_batch, sizeof(*e->toks));
+	e->lines = malloc((size_t)o->seqs * LINE_MAX_LEN);
+	if (!e->seqs || !e->toks || !e->lines)
 		die("out of memory");
-	for (unsigned i = 0; i < e.n_seqs; i++) {
-		e.seqs[i].prompt = calloc(e.prompt_len, sizeof(uint32_t));
-		e.seqs[i].blocks = calloc(e.max_blocks, sizeof(uint32_t));
-		if (!e.seqs[i].prompt || !e.seqs[i].blocks)
+	for (unsigned i = 0; i < o->seqs; i++) {
+		e->seqs[i].prompt = calloc(o->prompt_len, sizeof(uint32_t));
+		e->seqs[i].blocks = calloc(e->max_blocks, sizeof(uint32_t));
+		if (!e->seqs[i].prompt || !e->seqs[i].blocks)
 			die("out of memory");
-		if (e.total_seqs == 0 || e.started < e.total_seqs)
-			seq_start(&e, &e.seqs[i]);
+		if (more_to_start(e))
+			seq_start(e, &e->seqs[i]);
 	}
 
+	e->out_fd = open(o->out, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (e->out_fd < 0)
+		die("cannot open %s: %s", o->out, strerror(errno));
+	if (o->status_file) {
+		if (asprintf(&e->status_tmp, "%s.tmp", o->status_file) < 0)
+			die("out of memory");
+		r = write_status_file(e);
+		if (r < 0)
+			die("cannot write the status file %s: %s", o->status_file, strerror(-r));
+	}
+	if (o->status_path) {
+		r = status_listen(o->status_path, false, &e->listen_fd[0]);
+		if (r == -EEXIST)
+			die("--status %s exists and is not a socket", o->status_path);
+		if (r < 0)
+			die("--status %s: %s", o->status_path, strerror(-r));
+	}
+	if (o->status_name) {
+		r = status_listen(o->status_name, true, &e->listen_fd[1]);
+		if (r < 0)
+			die("--status-socket @%s: %s", o->status_name, strerror(-r));
+	}
+	if (!o->quiet)
+		fprintf(stderr,
+			"engine: %s: %u layers, dim %u, heads %u/%u, ffn %u, vocab %u, %.1f MiB "
+			"of bf16 weights (%s); KV pool %u blocks of %u tokens (%.1f MiB); %u "
+			"sequences of %u+%u tokens, %u threads\n",
+			o->model, e->m.c.layers, e->m.c.dim, e->m.c.heads, e->m.c.kv_heads,
+			e->m.c.ffn, e->m.c.vocab, (double)e->m.weights_size / (1 << 20),
+			e->m.kv_on_device ? "device" : "host", e->kv.n_blocks, o->block_tokens,
+			(double)e->kv.n_blocks * kv_block_bytes(&e->kv) / (1 << 20), o->seqs,
+			o->prompt_len, o->max_new, o->threads);
+}
+
+static void engine_free(struct engine *e)
+{
+	for (unsigned i = 0; e->seqs && i < e->o.seqs; i++) {
+		free(e->seqs[i].prompt);
+		free(e->seqs[i].blocks);
+	}
+	free(e->seqs);
+	free(e->toks);
+	free(e->lines);
+	free(e->status_tmp);
+	for (unsigned i = 0; i < 2; i++)
+		if (e->listen_fd[i] >= 0)
+			close(e->listen_fd[i]);
+	if (e->o.status_path)
+		unlink(e->o.status_path);
+	if (e->out_fd >= 0)
+		close(e->out_fd);
+	kv_pool_free(&e->kv);
+	model_free(&e->m);
+}
+
+int main(int argc, char **argv)
+{
+	struct engine e = {
+		.o = { .seqs = 4, .total_seqs = 8, .prompt_len = 16, .max_new = 32,
+		       .max_batch = 512, .block_tokens = 16, .threads = 1, .kv_mib = 64 },
+		.out_fd = -1,
+		.listen_fd = { -1, -1 },
+	};
+	double t0, t;
+	int r;
+
+	parse_args(argc, argv, &e.o);
+	engine_init(&e);
+	t0 = now_s();
 	for (;;) {
-		bool any = false, progressed = false;
-
-		for (unsigned i = 0; i < e.n_seqs; i++)
-			if (e.seqs[i].active) {
-				any = true;
-				progressed |= seq_step(&e, &e.seqs[i]);
-			}
-		if (!any)
+		r = engine_step(&e);
+		if (r == 0)
 			break;
-		if (!progressed)
-			die("KV pool too small: no sequence can take another block");
-		e.steps++;
-		write_status(&e);
+		if (r == -ENOSPC)
+			die("KV pool too small: every active sequence waits for a block (%u "
+			    "blocks of %u tokens, %u parked); raise --kv-mib",
+			    e.kv.n_blocks, e.kv.block_tokens, e.parked_blocks);
+		/* errors after the start are not worth stopping the generation for */
+		(void)write_status_file(&e);
 		serve_status(&e);
-		if (delay_ms) {
-			struct timespec ts = { delay_ms / 1000, (long)(delay_ms % 1000) * 1000000L };
-
-			nanosleep(&ts, NULL);
-		}
+		if (e.o.delay_ms)
+			delay(&e);
 	}
-	write_status(&e);
+	e.done = true;
+	(void)write_status_file(&e);
 	serve_status(&e);
+	t = now_s() - t0;
+	if (!e.o.quiet)
+		fprintf(stderr,
+			"engine: done: %" PRIu64 " sequences, %" PRIu64
+			" tokens generated, %" PRIu64 " prefill + %" PRIu64
+			" decode positions in %" PRIu64 " steps, %.2f s: %.1f "
+			"tokens/s, %.1f positions/s (wall clock, delays included)\n",
+			e.sequences_done, e.tokens_generated, e.prefill_steps, e.decode_steps,
+			e.steps, t, t > 0 ? (double)e.tokens_generated / t : 0.0,
+			t > 0 ? (double)(e.prefill_steps + e.decode_steps) / t : 0.0);
+	engine_free(&e);
 	return 0;
 }

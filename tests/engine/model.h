@@ -4,66 +4,130 @@
 
 /*
  * A Llama-shaped decoder-only transformer with bf16 weights and fp32
- * compute: RMSNorm, rotary attention with grouped KV heads over a paged KV
- * cache, SwiGLU MLP. The weights are copied from the safetensors file into
- * anonymous memory, as an upload to a GPU would be: CRIU dumps them with the
- * process, which is the point. Deterministic: one thread, fixed order.
+ * compute: RMSNorm, rotary position embeddings, grouped-query attention
+ * over a paged KV cache, SwiGLU MLP, final norm and lm_head, greedy
+ * sampling (argmax, lowest id on ties).
+ *
+ * Two builds implement the functions below: model.c on the CPU (weights
+ * copied from the safetensors file into anonymous memory, as an upload to a
+ * GPU would be: CRIU dumps them with the process, which is the point) and
+ * model_cuda.cu (weights and KV blocks in device memory, the host copy freed
+ * after the upload). Both are deterministic: every sum has a fixed order
+ * that depends neither on the batch a token is in nor on the number of
+ * threads, so the same inputs give bit-identical tokens on every run. The
+ * two builds need not give the same tokens as each other.
+ *
+ * Errors: negative errno, with err (MODEL_ERR_SIZE bytes) saying what.
  */
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "kvcache.h"
 #include "safetensors.h"
 
+#define MODEL_ERR_SIZE ST_ERR_SIZE
+#define MODEL_RMS_EPS 1e-5f
+#define MODEL_ROPE_THETA 10000.0f
+
 struct model_config {
 	unsigned layers, dim, heads, kv_heads, ffn, vocab;
 	unsigned head_dim, kv_dim;
 };
 
-struct layer_weights {
-	const uint16_t *in_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+struct model_opts {
+	unsigned max_ctx;     /* positions per sequence */
+	unsigned max_batch;   /* tokens per model_forward() */
+	unsigned max_outputs; /* of which at most this many want_next */
+	unsigned threads;     /* CPU threads for the matrix products (the CUDA build ignores it) */
+};
+
+/* One token of one sequence in a model_forward() batch. */
+struct model_tok {
+	const uint32_t *blocks; /* the sequence's block table: blocks for positions 0..pos */
+	uint32_t token;
+	unsigned pos;
+	bool want_next; /* compute the logits and the greedy next token */
+	uint32_t next;	/* out, when want_next */
 };
 
 struct model {
 	struct model_config c;
-	uint8_t *weights; /* anonymous copy of the data section */
 	uint64_t weights_size;
-	const uint16_t *embed, *final_norm, *lm_head;
-	struct layer_weights *layer;
-	/* scratch */
-	float *x, *xb, *q, *k, *v, *att_out, *hb, *hb2, *logits, *scores;
-	unsigned max_ctx;
-	void *gpu; /* the CUDA build's device state (model_cuda.cu) */
+	bool kv_on_device; /* the KV blocks are not in kv_pool.data */
+	void *priv;	   /* the build's state */
+};
+
+/* The tensors of each layer, in this order. */
+enum {
+	W_IN_NORM,
+	W_Q,
+	W_K,
+	W_V,
+	W_O,
+	W_POST_NORM,
+	W_GATE,
+	W_UP,
+	W_DOWN,
+	W_PER_LAYER,
+};
+
+/* Offsets of every tensor in the data section. */
+struct model_layout {
+	uint64_t embed, final_norm, lm_head;
+	uint64_t (*layer)[W_PER_LAYER];
 };
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/*
- * err: 256 bytes. The CPU build is model.c; the CUDA build (model_cuda.cu)
- * implements the same three functions with the weights and the KV cache in
- * device memory.
- */
-int model_load(struct model *m, const char *path, unsigned max_ctx, char *err);
+int model_load(struct model *m, const char *path, const struct model_opts *o, char *err);
+/* Accepts a model that failed to load or was never loaded (zeroed). */
 void model_free(struct model *m);
 
 /*
- * Runs token at position pos of a sequence whose KV blocks are 'blocks'
- * (enough for pos + 1 tokens): writes its K/V into the cache and returns
- * the greedy next token (argmax, lowest id on ties).
+ * Binds the KV pool (made with host_data = !m->kv_on_device) to the model:
+ * the CUDA build allocates the blocks in device memory.
  */
-uint32_t model_step(struct model *m, struct kv_pool *kv, const uint32_t *blocks, uint32_t token,
-		    unsigned pos);
+int model_kv_init(struct model *m, struct kv_pool *kv, char *err);
+/* Overwrites one whole KV block (kv_block_bytes) with src. */
+int model_kv_write(struct model *m, struct kv_pool *kv, uint32_t block, const uint16_t *src,
+		   char *err);
+
+/*
+ * Runs n tokens through the model (1 <= n <= max_batch, at most max_outputs
+ * of them want_next): each token's K and V are written into its sequence's
+ * block at pos, then it attends to positions 0..pos of its sequence. Tokens
+ * of one sequence must come in increasing positions with none missing, so
+ * a whole prompt can be prefilled in one call; a token's result does not
+ * depend on the other tokens of the batch.
+ */
+int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, unsigned n,
+		  char *err);
 
 /* Shared by both builds (model_common.c). */
 int model_read_config(const struct st_file *f, struct model_config *c, char *err);
 /* Offset in the data section of a BF16 tensor of rows x cols (cols 0: a vector). */
 int model_find_tensor(const struct st_file *f, const char *name, uint64_t rows, uint64_t cols,
 		      uint64_t *ret_offset, char *err);
+int model_read_layout(const struct st_file *f, const struct model_config *c,
+		      struct model_layout *ret, char *err);
+void model_layout_free(struct model_layout *l);
 /* The data section read into anonymous memory (munmap with f->data_size). */
 int model_read_weights(int fd, const struct st_file *f, uint8_t **ret, char *err);
+/*
+ * All of the above on a file: config, layout and the weights in anonymous
+ * memory (*ret_weights, *ret_size bytes, for munmap).
+ */
+int model_read_file(const char *path, struct model_config *ret_config,
+		    struct model_layout *ret_layout, uint8_t **ret_weights, uint64_t *ret_size,
+		    char *err);
+/* Checks a batch against the model and the options. */
+int model_check_batch(const struct model_config *c, const struct model_opts *o,
+		      const struct kv_pool *kv, const struct model_tok *toks, unsigned n,
+		      char *err);
 #ifdef __cplusplus
 }
 #endif

@@ -3,37 +3,40 @@
  * The CUDA build of the test engine's model (see model.h): the same
  * computation as model.c with the weights and the paged KV cache in device
  * memory, so that the CUDA driver's checkpoint captures them. The weights are
- * read into anonymous host memory, uploaded with cudaMemcpy and the host copy
- * freed. Kernels use a fixed reduction order, so greedy decoding is
- * deterministic run to run (its tokens need not equal the CPU build's).
+ * read into anonymous host memory (model_common.c), uploaded with cudaMemcpy
+ * and the host copy freed: GPU memory is the only copy. Kernels: bf16 matrix-
+ * vector products (fp32 accumulation), RMSNorm, RoPE (tables computed on the
+ * host as in model.c), attention over the paged KV pool, SwiGLU, argmax.
+ *
+ * Every reduction has a fixed order (per-thread strided partial sums, then a
+ * fixed tree), and no atomics are used, so greedy decoding is deterministic
+ * run to run. Its tokens need not equal the CPU build's.
+ *
+ * The tokens of a batch run one after the other, in batch order (a later
+ * token of a sequence needs the earlier one's K and V); a token's result does
+ * not depend on the rest of its batch.
  */
 #include <cuda_runtime.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include "model.h"
 
 #define THREADS 256
-#define RMS_EPS 1e-5f
-#define ROPE_THETA 10000.0f
-
-struct gpu_layer {
-	const uint16_t *in_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
-};
 
 struct gpu_state {
+	struct model_opts o;
 	uint8_t *weights; /* device */
 	const uint16_t *embed, *final_norm, *lm_head;
-	struct gpu_layer *layer; /* host array of device pointers */
-	uint16_t *kv;		 /* device: n_blocks * block_elems */
-	size_t kv_blocks;
-	uint32_t *blocks; /* device copy of a block table */
+	const uint16_t *(*layer)[W_PER_LAYER]; /* host array of device pointers */
+	uint16_t *kv;			       /* device: n_blocks * block_elems */
+	size_t kv_elems;
+	float *rope_cos, *rope_sin; /* device: [max_ctx][head_dim / 2] */
+	uint32_t *blocks;	    /* device copy of a block table */
 	float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *scores;
 	uint32_t *best; /* device */
 };
@@ -52,7 +55,7 @@ __device__ static inline uint16_t f32bf16(float f)
 	return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-/* Block-wide sum in a fixed order (strided partials, then a tree). */
+/* Block-wide sum in a fixed order (the callers' strided partials, then a tree). */
 __device__ static float block_sum(float v, float *sh)
 {
 	sh[threadIdx.x] = v;
@@ -88,7 +91,7 @@ __global__ void k_rmsnorm(float *out, const float *x, const uint16_t *w, unsigne
 
 	for (unsigned i = threadIdx.x; i < n; i += blockDim.x)
 		ss += x[i] * x[i];
-	ss = rsqrtf(block_sum(ss, sh) / (float)n + RMS_EPS);
+	ss = rsqrtf(block_sum(ss, sh) / (float)n + MODEL_RMS_EPS);
 	for (unsigned i = threadIdx.x; i < n; i += blockDim.x)
 		out[i] = x[i] * ss * bf16f(w[i]);
 }
@@ -99,16 +102,18 @@ __global__ void k_embed(float *x, const uint16_t *embed, uint32_t token, unsigne
 		x[i] = bf16f(embed[(size_t)token * dim + i]);
 }
 
-__global__ void k_rope(float *v, unsigned n_heads, unsigned head_dim, unsigned pos)
+/* cs, sn: the tables' row for this position (head_dim / 2 values). */
+__global__ void k_rope(float *v, unsigned n_heads, unsigned head_dim, const float *cs,
+		       const float *sn)
 {
-	for (unsigned j = threadIdx.x; j < n_heads * head_dim / 2; j += blockDim.x) {
-		unsigned h = j / (head_dim / 2), i = (j % (head_dim / 2)) * 2;
-		float freq = powf(ROPE_THETA, -(float)i / (float)head_dim);
-		float a = (float)pos * freq, c = cosf(a), s = sinf(a);
-		float *p = v + h * head_dim + i, x0 = p[0], x1 = p[1];
+	unsigned half = head_dim / 2;
 
-		p[0] = x0 * c - x1 * s;
-		p[1] = x0 * s + x1 * c;
+	for (unsigned j = threadIdx.x; j < n_heads * half; j += blockDim.x) {
+		unsigned h = j / half, i = j % half;
+		float *p = v + h * head_dim + 2 * i, x0 = p[0], x1 = p[1];
+
+		p[0] = x0 * cs[i] - x1 * sn[i];
+		p[1] = x0 * sn[i] + x1 * cs[i];
 	}
 }
 
@@ -157,6 +162,7 @@ __global__ void k_attention(float *out, const float *q, const uint16_t *kv, size
 		max = fmaxf(max, s);
 	}
 	__syncthreads();
+	/* every thread sums in the same order: the same sum everywhere */
 	for (unsigned t = 0; t <= pos; t++)
 		sum += expf(scores[t] - max);
 	for (unsigned i = threadIdx.x; i < head_dim; i += blockDim.x) {
@@ -164,7 +170,8 @@ __global__ void k_attention(float *out, const float *q, const uint16_t *kv, size
 
 		for (unsigned t = 0; t <= pos; t++) {
 			const uint16_t *vt = slot((uint16_t *)kv, block_elems, bt, kv_dim,
-						  blocks[t / bt], layer, 1, t % bt) + kvh * head_dim;
+						  blocks[t / bt], layer, 1, t % bt) +
+					     kvh * head_dim;
 
 			acc += expf(scores[t] - max) / sum * bf16f(vt[i]);
 		}
@@ -201,11 +208,11 @@ __global__ void k_argmax(uint32_t *best, const float *logits, unsigned n)
 	si[threadIdx.x] = bi;
 	__syncthreads();
 	for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-		if (threadIdx.x < s &&
-		    (sv[threadIdx.x + s] > sv[threadIdx.x] ||
-		     (sv[threadIdx.x + s] == sv[threadIdx.x] && si[threadIdx.x + s] < si[threadIdx.x]))) {
-			sv[threadIdx.x] = sv[threadIdx.x + s];
-			si[threadIdx.x] = si[threadIdx.x + s];
+		unsigned a = threadIdx.x, b = threadIdx.x + s;
+
+		if (a < s && (sv[b] > sv[a] || (sv[b] == sv[a] && si[b] < si[a]))) {
+			sv[a] = sv[b];
+			si[a] = si[b];
 		}
 		__syncthreads();
 	}
@@ -215,7 +222,8 @@ __global__ void k_argmax(uint32_t *best, const float *logits, unsigned n)
 
 static int cuda_fail(cudaError_t e, const char *what, char *err)
 {
-	snprintf(err, 256, "%s: %s", what, cudaGetErrorName(e));
+	snprintf(err, MODEL_ERR_SIZE, "%s: %s (%s)", what, cudaGetErrorName(e),
+		 cudaGetErrorString(e));
 	return -EIO;
 }
 
@@ -228,116 +236,99 @@ static int cuda_fail(cudaError_t e, const char *what, char *err)
 		}                                                                                  \
 	} while (0)
 
-static const uint16_t *dev_tensor(const struct st_file *f, const char *name, uint8_t *dev,
-				  uint64_t rows, uint64_t cols, char *err)
+template <typename T> static cudaError_t dev_alloc(T **p, size_t n)
 {
-	uint64_t off;
-
-	if (model_find_tensor(f, name, rows, cols, &off, err) < 0)
-		return NULL;
-	return (const uint16_t *)(dev + off);
+	return cudaMalloc((void **)p, (n ? n : 1) * sizeof(T));
 }
 
-extern "C" int model_load(struct model *m, const char *path, unsigned max_ctx, char *err)
+extern "C" int model_load(struct model *m, const char *path, const struct model_opts *o,
+			  char *err)
 {
 	struct model_config *c = &m->c;
+	struct model_layout l = {};
 	struct gpu_state *g;
-	struct st_file f;
 	uint8_t *host = NULL;
-	int fd, r = 0;
+	float *tab = NULL;
+	size_t half;
+	int r = 0;
 
 	memset(m, 0, sizeof(*m));
+	if (!o->max_ctx || !o->max_batch || !o->max_outputs) {
+		snprintf(err, MODEL_ERR_SIZE, "model options must be positive");
+		return -EINVAL;
+	}
 	g = (struct gpu_state *)calloc(1, sizeof(*g));
-	if (!g)
+	if (!g) {
+		snprintf(err, MODEL_ERR_SIZE, "out of memory");
 		return -ENOMEM;
-	m->gpu = g;
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		snprintf(err, 256, "cannot open %s: %s", path, strerror(errno));
-		free(g);
-		m->gpu = NULL;
-		return -errno;
 	}
-	r = st_open(fd, &f, err);
-	if (r < 0) {
-		close(fd);
-		free(g);
-		m->gpu = NULL;
-		return r;
-	}
-	r = model_read_config(&f, c, err);
+	m->priv = g;
+	m->kv_on_device = true;
+	g->o = *o;
+	r = model_read_file(path, c, &l, &host, &m->weights_size, err);
 	if (r < 0)
 		goto out;
-	m->weights_size = f.data_size;
-	m->max_ctx = max_ctx;
 
-	/* Read into anonymous memory, upload, free: the GPU copy is the one. */
-	r = model_read_weights(fd, &f, &host, err);
-	if (r < 0)
-		goto out;
-	CK(cudaMalloc(&g->weights, f.data_size), "cudaMalloc(weights)");
-	CK(cudaMemcpy(g->weights, host, f.data_size, cudaMemcpyHostToDevice), "cudaMemcpy(weights)");
-
-	g->layer = (struct gpu_layer *)calloc(c->layers, sizeof(*g->layer));
+	/* Upload and free the host copy: the GPU copy is the one. */
+	CK(dev_alloc(&g->weights, m->weights_size), "cudaMalloc(weights)");
+	CK(cudaMemcpy(g->weights, host, m->weights_size, cudaMemcpyHostToDevice),
+	   "cudaMemcpy(weights)");
+	g->embed = (const uint16_t *)(g->weights + l.embed);
+	g->final_norm = (const uint16_t *)(g->weights + l.final_norm);
+	g->lm_head = (const uint16_t *)(g->weights + l.lm_head);
+	g->layer = (const uint16_t *(*)[W_PER_LAYER])calloc(c->layers, sizeof(*g->layer));
 	if (!g->layer) {
+		snprintf(err, MODEL_ERR_SIZE, "out of memory");
 		r = -ENOMEM;
 		goto out;
 	}
-	{
-		uint64_t d = c->dim, kvd = c->kv_dim, ffn = c->ffn, v = c->vocab;
-		char name[128];
+	for (unsigned i = 0; i < c->layers; i++)
+		for (unsigned w = 0; w < W_PER_LAYER; w++)
+			g->layer[i][w] = (const uint16_t *)(g->weights + l.layer[i][w]);
 
-		if (!(g->embed = dev_tensor(&f, "model.embed_tokens.weight", g->weights, v, d, err)) ||
-		    !(g->final_norm = dev_tensor(&f, "model.norm.weight", g->weights, d, 0, err)) ||
-		    !(g->lm_head = dev_tensor(&f, "lm_head.weight", g->weights, v, d, err))) {
-			r = -EBADMSG;
-			goto out;
-		}
-		for (unsigned l = 0; l < c->layers; l++) {
-			struct gpu_layer *lw = &g->layer[l];
-			const struct {
-				const char *suffix;
-				const uint16_t **dst;
-				uint64_t rows, cols;
-			} t[] = {
-				{ "input_layernorm", &lw->in_norm, d, 0 },
-				{ "self_attn.q_proj", &lw->q, d, d },
-				{ "self_attn.k_proj", &lw->k, kvd, d },
-				{ "self_attn.v_proj", &lw->v, kvd, d },
-				{ "self_attn.o_proj", &lw->o, d, d },
-				{ "post_attention_layernorm", &lw->post_norm, d, 0 },
-				{ "mlp.gate_proj", &lw->gate, ffn, d },
-				{ "mlp.up_proj", &lw->up, ffn, d },
-				{ "mlp.down_proj", &lw->down, d, ffn },
-			};
+	/* RoPE tables computed as model.c does, then uploaded. */
+	half = c->head_dim / 2;
+	tab = (float *)malloc(2 * (size_t)o->max_ctx * half * sizeof(float));
+	if (!tab) {
+		snprintf(err, MODEL_ERR_SIZE, "out of memory");
+		r = -ENOMEM;
+		goto out;
+	}
+	for (unsigned i = 0; i < half; i++) {
+		float freq = powf(MODEL_ROPE_THETA, -(float)(2 * i) / (float)c->head_dim);
 
-			for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
-				snprintf(name, sizeof(name), "model.layers.%u.%s.weight", l, t[i].suffix);
-				*t[i].dst = dev_tensor(&f, name, g->weights, t[i].rows, t[i].cols, err);
-				if (!*t[i].dst) {
-					r = -EBADMSG;
-					goto out;
-				}
-			}
+		for (unsigned p = 0; p < o->max_ctx; p++) {
+			float a = (float)p * freq;
+
+			tab[(size_t)p * half + i] = cosf(a);
+			tab[((size_t)o->max_ctx + p) * half + i] = sinf(a);
 		}
 	}
-	CK(cudaMalloc(&g->x, c->dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->xb, c->dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->q, c->dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->k, c->kv_dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->v, c->kv_dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->att, c->dim * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->hb, c->ffn * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->hb2, c->ffn * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->logits, c->vocab * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->scores, (size_t)c->heads * max_ctx * sizeof(float)), "cudaMalloc");
-	CK(cudaMalloc(&g->blocks, max_ctx * sizeof(uint32_t)), "cudaMalloc");
-	CK(cudaMalloc(&g->best, sizeof(uint32_t)), "cudaMalloc");
+	CK(dev_alloc(&g->rope_cos, (size_t)o->max_ctx * half), "cudaMalloc(rope)");
+	CK(dev_alloc(&g->rope_sin, (size_t)o->max_ctx * half), "cudaMalloc(rope)");
+	CK(cudaMemcpy(g->rope_cos, tab, (size_t)o->max_ctx * half * sizeof(float),
+		      cudaMemcpyHostToDevice), "cudaMemcpy(rope)");
+	CK(cudaMemcpy(g->rope_sin, tab + (size_t)o->max_ctx * half,
+		      (size_t)o->max_ctx * half * sizeof(float), cudaMemcpyHostToDevice),
+	   "cudaMemcpy(rope)");
+
+	CK(dev_alloc(&g->x, c->dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->xb, c->dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->q, c->dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->k, c->kv_dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->v, c->kv_dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->att, c->dim), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->hb, c->ffn), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->hb2, c->ffn), "cudaMalloc(activations)");
+	CK(dev_alloc(&g->logits, c->vocab), "cudaMalloc(logits)");
+	CK(dev_alloc(&g->scores, (size_t)c->heads * o->max_ctx), "cudaMalloc(scores)");
+	CK(dev_alloc(&g->blocks, o->max_ctx), "cudaMalloc(block table)");
+	CK(dev_alloc(&g->best, 1), "cudaMalloc");
 out:
+	free(tab);
 	if (host)
-		munmap(host, f.data_size);
-	st_free(&f);
-	close(fd);
+		munmap(host, m->weights_size ? m->weights_size : 1);
+	model_layout_free(&l);
 	if (r < 0)
 		model_free(m);
 	return r;
@@ -345,11 +336,13 @@ out:
 
 extern "C" void model_free(struct model *m)
 {
-	struct gpu_state *g = (struct gpu_state *)m->gpu;
+	struct gpu_state *g = (struct gpu_state *)m->priv;
 
 	if (g) {
 		cudaFree(g->weights);
 		cudaFree(g->kv);
+		cudaFree(g->rope_cos);
+		cudaFree(g->rope_sin);
 		cudaFree(g->x);
 		cudaFree(g->xb);
 		cudaFree(g->q);
@@ -368,53 +361,98 @@ extern "C" void model_free(struct model *m)
 	memset(m, 0, sizeof(*m));
 }
 
-extern "C" uint32_t model_step(struct model *m, struct kv_pool *kv, const uint32_t *blocks,
-			       uint32_t token, unsigned pos)
+extern "C" int model_kv_init(struct model *m, struct kv_pool *kv, char *err)
 {
-	struct gpu_state *g = (struct gpu_state *)m->gpu;
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+	int r = 0;
+
+	if (kv->data || kv->layers != m->c.layers || kv->kv_dim != m->c.kv_dim || g->kv) {
+		snprintf(err, MODEL_ERR_SIZE, "the KV pool does not fit the model");
+		return -EINVAL;
+	}
+	g->kv_elems = (size_t)kv->n_blocks * kv->block_elems;
+	CK(dev_alloc(&g->kv, g->kv_elems), "cudaMalloc(KV pool)");
+out:
+	return r;
+}
+
+extern "C" int model_kv_write(struct model *m, struct kv_pool *kv, uint32_t block,
+			      const uint16_t *src, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+	int r = 0;
+
+	if (block >= kv->n_blocks || !g->kv) {
+		snprintf(err, MODEL_ERR_SIZE, "KV block %u outside the pool", block);
+		return -EINVAL;
+	}
+	CK(cudaMemcpy(g->kv + (size_t)block * kv->block_elems, src, kv_block_bytes(kv),
+		      cudaMemcpyHostToDevice), "cudaMemcpy(KV block)");
+out:
+	return r;
+}
+
+static int forward_one(struct model *m, struct kv_pool *kv, struct model_tok *t, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
 	const struct model_config *c = &m->c;
-	unsigned bt = kv->block_tokens, n_blocks = pos / bt + 1;
-	uint32_t best = 0;
+	unsigned bt = kv->block_tokens, half = c->head_dim / 2;
+	const float *cs = g->rope_cos + (size_t)t->pos * half;
+	const float *sn = g->rope_sin + (size_t)t->pos * half;
+	int r = 0;
 
-	/* The KV pool lives on the device; the host pool only allocates block ids. */
-	if (!g->kv) {
-		g->kv_blocks = kv->n_blocks;
-		if (cudaMalloc(&g->kv, g->kv_blocks * kv->block_elems * sizeof(uint16_t)) != cudaSuccess) {
-			fprintf(stderr, "engine-cuda: cannot allocate the KV pool on the device\n");
-			exit(1);
-		}
-	}
-	cudaMemcpy(g->blocks, blocks, n_blocks * sizeof(uint32_t), cudaMemcpyHostToDevice);
-	k_embed<<<1, THREADS>>>(g->x, g->embed, token, c->dim);
+	CK(cudaMemcpy(g->blocks, t->blocks, (t->pos / bt + 1) * sizeof(uint32_t),
+		      cudaMemcpyHostToDevice), "cudaMemcpy(block table)");
+	k_embed<<<1, THREADS>>>(g->x, g->embed, t->token, c->dim);
 	for (unsigned l = 0; l < c->layers; l++) {
-		const struct gpu_layer *lw = &g->layer[l];
+		const uint16_t *const *w = g->layer[l];
 
-		k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, lw->in_norm, c->dim);
-		k_matvec<<<c->dim, THREADS>>>(g->q, lw->q, g->xb, c->dim);
-		k_matvec<<<c->kv_dim, THREADS>>>(g->k, lw->k, g->xb, c->dim);
-		k_matvec<<<c->kv_dim, THREADS>>>(g->v, lw->v, g->xb, c->dim);
-		k_rope<<<1, THREADS>>>(g->q, c->heads, c->head_dim, pos);
-		k_rope<<<1, THREADS>>>(g->k, c->kv_heads, c->head_dim, pos);
-		k_store_kv<<<1, THREADS>>>(g->kv, kv->block_elems, bt, c->kv_dim, g->blocks, l, pos,
-					   g->k, g->v);
-		k_attention<<<c->heads, THREADS>>>(g->att, g->q, g->kv, kv->block_elems, bt, c->kv_dim,
-						   c->head_dim, c->heads / c->kv_heads, g->blocks, l,
-						   pos, g->scores, m->max_ctx);
-		k_matvec<<<c->dim, THREADS>>>(g->xb, lw->o, g->att, c->dim);
+		k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, w[W_IN_NORM], c->dim);
+		k_matvec<<<c->dim, THREADS>>>(g->q, w[W_Q], g->xb, c->dim);
+		k_matvec<<<c->kv_dim, THREADS>>>(g->k, w[W_K], g->xb, c->dim);
+		k_matvec<<<c->kv_dim, THREADS>>>(g->v, w[W_V], g->xb, c->dim);
+		k_rope<<<1, THREADS>>>(g->q, c->heads, c->head_dim, cs, sn);
+		k_rope<<<1, THREADS>>>(g->k, c->kv_heads, c->head_dim, cs, sn);
+		k_store_kv<<<1, THREADS>>>(g->kv, kv->block_elems, bt, c->kv_dim, g->blocks, l,
+					   t->pos, g->k, g->v);
+		k_attention<<<c->heads, THREADS>>>(g->att, g->q, g->kv, kv->block_elems, bt,
+						   c->kv_dim, c->head_dim, c->heads / c->kv_heads,
+						   g->blocks, l, t->pos, g->scores, g->o.max_ctx);
+		k_matvec<<<c->dim, THREADS>>>(g->xb, w[W_O], g->att, c->dim);
 		k_add<<<8, THREADS>>>(g->x, g->xb, c->dim);
-		k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, lw->post_norm, c->dim);
-		k_matvec<<<c->ffn, THREADS>>>(g->hb, lw->gate, g->xb, c->dim);
-		k_matvec<<<c->ffn, THREADS>>>(g->hb2, lw->up, g->xb, c->dim);
+		k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, w[W_POST_NORM], c->dim);
+		k_matvec<<<c->ffn, THREADS>>>(g->hb, w[W_GATE], g->xb, c->dim);
+		k_matvec<<<c->ffn, THREADS>>>(g->hb2, w[W_UP], g->xb, c->dim);
 		k_swiglu<<<8, THREADS>>>(g->hb, g->hb2, c->ffn);
-		k_matvec<<<c->dim, THREADS>>>(g->xb, lw->down, g->hb, c->ffn);
+		k_matvec<<<c->dim, THREADS>>>(g->xb, w[W_DOWN], g->hb, c->ffn);
 		k_add<<<8, THREADS>>>(g->x, g->xb, c->dim);
 	}
-	k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, g->final_norm, c->dim);
-	k_matvec<<<c->vocab, THREADS>>>(g->logits, g->lm_head, g->xb, c->dim);
-	k_argmax<<<1, THREADS>>>(g->best, g->logits, c->vocab);
-	if (cudaMemcpy(&best, g->best, sizeof(best), cudaMemcpyDeviceToHost) != cudaSuccess) {
-		fprintf(stderr, "engine-cuda: %s\n", cudaGetErrorName(cudaGetLastError()));
-		exit(1);
+	CK(cudaGetLastError(), "kernel launch");
+	if (t->want_next) {
+		k_rmsnorm<<<1, THREADS>>>(g->xb, g->x, g->final_norm, c->dim);
+		k_matvec<<<c->vocab, THREADS>>>(g->logits, g->lm_head, g->xb, c->dim);
+		k_argmax<<<1, THREADS>>>(g->best, g->logits, c->vocab);
+		CK(cudaGetLastError(), "kernel launch");
+		CK(cudaMemcpy(&t->next, g->best, sizeof(t->next), cudaMemcpyDeviceToHost),
+		   "cudaMemcpy(next token)");
 	}
-	return best;
+out:
+	return r;
+}
+
+extern "C" int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks,
+			     unsigned n, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+	int r = model_check_batch(&m->c, &g->o, kv, toks, n, err);
+
+	for (unsigned i = 0; r == 0 && i < n; i++)
+		r = forward_one(m, kv, &toks[i], err);
+	if (r == 0) {
+		cudaError_t e = cudaDeviceSynchronize();
+
+		if (e != cudaSuccess)
+			r = cuda_fail(e, "cudaDeviceSynchronize", err);
+	}
+	return r;
 }

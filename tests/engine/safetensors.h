@@ -3,18 +3,26 @@
 #define ENG_SAFETENSORS_H
 
 /*
- * A strict reader of safetensors headers: u64 LE header length, a JSON
- * object of tensors {dtype, shape, data_offsets} and "__metadata__" strings.
- * Only what the test engine needs; anything malformed is refused by name.
+ * A strict reader of safetensors headers (https://github.com/huggingface/safetensors):
+ * u64 little-endian header length N, N bytes of JSON, then the data section.
+ * The JSON is one object: tensors {"dtype", "shape", "data_offsets"} by name
+ * and an optional "__metadata__" object of string values. Offsets are
+ * relative to the data section; the tensors must not overlap and must cover
+ * it exactly. Anything else is refused, with the header byte where it went
+ * wrong in the error. Every read is bounds-checked.
+ *
+ * Errors: -EBADMSG malformed header (err says what and where), -ENOMEM,
+ * -EIO or -errno when the file cannot be read.
  */
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define ST_MAX_DIMS 4
+#define ST_MAX_DIMS 8
+#define ST_ERR_SIZE 256
 
 struct st_tensor {
-	char name[128];
+	char name[160];
 	char dtype[8];
 	unsigned n_dims;
 	uint64_t shape[ST_MAX_DIMS];
@@ -22,8 +30,8 @@ struct st_tensor {
 };
 
 struct st_meta {
-	char key[64];
-	char value[64];
+	char key[128];
+	char value[256];
 };
 
 struct st_file {
@@ -39,11 +47,16 @@ struct st_file {
 extern "C" {
 #endif
 
-/* Reads and checks the header of fd; err (256 bytes) says what is wrong. */
-int st_open(int fd, struct st_file *ret, char err[256]);
+/* Reads and checks the header of fd; err (ST_ERR_SIZE bytes) says what is wrong. */
+int st_open(int fd, struct st_file *ret, char *err);
+/* The same on a header already in memory (JSON only) for a data section of data_size. */
+int st_parse(const char *json, size_t len, uint64_t data_size, struct st_file *ret, char *err);
 void st_free(struct st_file *f);
+/* Borrowed from f, valid until st_free(f). */
 const struct st_tensor *st_find(const struct st_file *f, const char *name);
 const char *st_meta_get(const struct st_file *f, const char *key);
+/* Bytes per element of a safetensors dtype name, 0 if unknown. */
+unsigned st_dtype_size(const char *dtype);
 
 #ifdef __cplusplus
 }
