@@ -11,6 +11,12 @@
  *   Images  exit(DUMP): split the complete image directory against the
  *           node's chunk store; init(RESTORE): join and verify it before
  *           CRIU opens any image or creates any process.
+ *   Engines PAUSE_DEVICES: a cooperative engine (kvmotion/engine.h) is asked
+ *           to quiesce before its task is seized (and before its GPU is
+ *           locked), and the weights files it maps are recorded in
+ *           kvmotion.engines; init(RESTORE): every such file must be there
+ *           and hash to its name; RESUME_DEVICES_LATE, and exit(DUMP) after
+ *           a failed or --leave-running dump: the engine is told to resume.
  *
  * This file is the only place with global state: CRIU's plugin API passes
  * no context between hooks. Docs: docs/criu.md.
@@ -34,11 +40,13 @@
 
 #include "config.h"
 #include "criuimg.h"
+#include "engine_ctl.h"
 #include "format.h"
 #include "gpu.h"
 #include "image.h"
 #include "store.h"
 #include "util.h"
+#include "weights.h"
 
 #define PLUGIN_NAME "kvmotion"
 
@@ -72,6 +80,9 @@ static struct {
 	bool inventory_recorded;
 	uint64_t saved_mask; /* the restore thread's signal mask while it runs */
 	pid_t thread_stopped_by_us;
+	struct km_engine_record *engines; /* dump: the engines quiesced so far */
+	size_t n_engines;
+	bool image_has_engines; /* restore: the image holds kvmotion.engines */
 } km = { .image_dir = -1 };
 
 static double now_s(void)
@@ -175,6 +186,9 @@ static int restore_thread_hook(void *userdata, pid_t pid, pid_t tid, bool start)
 
 static void free_state(void)
 {
+	km_engine_records_free(km.engines, km.n_engines);
+	km.engines = NULL;
+	km.n_engines = 0;
 	km_gpu_close(km.gpu);
 	km.gpu = NULL;
 	free(km.pairs);
@@ -252,6 +266,13 @@ static int init_dump(void)
 	r = open_gpu();
 	if (r < 0)
 		return r;
+	/*
+	 * Seize task by task rather than freeze the cgroup first: a
+	 * cooperative engine must still run when PAUSE_DEVICES asks it to
+	 * quiesce (CRIU's cuda_plugin does the same for the driver's lock).
+	 */
+	if (set_compel_interrupt_only_mode)
+		set_compel_interrupt_only_mode();
 	if (km.cfg.split != KM_NO) {
 		r = probe_store(km.cfg.split == KM_YES);
 		if (r == 0) {
@@ -273,6 +294,48 @@ static int init_dump(void)
 		km.split_wanted ? "on" : "off",
 		km_gpu_available(km.gpu) ? "checkpoint API" : "none", km.cfg.source);
 	return 0;
+}
+
+/*
+ * A cooperative engine's weights are not in the image: CRIU maps them again
+ * from their files. Each must be there, with the bytes it was named after,
+ * before any process exists (a .ok record spares re-reading it).
+ */
+static int check_engine_weights(void)
+{
+	struct km_engine_record *rec = NULL;
+	struct km_error err = { { 0 } };
+	size_t n = 0;
+	double t0 = now_s();
+	uint64_t hashed = 0, files = 0;
+	int r;
+
+	r = km_engine_records_read(km.image_dir, &rec, &n, &err);
+	if (r == -ENOENT)
+		return 0;
+	if (r < 0) {
+		pr_err("%s: %s; refusing to restore", KM_ENGINES_NAME,
+		       err.msg[0] ? err.msg : strerror(-r));
+		return r;
+	}
+	km.image_has_engines = true;
+	for (size_t i = 0; i < n && r == 0; i++)
+		for (size_t j = 0; j < rec[i].n_weights && r == 0; j++) {
+			const struct km_engine_weights *w = &rec[i].weights[j];
+			uint64_t h = 0;
+
+			r = km_weights_check(w->path, &w->id, w->size, &h, &err);
+			if (r < 0)
+				pr_err("weights file of the engine in pid %d: %s; refusing to restore",
+				       (int)rec[i].pid, err.msg[0] ? err.msg : strerror(-r));
+			hashed += h;
+			files++;
+		}
+	km_engine_records_free(rec, n);
+	if (r == 0)
+		pr_info("%llu weights files present and verified in %.3f s (%llu bytes re-hashed)",
+			(unsigned long long)files, now_s() - t0, (unsigned long long)hashed);
+	return r;
 }
 
 static int init_restore(void)
@@ -298,6 +361,9 @@ static int init_restore(void)
 			return r;
 		}
 	}
+	r = check_engine_weights();
+	if (r < 0)
+		return r;
 	r = km_image_is_split(km.image_dir);
 	if (r <= 0) {
 		if (r < 0)
@@ -392,6 +458,36 @@ static void split_image(void)
 		(unsigned long long)st.bytes_added);
 }
 
+/* Before the split: kvmotion.engines is a small file the split keeps as is. */
+static void record_engines(void)
+{
+	int r = km_engine_records_write(km.image_dir, km.engines, km.n_engines, km.cfg.sync);
+
+	if (r < 0)
+		pr_err("cannot write %s: %s; a restore will not check the weights files first",
+		       KM_ENGINES_NAME, strerror(-r));
+}
+
+/*
+ * The tasks are still frozen here: the request waits in the engine's socket
+ * and is carried out as soon as CRIU lets the task go (the engine resumes
+ * whether or not it can answer).
+ */
+static void resume_engines(bool restored)
+{
+	for (size_t i = 0; i < km.n_engines; i++) {
+		struct km_error err = { { 0 } };
+		int r = km_engine_resume(km.engines[i].pid, restored, km.cfg.quiesce_timeout_ms,
+					 &err);
+
+		if (r < 0)
+			pr_err("cannot tell the engine in pid %d to resume: %s", km.engines[i].pid,
+			       err.msg[0] ? err.msg : strerror(-r));
+		else
+			pr_info("engine in pid %d told to resume", km.engines[i].pid);
+	}
+}
+
 static void kvmotion_exit(int stage, int ret)
 {
 	struct km_error err = { { 0 } };
@@ -400,10 +496,14 @@ static void kvmotion_exit(int stage, int ret)
 		/* First give the source its GPU back when it lives on. */
 		if (km_gpu_dump_done(km.gpu, ret == 0, km.leave_running, &err) < 0)
 			pr_err("GPU after dump: %s", err.msg);
+		if (ret == 0 && km.n_engines)
+			record_engines();
 		if (ret == 0 && km.split_wanted && km.comm_selected)
 			split_image();
 		else if (ret == 0 && km.split_wanted)
 			pr_info("split skipped: no task matches split_comm '%s'", km.cfg.split_comm);
+		if (ret != 0 || km.leave_running)
+			resume_engines(false);
 	}
 	free_state();
 }
@@ -470,6 +570,46 @@ static int check_space(pid_t pid)
 	return -ENOSPC;
 }
 
+/* A cooperative engine in pid finishes its step and releases what it can. */
+static int quiesce_engine(pid_t pid)
+{
+	struct km_engine_quiesced q = { 0 };
+	struct km_engine_record *grown;
+	struct km_error err = { { 0 } };
+	double t0 = now_s();
+	int r;
+
+	r = km_engine_probe(pid);
+	if (r <= 0) {
+		if (r < 0)
+			pr_warn("pid %d: cannot tell whether it runs a cooperative engine: %s", pid,
+				strerror(-r));
+		return 0;
+	}
+	grown = realloc(km.engines, (km.n_engines + 1) * sizeof(*grown));
+	if (!grown)
+		return -ENOMEM;
+	km.engines = grown;
+	r = km_engine_quiesce(pid, km.cfg.quiesce_timeout_ms, &q, &err);
+	if (r < 0) {
+		pr_err("engine in pid %d: %s; refusing to dump (the engine goes on serving)", pid,
+		       err.msg[0] ? err.msg : strerror(-r));
+		return r;
+	}
+	/* the record takes the weights array over */
+	km.engines[km.n_engines++] = (struct km_engine_record){ .pid = pid,
+								 .weights = q.weights,
+								 .n_weights = q.n_weights };
+	pr_info("engine in pid %d quiesced in %.3f s: %zu weights files, %u free KV blocks "
+		"(%llu bytes) released",
+		pid, now_s() - t0, q.n_weights, q.free_blocks,
+		(unsigned long long)q.released_bytes);
+	q.weights = NULL;
+	q.n_weights = 0;
+	km_engine_quiesced_clear(&q);
+	return 0;
+}
+
 static int kvmotion_pause_devices(int pid)
 {
 	struct km_error err = { { 0 } };
@@ -485,6 +625,10 @@ static int kvmotion_pause_devices(int pid)
 		if (r < 0)
 			return r;
 	}
+	/* The engine releases its device memory before the GPU is locked. */
+	r = quiesce_engine(pid);
+	if (r < 0)
+		return r;
 	if (!km.gpu)
 		return 0;
 	if (km_gpu_available(km.gpu)) {
@@ -551,6 +695,17 @@ static int kvmotion_resume_devices_late(int pid)
 	}
 	if (km_gpu_available(km.gpu))
 		pr_info("GPU state of %d resumed in %.3f s", pid, now_s() - t0);
+	if (km.image_has_engines && km_engine_probe(pid) == 1) {
+		/* The task is still stopped: the engine acts when CRIU lets it go. */
+		r = km_engine_resume(pid, true, km.cfg.quiesce_timeout_ms, &err);
+		if (r < 0) {
+			pr_err("engine in pid %d: %s; killing the task so that the restore fails",
+			       pid, err.msg[0] ? err.msg : strerror(-r));
+			kill(pid, SIGKILL);
+			return r;
+		}
+		pr_info("engine in pid %d told to resume after the restore", pid);
+	}
 	return 0;
 }
 CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__RESUME_DEVICES_LATE, kvmotion_resume_devices_late)

@@ -18,6 +18,7 @@ void km_config_init(struct km_config *c)
 	snprintf(c->libcuda, sizeof(c->libcuda), "libcuda.so.1");
 	/* Inside CRIU's default --timeout of 10 s, which bounds the freeze. */
 	c->lock_timeout_ms = 8000;
+	c->quiesce_timeout_ms = 5000;
 	c->leave_running = KM_AUTO;
 	snprintf(c->source, sizeof(c->source), "defaults");
 }
@@ -115,6 +116,11 @@ int km_config_set(struct km_config *c, const char *key, const char *value, struc
 	} else if (strcmp(key, "lock_timeout_ms") == 0) {
 		r = parse_size(value, UINT32_MAX, &n);
 		c->lock_timeout_ms = (unsigned)n;
+	} else if (strcmp(key, "quiesce_timeout_ms") == 0) {
+		r = parse_size(value, UINT32_MAX, &n);
+		c->quiesce_timeout_ms = (unsigned)n;
+	} else if (strcmp(key, "weights_dir") == 0) {
+		r = set_string(c->weights_dir, sizeof(c->weights_dir), value);
 	} else if (strcmp(key, "gpu_map") == 0) {
 		r = set_string(c->gpu_map, sizeof(c->gpu_map), value);
 	} else if (strcmp(key, "libcuda") == 0) {
@@ -202,6 +208,8 @@ int km_config_load(struct km_config *c, const char *path, struct km_error *err)
 		{ "KVMOTION_GPU_MAP", "gpu_map" },
 		{ "KVMOTION_LIBCUDA", "libcuda" },
 		{ "KVMOTION_LOCK_TIMEOUT_MS", "lock_timeout_ms" },
+		{ "KVMOTION_QUIESCE_TIMEOUT_MS", "quiesce_timeout_ms" },
+		{ "KVMOTION_WEIGHTS_DIR", "weights_dir" },
 		{ "KVMOTION_LEAVE_RUNNING", "leave_running" },
 	};
 	const char *env_path = getenv("KVMOTION_CONFIG");

@@ -21,6 +21,8 @@
  *   gpu_map          KVMOTION_GPU_MAP          (none) "GPU-a=GPU-b,..."
  *   libcuda          KVMOTION_LIBCUDA          libcuda.so.1
  *   lock_timeout_ms  KVMOTION_LOCK_TIMEOUT_MS  8000 (keep below CRIU's --timeout)
+ *   quiesce_timeout_ms KVMOTION_QUIESCE_TIMEOUT_MS 5000 (a cooperative engine's answer)
+ *   weights_dir      KVMOTION_WEIGHTS_DIR      (empty: STORE/weights)
  *   leave_running    KVMOTION_LEAVE_RUNNING    auto (from CRIU's command line)
  *
  * File syntax: "key = value" lines, '#' comments, blank lines ignored.
@@ -50,6 +52,8 @@ struct km_config {
 	char gpu_map[2048];
 	char libcuda[1024];
 	unsigned lock_timeout_ms;
+	unsigned quiesce_timeout_ms;
+	char weights_dir[4096];
 	enum km_tristate leave_running;
 	char source[4200]; /* where the settings came from, for the log */
 };

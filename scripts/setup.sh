@@ -15,7 +15,9 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
-deps="$top/.deps"
+# pwd -P: a .deps that is a link to another checkout's keeps that checkout's paths
+mkdir -p "$top/.deps"
+deps=$(cd "$top/.deps" && pwd -P)
 prefix="$deps/criu"
 multiarch=x86_64-linux-gnu
 

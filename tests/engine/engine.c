@@ -10,9 +10,10 @@
  *
  *   engine --model F --out F [--seqs N] [--total-seqs N] [--prompt-len N]
  *          [--max-new N] [--prefill-chunk N] [--max-batch N] [--block-tokens N]
- *          [--kv-mib N] [--kv-fill-mib N] [--threads N] [--step-delay-ms N]
+ *          [--kv-mib N] [--kv-fill-mib N] [--kv-churn-mib N] [--threads N]
+ *          [--step-delay-ms N]
  *          [--seed N] [--status PATH] [--status-socket NAME] [--status-file PATH]
- *          [--quiet]
+ *          [--coop [--store DIR]] [--quiet]
  *   engine --query PATH|NAME   print the status line of a running engine
  *
  * A step: every active sequence contributes its next prompt chunk (prefill)
@@ -28,6 +29,18 @@
  * are polled without blocking between steps (and during --step-delay-ms).
  * --status-file is rewritten atomically (temp file + rename) after each step.
  *
+ * --coop: cooperative mode through kvmotion's engine API (kvmotion/engine.h).
+ * The weights come from the store's content-addressed weights file for
+ * --model (a model file, seeded and materialized if needed, or
+ * "index:NAME" for a weights index of the store), mapped read-only; the model
+ * uploads them into its own anonymous copy as a GPU engine uploads to the
+ * device. When kvmotion's CRIU plugin asks for a quiesce, the engine parks
+ * after the step in progress and drops that copy (keeping its addresses);
+ * the library releases the free KV blocks, which the engine reports as it
+ * allocates and frees them. On resume (after a restore, or a failed or
+ * --leave-running dump) the weights are uploaded again from the mapping.
+ * So a dump holds neither the weights nor the free KV blocks.
+ *
  * Single-threaded unless --threads N > 1 (the matrix products then run on N
  * threads; the tokens are the same for any N).
  */
@@ -36,6 +49,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -47,6 +61,8 @@
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <kvmotion/engine.h>
 
 #include "kvcache.h"
 #include "model.h"
@@ -71,8 +87,26 @@ struct options {
 	const char *model, *out, *status_path, *status_name, *status_file;
 	unsigned seqs, prompt_len, max_new, prefill_chunk, max_batch, block_tokens, threads;
 	unsigned delay_ms;
-	uint64_t total_seqs, seed, kv_mib, fill_mib;
+	uint64_t total_seqs, seed, kv_mib, fill_mib, churn_mib;
 	bool quiet;
+	bool coop;
+	const char *store; /* --coop: the kvmotion store (NULL: kvmotion's default) */
+};
+
+/* Cooperative mode: the main loop parks between steps when asked. */
+enum coop_phase { COOP_RUNNING, COOP_WANT_QUIESCE, COOP_PARKED };
+
+struct coop {
+	struct kme_weights *weights;
+	struct kme_engine *ctl;
+	pthread_mutex_t lock;
+	pthread_cond_t changed;	 /* phase changed */
+	enum coop_phase phase;
+	int wake[2];		 /* pipe: wakes the main loop out of --step-delay-ms */
+	const uint8_t *file;	 /* the model's safetensors bytes in the weights file */
+	uint64_t file_size;
+	uint64_t quiesces, resumes, restores;
+	double upload_s; /* the last upload of the weights after a resume */
 };
 
 struct engine {
@@ -90,6 +124,7 @@ struct engine {
 	bool done;
 	uint64_t tokens_generated, prefill_steps, decode_steps, sequences_done, steps;
 	uint32_t parked_blocks; /* --kv-fill-mib: blocks held with synthetic KV */
+	struct coop coop;
 };
 
 static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
@@ -110,8 +145,10 @@ static void usage(FILE *f)
 	fputs("usage: engine --model FILE --out FILE [--seqs N] [--total-seqs N (0: forever)]\n"
 	      "              [--prompt-len N] [--max-new N] [--prefill-chunk N (0: whole prompt)]\n"
 	      "              [--max-batch N] [--block-tokens N] [--kv-mib N] [--kv-fill-mib N]\n"
+	      "              [--kv-churn-mib N]\n"
 	      "              [--threads N] [--step-delay-ms N] [--seed N] [--status PATH]\n"
-	      "              [--status-socket NAME] [--status-file PATH] [--quiet]\n"
+	      "              [--status-socket NAME] [--status-file PATH] [--coop [--store DIR]]\n"
+	      "              [--quiet]\n"
 	      "       engine --query PATH|NAME (a NAME without '/' is an abstract socket)\n",
 	      f);
 }
@@ -197,11 +234,14 @@ static int status_json(const struct engine *e, char *buf, size_t n)
 		       ",\"sequences_done\":%" PRIu64 ",\"sequences_started\":%" PRIu64
 		       ",\"sequences_active\":%u,\"steps\":%" PRIu64
 		       ",\"kv_blocks_used\":%u,\"kv_blocks_total\":%u,\"kv_blocks_parked\":%u"
-		       ",\"kv_block_tokens\":%u,\"weights_bytes\":%" PRIu64 ",\"pid\":%d}\n",
+		       ",\"kv_block_tokens\":%u,\"weights_bytes\":%" PRIu64 ",\"pid\":%d"
+		       ",\"mode\":\"%s\",\"quiesces\":%" PRIu64 ",\"resumes\":%" PRIu64
+		       ",\"restores\":%" PRIu64 ",\"upload_ms\":%.1f}\n",
 		       e->done ? "done" : "running", e->tokens_generated, e->prefill_steps,
 		       e->decode_steps, e->sequences_done, e->started, active, e->steps,
 		       kv_used(&e->kv), e->kv.n_blocks, e->parked_blocks, e->kv.block_tokens,
-		       e->m.weights_size, (int)getpid());
+		       e->m.weights_size, (int)getpid(), e->o.coop ? "coop" : "plain",
+		       e->coop.quiesces, e->coop.resumes, e->coop.restores, e->coop.upload_s * 1e3);
 	return len < 0 || (size_t)len >= n ? -EOVERFLOW : len;
 }
 
@@ -434,13 +474,15 @@ static int engine_step(struct engine *e)
 /* --step-delay-ms, answering status connections meanwhile. */
 static void delay(const struct engine *e)
 {
-	struct pollfd pfd[2];
+	struct pollfd pfd[3];
 	unsigned nfds = 0;
 	double start = now_s(), left;
 
 	for (unsigned i = 0; i < 2; i++)
 		if (e->listen_fd[i] >= 0)
 			pfd[nfds++] = (struct pollfd){ .fd = e->listen_fd[i], .events = POLLIN };
+	if (e->o.coop)
+		pfd[nfds++] = (struct pollfd){ .fd = e->coop.wake[0], .events = POLLIN };
 	for (;;) {
 		double t = now_s();
 
@@ -450,9 +492,49 @@ static void delay(const struct engine *e)
 		left = (double)e->o.delay_ms / 1e3 - (t - start);
 		if (left <= 0)
 			break;
-		if (poll(pfd, nfds, (int)(left * 1e3) + 1) > 0)
+		if (poll(pfd, nfds, (int)(left * 1e3) + 1) > 0) {
 			serve_status(e);
+			/* a quiesce request: the step is over, park now */
+			if (e->o.coop && (pfd[nfds - 1].revents & POLLIN))
+				break;
+		}
 	}
+}
+
+/*
+ * --kv-churn-mib: blocks written and given back, as by finished requests:
+ * free, but their memory is touched and holds stale KV.
+ */
+static void churn_blocks(struct engine *e)
+{
+	uint64_t bytes = e->o.churn_mib << 20, done = 0;
+	uint32_t *ids, n = 0;
+	uint16_t *buf;
+	char err[MODEL_ERR_SIZE];
+
+	if (!bytes)
+		return;
+	buf = malloc(kv_block_bytes(&e->kv));
+	ids = calloc(e->kv.n_blocks, sizeof(*ids));
+	if (!buf || !ids)
+		die("out of memory");
+	for (size_t i = 0; i < e->kv.block_elems; i++)
+		buf[i] = (uint16_t)(0x3c00 | (i & 0x3ff));
+	for (; done < bytes; done += kv_block_bytes(&e->kv)) {
+		int64_t b = kv_alloc(&e->kv);
+
+		if (b < 0)
+			die("--kv-churn-mib %" PRIu64 " is larger than the free KV pool",
+			    e->o.churn_mib);
+		if (model_kv_write(&e->m, &e->kv, (uint32_t)b, buf, err) < 0)
+			die("--kv-churn-mib: %s", err);
+		ids[n++] = (uint32_t)b;
+	}
+	/* given back in allocation order: the lowest ids are handed out next */
+	while (n)
+		(void)kv_release(&e->kv, ids[--n]);
+	free(ids);
+	free(buf);
 }
 
 /* Blocks held with synthetic KV content, as a long-lived context would. */
@@ -484,6 +566,172 @@ static void park_blocks(struct engine *e)
 	free(buf);
 }
 
+
+/* ---- cooperative mode ---- */
+
+/* Called on the library's control thread. */
+static int coop_quiesce(void *userdata, uint32_t deadline_ms)
+{
+	struct engine *e = userdata;
+	struct coop *c = &e->coop;
+	char err[MODEL_ERR_SIZE];
+	struct timespec until;
+	int r = 0;
+
+	clock_gettime(CLOCK_MONOTONIC, &until);
+	until.tv_sec += deadline_ms / 1000;
+	until.tv_nsec += (long)(deadline_ms % 1000) * 1000000;
+	if (until.tv_nsec >= 1000000000) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000;
+	}
+	pthread_mutex_lock(&c->lock);
+	if (c->phase == COOP_RUNNING) {
+		c->phase = COOP_WANT_QUIESCE;
+		if (write(c->wake[1], "q", 1) < 0) {
+			/* the pipe is never full: the main loop drains it when parking */
+		}
+	}
+	while (c->phase == COOP_WANT_QUIESCE && r == 0)
+		r = pthread_cond_timedwait(&c->changed, &c->lock, &until);
+	if (c->phase != COOP_PARKED) {
+		/* the step did not end in time: go on as if nothing was asked */
+		c->phase = COOP_RUNNING;
+		pthread_mutex_unlock(&c->lock);
+		return -ETIMEDOUT;
+	}
+	r = model_release_weights(&e->m, err);
+	if (r < 0) {
+		fprintf(stderr, "engine: quiesce: %s\n", err);
+		c->phase = COOP_RUNNING;
+		pthread_cond_broadcast(&c->changed);
+	} else {
+		c->quiesces++;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+static int coop_resume(void *userdata, bool restored)
+{
+	struct engine *e = userdata;
+	struct coop *c = &e->coop;
+	char err[MODEL_ERR_SIZE];
+	int r = 0;
+
+	pthread_mutex_lock(&c->lock);
+	if (c->phase == COOP_PARKED) {
+		double t0 = now_s();
+
+		r = model_upload_weights(&e->m, err);
+		c->upload_s = now_s() - t0;
+		if (r < 0) {
+			fprintf(stderr, "engine: resume: %s\n", err);
+		} else {
+			c->resumes++;
+			c->restores += restored;
+			c->phase = COOP_RUNNING;
+			pthread_cond_broadcast(&c->changed);
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+/* Between steps: parks while a quiesce holds the engine. */
+static void coop_park(struct engine *e)
+{
+	struct coop *c = &e->coop;
+	char buf[16];
+
+	if (!e->o.coop)
+		return;
+	pthread_mutex_lock(&c->lock);
+	if (c->phase == COOP_WANT_QUIESCE) {
+		while (read(c->wake[0], buf, sizeof(buf)) > 0) {
+			/* drained: the pipe is non-blocking */
+		}
+		(void)write_status_file(e);
+		c->phase = COOP_PARKED;
+		pthread_cond_broadcast(&c->changed);
+		while (c->phase == COOP_PARKED)
+			pthread_cond_wait(&c->changed, &c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+}
+
+static void coop_kv_change(void *userdata, uint32_t block, bool free)
+{
+	struct engine *e = userdata;
+
+	(void)kme_kv_block_set_free(e->coop.ctl, 0, block, free);
+}
+
+/* Maps the weights file; the model is then loaded from the mapping. */
+static void coop_open_weights(struct engine *e)
+{
+	uint64_t offset, size;
+	const char *name;
+	int r;
+
+	r = kme_weights_open(e->o.store, e->o.model, &e->coop.weights);
+	if (r < 0)
+		die("--coop: cannot open the weights of %s through kvmotion: %s", e->o.model,
+		    kme_strerror(r));
+	r = kme_weights_file(e->coop.weights, 0, &name, &offset, &size);
+	if (r < 0)
+		die("--coop: weights file %s: %s", kme_weights_path(e->coop.weights),
+		    kme_strerror(r));
+	e->coop.file = (const uint8_t *)kme_weights_data(e->coop.weights) + offset;
+	e->coop.file_size = size;
+}
+
+/* After the KV pool exists: the control thread starts answering kvmotion. */
+static void coop_start(struct engine *e)
+{
+	struct coop *c = &e->coop;
+	const struct kme_callbacks cb = { .quiesce = coop_quiesce,
+					  .resume = coop_resume,
+					  .userdata = e };
+	pthread_condattr_t ca;
+	uint32_t pool;
+	int r;
+
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->changed, &ca);
+	pthread_condattr_destroy(&ca);
+	if (pipe2(c->wake, O_CLOEXEC | O_NONBLOCK) < 0)
+		die("pipe: %s", strerror(errno));
+	r = kme_engine_start(&cb, NULL, &c->ctl);
+	if (r < 0)
+		die("--coop: cannot start kvmotion's engine control: %s", kme_strerror(r));
+	r = kme_engine_add_weights(c->ctl, c->weights);
+	if (r < 0)
+		die("--coop: %s", kme_strerror(r));
+	r = kme_kv_pool_register(c->ctl, e->kv.data, kv_block_stride_bytes(&e->kv),
+				 e->kv.n_blocks, KME_KV_HOST, &pool);
+	if (r < 0 || pool != 0)
+		die("--coop: cannot register the KV pool: %s", kme_strerror(r < 0 ? r : -EINVAL));
+	/* every block starts in use for the library: tell it which are free */
+	for (uint32_t i = 0; i < e->kv.n_free; i++)
+		(void)kme_kv_block_set_free(c->ctl, 0, e->kv.free_stack[i], true);
+	e->kv.on_change = coop_kv_change;
+	e->kv.on_change_data = e;
+}
+
+static void coop_stop(struct engine *e)
+{
+	if (!e->o.coop)
+		return;
+	e->kv.on_change = NULL;
+	kme_engine_stop(e->coop.ctl);
+	kme_weights_close(e->coop.weights);
+	close(e->coop.wake[0]);
+	close(e->coop.wake[1]);
+}
+
 static void parse_args(int argc, char **argv, struct options *o)
 {
 	static const struct option opts[] = {
@@ -498,6 +746,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		{ "block-tokens", required_argument, NULL, 'b' },
 		{ "kv-mib", required_argument, NULL, 'k' },
 		{ "kv-fill-mib", required_argument, NULL, 'F' },
+		{ "kv-churn-mib", required_argument, NULL, 'K' },
 		{ "threads", required_argument, NULL, 'j' },
 		{ "step-delay-ms", required_argument, NULL, 'd' },
 		{ "seed", required_argument, NULL, 'r' },
@@ -505,6 +754,8 @@ static void parse_args(int argc, char **argv, struct options *o)
 		{ "status-socket", required_argument, NULL, 'U' },
 		{ "status-file", required_argument, NULL, 'f' },
 		{ "quiet", no_argument, NULL, 'Q' },
+		{ "coop", no_argument, NULL, 'C' },
+		{ "store", required_argument, NULL, 'D' },
 		{ "query", required_argument, NULL, 'q' },
 		{ "help", no_argument, NULL, 'h' },
 		{}
@@ -526,6 +777,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		case 'b': o->block_tokens = (unsigned)parse_num(name, optarg, 1, 1 << 16); break;
 		case 'k': o->kv_mib = parse_num(name, optarg, 1, 1 << 24); break;
 		case 'F': o->fill_mib = parse_num(name, optarg, 0, 1 << 24); break;
+		case 'K': o->churn_mib = parse_num(name, optarg, 0, 1 << 24); break;
 		case 'j': o->threads = (unsigned)parse_num(name, optarg, 1, 256); break;
 		case 'd': o->delay_ms = (unsigned)parse_num(name, optarg, 0, 3600000); break;
 		case 'r': o->seed = parse_num(name, optarg, 0, UINT64_MAX); break;
@@ -533,6 +785,8 @@ static void parse_args(int argc, char **argv, struct options *o)
 		case 'U': o->status_name = optarg; break;
 		case 'f': o->status_file = optarg; break;
 		case 'Q': o->quiet = true; break;
+		case 'C': o->coop = true; break;
+		case 'D': o->store = optarg; break;
 		case 'q': exit(query(optarg));
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(2);
@@ -571,7 +825,13 @@ static void engine_init(struct engine *e)
 				  .max_batch = e->max_batch,
 				  .max_outputs = o->seqs,
 				  .threads = o->threads };
-	r = model_load(&e->m, o->model, &mo, err);
+	if (o->coop) {
+		coop_open_weights(e);
+		r = model_load_mem(&e->m, e->coop.file, e->coop.file_size,
+				   kme_weights_path(e->coop.weights), &mo, err);
+	} else {
+		r = model_load(&e->m, o->model, &mo, err);
+	}
 	if (r < 0)
 		die("%s", err);
 	r = kv_pool_init(&e->kv, e->m.c.layers, e->m.c.kv_dim, o->block_tokens, o->kv_mib << 20,
@@ -589,6 +849,9 @@ static void engine_init(struct engine *e)
 	if (e->max_blocks > e->kv.n_blocks)
 		die("one sequence needs %u KV blocks of %u tokens, --kv-mib %" PRIu64 " holds %u",
 		    e->max_blocks, o->block_tokens, o->kv_mib, e->kv.n_blocks);
+	if (o->coop)
+		coop_start(e);
+	churn_blocks(e);
 	park_blocks(e);
 
 	e->seqs = calloc(o->seqs, sizeof(*e->seqs));
@@ -656,6 +919,7 @@ static void engine_free(struct engine *e)
 		unlink(e->o.status_path);
 	if (e->out_fd >= 0)
 		close(e->out_fd);
+	coop_stop(e);
 	kv_pool_free(&e->kv);
 	model_free(&e->m);
 }
@@ -687,6 +951,7 @@ int main(int argc, char **argv)
 		serve_status(&e);
 		if (e.o.delay_ms)
 			delay(&e);
+		coop_park(&e);
 	}
 	e.done = true;
 	(void)write_status_file(&e);

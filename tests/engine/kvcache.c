@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 int kv_pool_init(struct kv_pool *p, unsigned layers, unsigned kv_dim, unsigned block_tokens,
 		 uint64_t bytes, bool host_data)
@@ -18,12 +19,19 @@ int kv_pool_init(struct kv_pool *p, unsigned layers, unsigned kv_dim, unsigned b
 	p->kv_dim = kv_dim;
 	p->block_tokens = block_tokens;
 	p->block_elems = (size_t)layers * 2 * block_tokens * kv_dim;
-	n = bytes / kv_block_bytes(p);
+	if (host_data) {
+		size_t page = (size_t)sysconf(_SC_PAGESIZE) / sizeof(uint16_t);
+
+		p->block_stride = (p->block_elems + page - 1) / page * page;
+	} else {
+		p->block_stride = p->block_elems;
+	}
+	n = bytes / kv_block_stride_bytes(p);
 	if (n == 0 || n > UINT32_MAX / 2)
 		return -EINVAL;
 	p->n_blocks = (uint32_t)n;
 	if (host_data) {
-		void *data = mmap(NULL, (size_t)n * kv_block_bytes(p), PROT_READ | PROT_WRITE,
+		void *data = mmap(NULL, (size_t)n * kv_block_stride_bytes(p), PROT_READ | PROT_WRITE,
 				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
 		if (data == MAP_FAILED)
@@ -46,7 +54,7 @@ int kv_pool_init(struct kv_pool *p, unsigned layers, unsigned kv_dim, unsigned b
 void kv_pool_free(struct kv_pool *p)
 {
 	if (p->data)
-		munmap(p->data, (size_t)p->n_blocks * kv_block_bytes(p));
+		munmap(p->data, (size_t)p->n_blocks * kv_block_stride_bytes(p));
 	free(p->free_stack);
 	free(p->used);
 	memset(p, 0, sizeof(*p));
@@ -60,6 +68,8 @@ int64_t kv_alloc(struct kv_pool *p)
 		return -ENOSPC;
 	b = p->free_stack[--p->n_free];
 	p->used[b / 64] |= 1ull << (b % 64);
+	if (p->on_change)
+		p->on_change(p->on_change_data, b, false);
 	return b;
 }
 
@@ -69,5 +79,7 @@ int kv_release(struct kv_pool *p, uint32_t block)
 		return -EINVAL;
 	p->used[block / 64] &= ~(1ull << (block % 64));
 	p->free_stack[p->n_free++] = block;
+	if (p->on_change)
+		p->on_change(p->on_change_data, block, true);
 	return 0;
 }

@@ -9,7 +9,10 @@
  * and give them back when they finish. The lowest free id is handed out
  * first after init, so allocation is deterministic.
  *
- * Block layout: [layer][K, V][slot][kv_dim] bf16.
+ * Block layout: [layer][K, V][slot][kv_dim] bf16. Host blocks start at
+ * multiples of block_stride elements, a whole number of pages, so that a
+ * free block can be released on its own (madvise) while the pool keeps its
+ * addresses.
  *
  * The CUDA build keeps the blocks in device memory: it creates the pool with
  * host_data false (ids only, data NULL) and allocates the blocks itself.
@@ -24,8 +27,12 @@ struct kv_pool {
 	uint32_t n_blocks, n_free;
 	uint32_t *free_stack;
 	uint64_t *used; /* bitmap of allocated blocks: catches double frees */
-	uint16_t *data;	    /* host blocks, or NULL */
-	size_t block_elems; /* layers * 2 * block_tokens * kv_dim */
+	uint16_t *data;	     /* host blocks, or NULL */
+	size_t block_elems;  /* layers * 2 * block_tokens * kv_dim */
+	size_t block_stride; /* elements from one host block to the next */
+	/* Told of every allocation and release (cooperative mode), may be NULL. */
+	void (*on_change)(void *userdata, uint32_t block, bool free);
+	void *on_change_data;
 };
 
 /*
@@ -52,10 +59,15 @@ static inline size_t kv_block_bytes(const struct kv_pool *p)
 }
 
 /* Element offset of one token's K (which 0) or V (which 1) of one layer. */
+static inline size_t kv_block_stride_bytes(const struct kv_pool *p)
+{
+	return p->block_stride * sizeof(uint16_t);
+}
+
 static inline size_t kv_offset(const struct kv_pool *p, uint32_t block, unsigned layer,
 			       unsigned which, unsigned slot)
 {
-	return (size_t)block * p->block_elems +
+	return (size_t)block * p->block_stride +
 	       ((size_t)(layer * 2 + which) * p->block_tokens + slot) * p->kv_dim;
 }
 

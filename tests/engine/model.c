@@ -37,6 +37,8 @@ typedef uint32_t v4u __attribute__((vector_size(16)));
 struct cpu_model {
 	struct model_opts o;
 	uint8_t *weights; /* anonymous copy of the data section */
+	const uint8_t *file;  /* model_load_mem: the file it came from (borrowed) */
+	uint64_t data_offset; /* of the data section in file */
 	const uint16_t *embed, *final_norm, *lm_head;
 	const uint16_t *(*layer)[W_PER_LAYER];
 	float *rope_cos, *rope_sin; /* [max_ctx][head_dim / 2] */
@@ -366,7 +368,9 @@ static float *falloc(size_t n, int *r)
 	return p;
 }
 
-int model_load(struct model *m, const char *path, const struct model_opts *o, char *err)
+/* One loader for both sources: path, or file/file_size (cooperative mode). */
+static int load(struct model *m, const char *path, const uint8_t *file, uint64_t file_size,
+		const struct model_opts *o, char *err)
 {
 	struct model_config *c = &m->c;
 	struct model_layout l = { 0 };
@@ -386,7 +390,13 @@ int model_load(struct model *m, const char *path, const struct model_opts *o, ch
 	}
 	m->priv = cm;
 	cm->o = *o;
-	r = model_read_file(path, c, &l, &cm->weights, &m->weights_size, err);
+	if (file) {
+		r = model_read_mem(file, file_size, path, c, &l, &cm->weights, &m->weights_size,
+				   &cm->data_offset, err);
+		cm->file = file;
+	} else {
+		r = model_read_file(path, c, &l, &cm->weights, &m->weights_size, err);
+	}
 	if (r < 0)
 		goto fail;
 
@@ -449,6 +459,47 @@ fail:
 	return r;
 }
 
+int model_load(struct model *m, const char *path, const struct model_opts *o, char *err)
+{
+	return load(m, path, NULL, 0, o, err);
+}
+
+int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size, const char *what,
+		   const struct model_opts *o, char *err)
+{
+	return load(m, what, file, file_size, o, err);
+}
+
+int model_release_weights(struct model *m, char *err)
+{
+	struct cpu_model *cm = m->priv;
+
+	if (!cm || !cm->file) {
+		snprintf(err, MODEL_ERR_SIZE, "the weights were not loaded from a weights file");
+		return -EINVAL;
+	}
+	/* MADV_DONTNEED: the pages are gone, the range stays (reads give zeros) */
+	if (madvise(cm->weights, m->weights_size ? m->weights_size : 1, MADV_DONTNEED) < 0) {
+		int r = -errno;
+
+		snprintf(err, MODEL_ERR_SIZE, "cannot release the weights: %s", strerror(-r));
+		return r;
+	}
+	return 0;
+}
+
+int model_upload_weights(struct model *m, char *err)
+{
+	struct cpu_model *cm = m->priv;
+
+	if (!cm || !cm->file) {
+		snprintf(err, MODEL_ERR_SIZE, "the weights were not loaded from a weights file");
+		return -EINVAL;
+	}
+	memcpy(cm->weights, cm->file + cm->data_offset, m->weights_size);
+	return 0;
+}
+
 void model_free(struct model *m)
 {
 	struct cpu_model *cm = m->priv;
@@ -494,7 +545,7 @@ int model_kv_write(struct model *m, struct kv_pool *kv, uint32_t block, const ui
 		snprintf(err, MODEL_ERR_SIZE, "KV block %u outside the pool", block);
 		return -EINVAL;
 	}
-	memcpy(kv->data + (size_t)block * kv->block_elems, src, kv_block_bytes(kv));
+	memcpy(kv->data + (size_t)block * kv->block_stride, src, kv_block_bytes(kv));
 	return 0;
 }
 

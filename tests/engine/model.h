@@ -84,6 +84,21 @@ extern "C" {
 #endif
 
 int model_load(struct model *m, const char *path, const struct model_opts *o, char *err);
+/*
+ * Cooperative mode: loads from a safetensors file in memory (the mapped
+ * weights file, which must outlive the model: the weights are uploaded
+ * again from it after a release). what names it in errors.
+ */
+int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size, const char *what,
+		   const struct model_opts *o, char *err);
+/*
+ * Drops the uploaded weights, keeping their addresses (what a GPU engine
+ * does with cuMemUnmap + cuMemRelease before a checkpoint): the memory is
+ * given back and a dump holds none of it. Only after model_load_mem.
+ */
+int model_release_weights(struct model *m, char *err);
+/* Uploads the weights again from the file given to model_load_mem, to the same addresses. */
+int model_upload_weights(struct model *m, char *err);
 /* Accepts a model that failed to load or was never loaded (zeroed). */
 void model_free(struct model *m);
 
@@ -124,6 +139,14 @@ int model_read_weights(int fd, const struct st_file *f, uint8_t **ret, char *err
 int model_read_file(const char *path, struct model_config *ret_config,
 		    struct model_layout *ret_layout, uint8_t **ret_weights, uint64_t *ret_size,
 		    char *err);
+/*
+ * The same from a safetensors file already in memory (cooperative mode:
+ * the engine's mapping of its weights file). *ret_data_offset: where the
+ * data section starts in file. what names the file in errors.
+ */
+int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
+		   struct model_config *ret_config, struct model_layout *ret_layout,
+		   uint8_t **ret_weights, uint64_t *ret_size, uint64_t *ret_data_offset, char *err);
 /* Checks a batch against the model and the options. */
 int model_check_batch(const struct model_config *c, const struct model_opts *o,
 		      const struct kv_pool *kv, const struct model_tok *toks, unsigned n,

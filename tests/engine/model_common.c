@@ -220,6 +220,68 @@ int model_read_file(const char *path, struct model_config *ret_config,
 	return 0;
 }
 
+int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
+		   struct model_config *ret_config, struct model_layout *ret_layout,
+		   uint8_t **ret_weights, uint64_t *ret_size, uint64_t *ret_data_offset, char *err)
+{
+	char why[MODEL_ERR_SIZE];
+	struct model_config c;
+	struct model_layout l = { 0 };
+	struct st_file f = { 0 };
+	uint8_t *w = MAP_FAILED;
+	uint64_t n = 0;
+	int r = 0;
+
+	if (file_size < 8) {
+		snprintf(why, sizeof(why), "%llu bytes: no safetensors header",
+			 (unsigned long long)file_size);
+		r = -EBADMSG;
+	}
+	for (unsigned i = 0; r == 0 && i < 8; i++)
+		n |= (uint64_t)file[i] << (8 * i);
+	if (r == 0 && n > file_size - 8) {
+		snprintf(why, sizeof(why), "header of %llu bytes in a file of %llu",
+			 (unsigned long long)n, (unsigned long long)file_size);
+		r = -EBADMSG;
+	}
+	if (r == 0)
+		r = st_parse((const char *)file + 8, (size_t)n, file_size - 8 - n, &f, why);
+	if (r == 0) {
+		f.data_offset = 8 + n;
+		r = model_read_config(&f, &c, why);
+	}
+	if (r == 0)
+		r = model_read_layout(&f, &c, &l, why);
+	if (r == 0) {
+		/* the upload: an anonymous copy, as model_read_weights makes */
+		w = mmap(NULL, f.data_size ? f.data_size : 1, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (w == MAP_FAILED) {
+			r = -ENOMEM;
+			snprintf(why, sizeof(why), "cannot allocate %llu bytes for the weights",
+				 (unsigned long long)f.data_size);
+		} else {
+			memcpy(w, file + f.data_offset, f.data_size);
+		}
+	}
+	if (r < 0) {
+		int k = snprintf(err, MODEL_ERR_SIZE, "%s: ", what);
+
+		if (k >= 0 && k < MODEL_ERR_SIZE)
+			snprintf(err + k, MODEL_ERR_SIZE - (size_t)k, "%s", why);
+		model_layout_free(&l);
+		st_free(&f);
+		return r;
+	}
+	*ret_config = c;
+	*ret_layout = l;
+	*ret_weights = w;
+	*ret_size = f.data_size;
+	*ret_data_offset = f.data_offset;
+	st_free(&f);
+	return 0;
+}
+
 int model_check_batch(const struct model_config *c, const struct model_opts *o,
 		      const struct kv_pool *kv, const struct model_tok *toks, unsigned n, char *err)
 {

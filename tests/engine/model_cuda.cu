@@ -334,6 +334,36 @@ out:
 	return r;
 }
 
+/*
+ * Cooperative mode needs the weights in VMM allocations (cuMemCreate +
+ * cuMemMap) so that they can be released keeping their addresses; this
+ * build allocates them with cudaMalloc, so it refuses the mode by name.
+ */
+extern "C" int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size,
+			      const char *what, const struct model_opts *o, char *err)
+{
+	(void)m, (void)file, (void)file_size, (void)o;
+	snprintf(err, MODEL_ERR_SIZE,
+		 "%s: cooperative mode is not available in the CUDA build (its weights are "
+		 "cudaMalloc'd, not VMM allocations that can be released in place)",
+		 what);
+	return -ENOTSUP;
+}
+
+extern "C" int model_release_weights(struct model *m, char *err)
+{
+	(void)m;
+	snprintf(err, MODEL_ERR_SIZE, "cooperative mode is not available in the CUDA build");
+	return -ENOTSUP;
+}
+
+extern "C" int model_upload_weights(struct model *m, char *err)
+{
+	(void)m;
+	snprintf(err, MODEL_ERR_SIZE, "cooperative mode is not available in the CUDA build");
+	return -ENOTSUP;
+}
+
 extern "C" void model_free(struct model *m)
 {
 	struct gpu_state *g = (struct gpu_state *)m->priv;
