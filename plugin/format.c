@@ -503,6 +503,12 @@ int km_weights_index_encode(const struct km_weights_index *idx, void **ret, size
 		pb.has_created_unix = 1;
 		pb.created_unix = idx->created_unix;
 	}
+	if (!km_hash_is_null(&idx->weights_id)) {
+		pb.has_weights_id = 1;
+		pb.weights_id = hash_to_pb(&idx->weights_id);
+		pb.has_weights_size = 1;
+		pb.weights_size = idx->weights_size;
+	}
 	r = pb_files_build(idx->files, idx->n_files, &pf);
 	if (r < 0)
 		return r;
@@ -571,6 +577,15 @@ int km_weights_index_decode(const void *p, size_t n, struct km_weights_index **r
 	r = chunker_from_pb(pb->chunker, &idx->chunker, "weights index", err);
 	if (r < 0)
 		goto out;
+	/* Both or neither; an all-zero id would read back as "none recorded". */
+	if (pb->has_weights_id != pb->has_weights_size ||
+	    (pb->has_weights_id && (hash_from_pb(&pb->weights_id, &idx->weights_id) < 0 ||
+				    km_hash_is_null(&idx->weights_id)))) {
+		km_error_set(err, "weights index has a malformed weights file id");
+		r = -EBADMSG;
+		goto out;
+	}
+	idx->weights_size = pb->has_weights_size ? pb->weights_size : 0;
 	for (size_t i = 0; i < pb->n_files; i++) {
 		kvmotion__file_entry__init(&entries[i]);
 		entries[i].name = pb->files[i]->name;
@@ -591,6 +606,68 @@ out:
 	free(ptrs);
 	km_weights_index_free(idx);
 	kvmotion__weights_index__free_unpacked(pb, NULL);
+	return r;
+}
+
+/* --- weights file verification record --- */
+
+int km_weights_verified_encode(const struct km_weights_verified *v, void **ret, size_t *ret_size)
+{
+	Kvmotion__WeightsVerified pb = KVMOTION__WEIGHTS_VERIFIED__INIT;
+
+	pb.major = KM_FORMAT_MAJOR;
+	pb.minor = KM_FORMAT_MINOR;
+	pb.id = hash_to_pb(&v->id);
+	pb.size = v->size;
+	pb.dev = v->dev;
+	pb.ino = v->ino;
+	pb.ctime_sec = v->ctime_sec;
+	pb.ctime_nsec = v->ctime_nsec;
+	pb.mtime_sec = v->mtime_sec;
+	pb.mtime_nsec = v->mtime_nsec;
+	if (v->verified_unix) {
+		pb.has_verified_unix = 1;
+		pb.verified_unix = v->verified_unix;
+	}
+	return record_encode(KM_MAGIC_WEIGHTS_OK, &pb.base, ret, ret_size);
+}
+
+int km_weights_verified_decode(const void *p, size_t n, struct km_weights_verified *ret,
+			       struct km_error *err)
+{
+	struct km_weights_verified v = { 0 };
+	Kvmotion__WeightsVerified *pb;
+	const uint8_t *rec;
+	size_t len;
+	int r;
+
+	r = record_locate(p, n, KM_MAGIC_WEIGHTS_OK, "weights verification record", &rec, &len,
+			  err);
+	if (r < 0)
+		return r;
+	pb = kvmotion__weights_verified__unpack(NULL, len, rec);
+	if (!pb) {
+		km_error_set(err, "weights verification record is malformed (protobuf decoding failed)");
+		return -EBADMSG;
+	}
+	r = check_version(pb->major, pb->minor, "weights verification record", err);
+	if (r == 0 && (hash_from_pb(&pb->id, &v.id) < 0 || pb->ctime_nsec >= 1000000000u ||
+		       pb->mtime_nsec >= 1000000000u)) {
+		km_error_set(err, "weights verification record is malformed");
+		r = -EBADMSG;
+	}
+	if (r == 0) {
+		v.size = pb->size;
+		v.dev = pb->dev;
+		v.ino = pb->ino;
+		v.ctime_sec = pb->ctime_sec;
+		v.ctime_nsec = pb->ctime_nsec;
+		v.mtime_sec = pb->mtime_sec;
+		v.mtime_nsec = pb->mtime_nsec;
+		v.verified_unix = pb->has_verified_unix ? pb->verified_unix : 0;
+		*ret = v;
+	}
+	kvmotion__weights_verified__free_unpacked(pb, NULL);
 	return r;
 }
 

@@ -3,9 +3,10 @@
 #define KM_FORMAT_H
 
 /*
- * The manifest, the weights index and the store config: in-memory forms and
- * their encoding (proto/kvmotion.proto, docs/formats.md). Apart from the
- * delta, the only module that includes the generated protobuf-c code.
+ * The manifest, the weights index, the store config and the weights file's
+ * verification record: in-memory forms and their encoding
+ * (proto/kvmotion.proto, docs/formats.md). Apart from the delta, the only
+ * module that includes the generated protobuf-c code.
  *
  * Readers return -ENOTRECOVERABLE for a file that is not of the expected
  * kind (wrong magic: a foreign file), -EBADMSG for a truncated or malformed
@@ -21,7 +22,7 @@
 #include "util.h"
 
 #define KM_FORMAT_MAJOR 1
-#define KM_FORMAT_MINOR 0
+#define KM_FORMAT_MINOR 1 /* 1.1: weights file id in WeightsIndex, WeightsVerified */
 
 #define KM_MANIFEST_NAME "kvmotion.manifest"
 #define KM_DELTA_NAME "kvmotion.delta"
@@ -30,6 +31,7 @@
 #define KM_MAGIC_INDEX "KMINDEX\n"
 #define KM_MAGIC_STORE "KMSTORE\n"
 #define KM_MAGIC_DELTA "KMDELTA\n"
+#define KM_MAGIC_WEIGHTS_OK "KMWTSOK\n"
 #define KM_MAGIC_SIZE 8
 
 /* Largest record any reader accepts, against hostile length fields. */
@@ -85,6 +87,22 @@ struct km_weights_index {
 	struct km_file_entry *files; /* split = true; ZERO and CHUNK extents only */
 	size_t n_files;
 	uint64_t created_unix;
+	/* The materialized weights file (weights.h); all-zero id: none recorded. */
+	struct km_hash weights_id;
+	uint64_t weights_size;
+};
+
+/* The .kmw.ok record beside a weights file (weights.h): its stat when verified. */
+struct km_weights_verified {
+	struct km_hash id;
+	uint64_t size;
+	uint64_t dev;
+	uint64_t ino;
+	int64_t ctime_sec;
+	uint32_t ctime_nsec;
+	int64_t mtime_sec;
+	uint32_t mtime_nsec;
+	uint64_t verified_unix; /* 0: not recorded */
 };
 
 /* Frees every owned member and the struct itself. NULL is fine. */
@@ -106,6 +124,9 @@ int km_manifest_decode(const void *p, size_t n, struct km_manifest **ret, struct
 int km_weights_index_encode(const struct km_weights_index *idx, void **ret, size_t *ret_size);
 int km_weights_index_decode(const void *p, size_t n, struct km_weights_index **ret,
 			    struct km_error *err);
+int km_weights_verified_encode(const struct km_weights_verified *v, void **ret, size_t *ret_size);
+int km_weights_verified_decode(const void *p, size_t n, struct km_weights_verified *ret,
+			       struct km_error *err);
 int km_store_config_encode(const struct km_chunker_params *p, void **ret, size_t *ret_size);
 int km_store_config_decode(const void *p, size_t n, struct km_chunker_params *ret,
 			   struct km_error *err);

@@ -17,6 +17,7 @@
 #include "image.h"
 #include "store.h"
 #include "util.h"
+#include "weights.h"
 
 #define DEFAULT_STORE "/var/lib/kvmotion/store"
 
@@ -35,6 +36,7 @@ struct cli {
 	struct km_chunker_params chunker;
 	bool chunker_set;
 	const char *output;
+	const char *weights_dir;
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -68,6 +70,9 @@ static void usage(FILE *f)
 	      "  kvmotion store has|stat|get ID [--store S] [-o FILE]\n"
 	      "  kvmotion store put FILE [--store S]\n"
 	      "  kvmotion store release MANIFEST-ID [--store S]   let gc drop what a split image referenced\n"
+	      "  kvmotion weights materialize NAME [--store S]    weights index NAME as one read-only file\n"
+	      "  kvmotion weights check PATH                      verify a weights file against its name\n"
+	      "  kvmotion weights resolve REF [--store S]         REF = index:NAME or a model file: its weights file\n"
 	      "\n"
 	      "Options:\n"
 	      "  --store S            chunk store (default $KVMOTION_STORE, else " DEFAULT_STORE ")\n"
@@ -85,7 +90,8 @@ static void usage(FILE *f)
 	      "  --repair             store verify: remove the bad chunks it finds\n"
 	      "  --chunk-min/--chunk-avg/--chunk-max N   store init: chunker sizes\n"
 	      "  --extents            inspect: list every extent\n"
-	      "  -o, --output FILE    store get: write the chunk to FILE\n",
+	      "  -o, --output FILE    store get: write the chunk to FILE\n"
+	      "  --weights-dir D      weights: where weights files live (default STORE/weights)\n",
 	      f);
 }
 
@@ -561,6 +567,92 @@ static int cmd_store(struct cli *c, int argc, char **argv)
 	return ret;
 }
 
+static void print_weights_json(const struct km_weights_info *w, const char *index)
+{
+	char hex[KM_HASH_HEX_SIZE];
+
+	printf("{\"id\":\"%s\",\"size\":%" PRIu64 ",\"path\":", km_hash_to_hex(&w->id, hex),
+	       w->size);
+	json_string(w->path);
+	if (index) {
+		printf(",\"index\":");
+		json_string(index);
+	}
+	printf(",\"written\":%s,\"bytes_hashed\":%" PRIu64 "}\n", w->written ? "true" : "false",
+	       w->bytes_hashed);
+}
+
+static int cmd_weights(struct cli *c, int argc, char **argv)
+{
+	struct km_weights_info w;
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	char index[256];
+	const char *sub;
+	int r;
+
+	if (argc < 1)
+		return fail("weights: expected a subcommand (materialize, check, resolve)");
+	sub = argv[0];
+	argc--;
+	argv++;
+
+	if (strcmp(sub, "check") == 0) {
+		struct km_hash id;
+		uint64_t hashed = 0;
+		char hex[KM_HASH_HEX_SIZE];
+
+		if (argc != 1)
+			return fail("weights check: expected one weights file");
+		if (km_weights_id_from_path(argv[0], &id) < 0)
+			return fail("weights check: %s: not a weights file name (<64 hex>%s)", argv[0],
+				    KM_WEIGHTS_SUFFIX);
+		r = km_weights_check(argv[0], &id, UINT64_MAX, &hashed, &err);
+		if (r < 0)
+			return fail_with("weights check", r, &err);
+		if (c->json) {
+			printf("{\"id\":\"%s\",\"path\":", km_hash_to_hex(&id, hex));
+			json_string(argv[0]);
+			printf(",\"bytes_hashed\":%" PRIu64 "}\n", hashed);
+		} else if (hashed) {
+			printf("%s: good (%" PRIu64 " bytes hashed)\n", argv[0], hashed);
+		} else {
+			printf("%s: good (unchanged since verified)\n", argv[0]);
+		}
+		return EXIT_SUCCESS;
+	}
+	if (strcmp(sub, "materialize") == 0) {
+		if (argc != 1)
+			return fail("weights materialize: expected one weights index name");
+		if (open_store(c, 0, &s) < 0)
+			return EXIT_FAILURE;
+		r = km_weights_materialize(s, argv[0], c->weights_dir, c->sync, &w, &err);
+		snprintf(index, sizeof(index), "%s", argv[0]);
+	} else if (strcmp(sub, "resolve") == 0) {
+		if (argc != 1)
+			return fail("weights resolve: expected one reference (index:NAME or a model file)");
+		/* A model file is seeded into the store, which may be new. */
+		if (open_store(c, strncmp(argv[0], "index:", 6) == 0 ? 0 : KM_STORE_CREATE, &s) < 0)
+			return EXIT_FAILURE;
+		r = km_weights_resolve(s, argv[0], c->weights_dir, c->sync, &w, index, sizeof(index),
+				       &err);
+	} else {
+		return fail("weights: unknown subcommand '%s'", sub);
+	}
+	km_store_free(s);
+	if (r < 0) {
+		char what[300];
+
+		snprintf(what, sizeof(what), "weights %s %s", sub, argv[0]);
+		return fail_with(what, r, &err);
+	}
+	if (c->json)
+		print_weights_json(&w, index);
+	else
+		printf("%s\n", w.path);
+	return EXIT_SUCCESS;
+}
+
 enum {
 	OPT_STORE = 256,
 	OPT_NAME,
@@ -578,6 +670,7 @@ enum {
 	OPT_CMIN,
 	OPT_CAVG,
 	OPT_CMAX,
+	OPT_WEIGHTS_DIR,
 };
 
 int main(int argc, char **argv)
@@ -600,6 +693,7 @@ int main(int argc, char **argv)
 		{ "chunk-avg", required_argument, NULL, OPT_CAVG },
 		{ "chunk-max", required_argument, NULL, OPT_CMAX },
 		{ "output", required_argument, NULL, 'o' },
+		{ "weights-dir", required_argument, NULL, OPT_WEIGHTS_DIR },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{}
@@ -625,6 +719,7 @@ int main(int argc, char **argv)
 		case OPT_REPAIR: c.repair = true; break;
 		case OPT_EXTENTS: c.extents = true; break;
 		case 'o': c.output = optarg; break;
+		case OPT_WEIGHTS_DIR: c.weights_dir = optarg; break;
 		case OPT_FILTER:
 			if (strcmp(optarg, "auto") == 0)
 				c.delta.filter = KM_DELTA_FILTER_AUTO;
@@ -688,6 +783,8 @@ int main(int argc, char **argv)
 		return cmd_inspect(&c, argc, argv);
 	if (strcmp(cmd, "store") == 0)
 		return cmd_store(&c, argc, argv);
+	if (strcmp(cmd, "weights") == 0)
+		return cmd_weights(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;

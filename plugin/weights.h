@@ -20,7 +20,15 @@
  * of the file as verified; km_weights_check trusts a file whose stat still
  * matches that record and re-hashes it otherwise, so an altered or replaced
  * file is caught (any write changes ctime) while a restore does not read
- * gigabytes it already verified.
+ * gigabytes it already verified. The record is a cache, not a proof: whoever
+ * can rewrite the file can rewrite the record. docs/formats.md has both
+ * formats byte for byte.
+ *
+ * Any number of processes may materialize, check and resolve at once: every
+ * file is written under a temporary name and renamed, the weights file
+ * without replacing, so the first complete one wins and the others check it.
+ * A process that dies while writing leaves WEIGHTS_DIR/.kmw-tmp.<pid>.<hex>
+ * behind; nothing removes those yet.
  */
 
 #include <stdbool.h>
@@ -59,13 +67,23 @@ int km_weights_layout(const struct km_weights_index *idx, struct km_weights_file
 
 /*
  * Materializes weights index 'index_name' of store s into weights_dir
- * (NULL: default). Chunks come from the store (-ENOENT naming the first
- * missing chunk in err). If the index records its weights id (see below)
- * and that file is already present and checks out, nothing is written.
- * Otherwise a temporary file is written, verified, made 0444, synced (with
- * 'sync') and renamed to its id's name; the id is then recorded in the
- * index (a root of the store), so that another node's materialization of
- * the same index can be checked against it.
+ * (NULL: default; created with its parents). Chunks come from the store
+ * (-ENOENT naming the first missing chunk in err). If the index records its
+ * weights id (see below) and that file is already present and checks out,
+ * nothing is written. Otherwise a temporary file is written, verified, made
+ * 0444, synced (with 'sync') and renamed to its id's name; the id is then
+ * recorded in the index (a root of the store), so that another node's
+ * materialization of the same index can be checked against it.
+ *
+ * Uses s as it is (under its shared lock): never opens the store again, so
+ * a caller holding it exclusively cannot deadlock against itself.
+ *
+ * Errors: -ENOENT no such index, or a chunk missing; -EBADMSG a chunk
+ * corrupt (err names it and its model file), or the index records an id
+ * (or size) other than what its files make (err names both ids); -EFBIG
+ * the files cannot fit one file. A file at the id's name that does not
+ * verify (a crash with sync off) is replaced by the verified one.
+ * ret->bytes_hashed counts the weights file bytes this call read back.
  */
 int km_weights_materialize(struct km_store *s, const char *index_name, const char *weights_dir,
 			   bool sync, struct km_weights_info *ret, struct km_error *err);
@@ -93,6 +111,10 @@ int km_weights_id_from_path(const char *path, struct km_hash *ret);
  *   ref = a file path    a model file: seeded into the store as index
  *                        "file-<first 16 hex of its SHA-256>" if no index
  *                        of that name exists yet, then materialized
+ * The model file is hashed on every call (to find its index; an existing
+ * index of that name must hold exactly that file, else -EBADMSG). Its
+ * weights file is the model file itself: one file at offset 0, no padding.
+ * index_name (may be NULL) gets the index's name.
  */
 int km_weights_resolve(struct km_store *s, const char *ref, const char *weights_dir, bool sync,
 		       struct km_weights_info *ret, char *index_name, size_t index_name_size,

@@ -3,13 +3,19 @@
  * memproc: the process the integration tests checkpoint and restore.
  *
  *   memproc --model FILE --dynamic MiB --progress FILE
- *           [--interval-ms N] [--verify-every N] [--seed N]
+ *           [--interval-ms N] [--verify-every N] [--seed N] [--map-file FILE]
  *
  * It stands in for an inference engine: the whole model file is read() into
  * private anonymous memory (like weights uploaded to a GPU, so that CRIU dumps
  * them as pages instead of recording a file mapping), and a "dynamic" region
  * of --dynamic MiB, filled with pseudo-random data, has random blocks
  * rewritten every couple of milliseconds (like a KV cache).
+ *
+ * With --map-file, FILE is also mapped MAP_SHARED and PROT_READ, the way an
+ * engine maps a weights file (plugin/weights.h), and every page of it is read
+ * at start so that all of it is resident: CRIU must record that mapping by
+ * path and dump none of its pages. Its checksum is taken at start and
+ * compared on SIGUSR1 (the VERIFY line covers it).
  *
  * The progress file (opened once, never resized after the first write, since
  * CRIU refuses to restore a writable file whose size changed) holds two
@@ -148,6 +154,35 @@ static void *map_anon(size_t n)
 	return p;
 }
 
+/* Maps path shared and read-only, reading every page so that all are resident. */
+static size_t map_file(const char *path, const unsigned char **out)
+{
+	struct stat st;
+	size_t size;
+	long page = sysconf(_SC_PAGESIZE);
+	volatile unsigned char sink = 0;
+	const unsigned char *p;
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		die("%s: %s", path, strerror(errno));
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+		die("%s: not a regular file", path);
+	size = (size_t)st.st_size;
+	if (!size)
+		die("%s: empty file, nothing to map", path);
+	p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		die("mmap %s: %s", path, strerror(errno));
+	/* the mapping keeps the file: no descriptor of it stays open */
+	close(fd);
+	for (size_t off = 0; off < size; off += (size_t)page)
+		sink ^= p[off];
+	(void)sink;
+	*out = p;
+	return size;
+}
+
 static size_t read_model(const char *path, unsigned char **out)
 {
 	struct stat st;
@@ -195,6 +230,9 @@ static void fill_random(struct rng *r, unsigned char *p, size_t n)
 }
 
 struct state {
+	const unsigned char *map; /* --map-file, or NULL */
+	size_t map_size;
+	uint64_t map_sum0;
 	unsigned char *model;
 	size_t model_size;
 	uint64_t model_sum0; /* at start */
@@ -240,6 +278,8 @@ static void verify(struct state *s)
 	s->model_sum = checksum(s->model, s->model_size);
 	if (s->model_sum != s->model_sum0)
 		ok = false;
+	if (s->map && checksum(s->map, s->map_size) != s->map_sum0)
+		ok = false;
 	for (size_t b = 0; b < s->nblocks; b++)
 		if (checksum(s->dyn + b * BLOCK_SIZE, block_len(s, b)) != s->block_sum[b])
 			ok = false;
@@ -280,10 +320,11 @@ int main(int argc, char **argv)
 		{ "interval-ms", required_argument, NULL, 'i' },
 		{ "verify-every", required_argument, NULL, 'v' },
 		{ "seed", required_argument, NULL, 's' },
+		{ "map-file", required_argument, NULL, 'f' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
-	const char *model_path = NULL, *progress_path = NULL;
+	const char *model_path = NULL, *progress_path = NULL, *map_path = NULL;
 	uint64_t dyn_mib = 0, interval_ms = 20, verify_every = 100, seed = 1;
 	struct state s = { .verify_status = "NONE" };
 	struct sigaction sa = { 0 };
@@ -291,7 +332,7 @@ int main(int argc, char **argv)
 	unsigned writes = 0;
 	int opt;
 
-	while ((opt = getopt_long(argc, argv, "m:d:p:i:v:s:h", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "m:d:p:i:v:s:f:h", opts, NULL)) != -1) {
 		switch (opt) {
 		case 'm':
 			model_path = optarg;
@@ -315,9 +356,13 @@ int main(int argc, char **argv)
 		case 's':
 			seed = parse_u64("--seed", optarg);
 			break;
+		case 'f':
+			map_path = optarg;
+			break;
 		case 'h':
 			puts("usage: memproc --model FILE --dynamic MiB --progress FILE\n"
-			     "               [--interval-ms N] [--verify-every N] [--seed N]");
+			     "               [--interval-ms N] [--verify-every N] [--seed N]\n"
+			     "               [--map-file FILE]");
 			return 0;
 		default:
 			return 2;
@@ -341,6 +386,10 @@ int main(int argc, char **argv)
 	rng_seed(&s.rng, seed, 0);
 	s.model_size = read_model(model_path, &s.model);
 	s.model_sum0 = s.model_sum = checksum(s.model, s.model_size);
+	if (map_path) {
+		s.map_size = map_file(map_path, &s.map);
+		s.map_sum0 = checksum(s.map, s.map_size);
+	}
 
 	s.dyn_size = (size_t)dyn_mib << 20;
 	s.dyn = map_anon(s.dyn_size);
@@ -357,8 +406,11 @@ int main(int argc, char **argv)
 	if (s.progress_fd < 0)
 		die("%s: %s", progress_path, strerror(errno));
 
-	printf("memproc: pid %d model %zu bytes checksum %016" PRIx64 " dynamic %zu bytes\n",
+	printf("memproc: pid %d model %zu bytes checksum %016" PRIx64 " dynamic %zu bytes",
 	       (int)getpid(), s.model_size, s.model_sum0, s.dyn_size);
+	if (s.map)
+		printf(" mapped %zu bytes checksum %016" PRIx64, s.map_size, s.map_sum0);
+	putchar('\n');
 	fflush(stdout);
 
 	s.counter = 1;
@@ -395,5 +447,7 @@ int main(int argc, char **argv)
 	free(s.block_sum);
 	munmap(s.dyn, s.dyn_size ? s.dyn_size : 1);
 	munmap(s.model, s.model_size ? s.model_size : 1);
+	if (s.map)
+		munmap((void *)s.map, s.map_size);
 	return 0;
 }

@@ -168,11 +168,12 @@ progress_model_sum() { progress_read "$1" | awk 'NR == 1 { print $2 }'; }
 
 # Starts memproc in its own session, stdin from /dev/null, output to LOG;
 # sets MEMPROC_PID and waits for its first progress line.
-# start_memproc MODEL DYNAMIC_MIB PROGRESS LOG
+# start_memproc MODEL DYNAMIC_MIB PROGRESS LOG [MEMPROC OPTIONS...]
 start_memproc() {
 	local model=$1 dyn=$2 progress=$3 out=$4
+	shift 4
 	rm -f "$progress"
-	setsid "$MEMPROC" --model "$model" --dynamic "$dyn" --progress "$progress" \
+	setsid "$MEMPROC" --model "$model" --dynamic "$dyn" --progress "$progress" "$@" \
 		</dev/null >"$out" 2>&1 &
 	MEMPROC_PID=$!
 	KM_PIDS+=("$MEMPROC_PID")

@@ -246,6 +246,111 @@ START_TEST(test_format_index_rejects_delta_extents)
 }
 END_TEST
 
+/* Appends raw protobuf bytes to an encoded record, fixing its length. */
+static uint8_t *append_to_record(const uint8_t *buf, size_t n, const uint8_t *extra, size_t k,
+				 size_t *ret_n)
+{
+	uint8_t *out = malloc(n + k);
+	uint32_t le;
+
+	memcpy(out, buf, n);
+	memcpy(out + n, extra, k);
+	memcpy(&le, out + KM_MAGIC_SIZE, 4);
+	le = htole32(le32toh(le) + (uint32_t)k);
+	memcpy(out + KM_MAGIC_SIZE, &le, 4);
+	*ret_n = n + k;
+	return out;
+}
+
+START_TEST(test_format_index_weights_id)
+{
+	struct km_weights_index idx = {
+		.major = KM_FORMAT_MAJOR,
+		.minor = KM_FORMAT_MINOR,
+		.name = (char *)"model",
+		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+		.weights_size = 123456789,
+	};
+	struct km_weights_index *d = NULL;
+	struct km_error err = { { 0 } };
+	/* field 7 (bytes) of 31 bytes, field 8 = 5: an id one byte short */
+	uint8_t short_id[2 + 31 + 2] = { 0x3a, 31 };
+	/* field 8 alone: a size with no id */
+	uint8_t size_only[] = { 0x40, 5 };
+	uint8_t *buf, *bad;
+	size_t n, m;
+
+	short_id[33] = 0x40;
+	short_id[34] = 5;
+	/* No id: none decoded. */
+	ck_assert_int_eq(km_weights_index_encode(&idx, (void **)&buf, &n), 0);
+	ck_assert_int_eq(km_weights_index_decode(buf, n, &d, &err), 0);
+	ck_assert(km_hash_is_null(&d->weights_id));
+	ck_assert_uint_eq(d->weights_size, 0);
+	km_weights_index_free(d);
+
+	bad = append_to_record(buf, n, short_id, sizeof(short_id), &m);
+	ck_assert_int_eq(km_weights_index_decode(bad, m, &d, &err), -EBADMSG);
+	ck_assert_msg(strstr(err.msg, "weights file id"), "%s", err.msg);
+	free(bad);
+	bad = append_to_record(buf, n, size_only, sizeof(size_only), &m);
+	ck_assert_int_eq(km_weights_index_decode(bad, m, &d, &err), -EBADMSG);
+	free(bad);
+	free(buf);
+
+	/* Recorded: both come back. */
+	memset(idx.weights_id.b, 0xc3, KM_HASH_SIZE);
+	ck_assert_int_eq(km_weights_index_encode(&idx, (void **)&buf, &n), 0);
+	ck_assert_int_eq(km_weights_index_decode(buf, n, &d, &err), 0);
+	ck_assert(km_hash_equal(&d->weights_id, &idx.weights_id));
+	ck_assert_uint_eq(d->weights_size, 123456789);
+	km_weights_index_free(d);
+	free(buf);
+}
+END_TEST
+
+START_TEST(test_format_weights_verified)
+{
+	struct km_weights_verified v = {
+		.size = 1ull << 33,
+		.dev = 0x803,
+		.ino = 987654321,
+		.ctime_sec = 1700000000,
+		.ctime_nsec = 999999999,
+		.mtime_sec = -5,
+		.mtime_nsec = 1,
+		.verified_unix = 1700000001,
+	}, d;
+	struct km_error err = { { 0 } };
+	uint8_t *buf;
+	size_t n;
+
+	memset(v.id.b, 0x11, KM_HASH_SIZE);
+	ck_assert_int_eq(km_weights_verified_encode(&v, (void **)&buf, &n), 0);
+	ck_assert(memcmp(buf, KM_MAGIC_WEIGHTS_OK, KM_MAGIC_SIZE) == 0);
+	ck_assert_int_eq(km_weights_verified_decode(buf, n, &d, &err), 0);
+	ck_assert(km_hash_equal(&d.id, &v.id));
+	ck_assert_uint_eq(d.size, v.size);
+	ck_assert_uint_eq(d.dev, v.dev);
+	ck_assert_uint_eq(d.ino, v.ino);
+	ck_assert_int_eq(d.ctime_sec, v.ctime_sec);
+	ck_assert_uint_eq(d.ctime_nsec, v.ctime_nsec);
+	ck_assert_int_eq(d.mtime_sec, v.mtime_sec);
+	ck_assert_uint_eq(d.mtime_nsec, v.mtime_nsec);
+	ck_assert_uint_eq(d.verified_unix, v.verified_unix);
+	for (size_t k = 0; k < n; k++)
+		ck_assert_int_lt(km_weights_verified_decode(buf, k, &d, &err), 0);
+	buf[0] ^= 1;
+	ck_assert_int_eq(km_weights_verified_decode(buf, n, &d, &err), -ENOTRECOVERABLE);
+	free(buf);
+
+	v.ctime_nsec = 1000000000;
+	ck_assert_int_eq(km_weights_verified_encode(&v, (void **)&buf, &n), 0);
+	ck_assert_int_eq(km_weights_verified_decode(buf, n, &d, &err), -EBADMSG);
+	free(buf);
+}
+END_TEST
+
 START_TEST(test_format_store_config)
 {
 	struct km_chunker_params p = { 1024, 4096, 16384 }, q;
@@ -287,6 +392,8 @@ int main(void)
 	tcase_add_test(tc, test_format_manifest_rejects_foreign_and_truncated);
 	tcase_add_test(tc, test_format_index_round_trip);
 	tcase_add_test(tc, test_format_index_rejects_delta_extents);
+	tcase_add_test(tc, test_format_index_weights_id);
+	tcase_add_test(tc, test_format_weights_verified);
 	tcase_add_test(tc, test_format_store_config);
 	tcase_add_test(tc, test_format_plain_names);
 	suite_add_tcase(s, tc);
