@@ -53,6 +53,13 @@ struct kme_weights;
  * is materialized if absent and verified.
  */
 int kme_weights_open(const char *store, const char *ref, struct kme_weights **ret);
+/*
+ * The same, and on failure a message saying what failed (which store,
+ * index or file) in msg (msg_size bytes, NUL-terminated; may be NULL).
+ */
+int kme_weights_open_ex(const char *store, const char *ref, struct kme_weights **ret,
+			char *msg, size_t msg_size);
+/* Unmaps the weights: no pointer into kme_weights_data() may be used after. */
 void kme_weights_close(struct kme_weights *w);
 
 const void *kme_weights_data(const struct kme_weights *w);
@@ -125,6 +132,8 @@ struct kme_stats {
 	uint32_t last_free_blocks;
 	bool quiesced;
 	bool restored; /* the last resume was after a restore */
+	uint64_t refused;      /* quiesces the quiesce callback refused */
+	uint64_t self_resumes; /* resumes after resume_timeout_ms without a RESUME */
 };
 int kme_engine_stats(struct kme_engine *e, struct kme_stats *ret);
 
