@@ -745,8 +745,7 @@ static void serve_quiesce(struct kme_engine *e, int conn, const Kvmotion__Engine
 		pthread_mutex_lock(&e->lock);
 		e->stats.refused++;
 		pthread_mutex_unlock(&e->lock);
-		snprintf(msg, sizeof(msg), "the engine's quiesce callback refused: %s",
-			 kme_strerror(r));
+		snprintf(msg, sizeof(msg), "%s (quiesce callback returned %d)", kme_strerror(r), r);
 		reply_error(&rp, r, msg);
 		if (reply_fill(e, &rp, false, false) == 0 && reply_send(e, conn, &rp) == 0)
 			wait_commit(e, conn, commit_by);
@@ -839,8 +838,8 @@ static void serve(struct kme_engine *e, int conn)
 		if (engine_quiesced(e)) {
 			r = do_resume(e, req->has_restored && req->restored, false);
 			if (r < 0) {
-				snprintf(msg, sizeof(msg), "the engine's resume callback failed: %s",
-					 kme_strerror(r));
+				snprintf(msg, sizeof(msg), "%s (resume callback returned %d)",
+					 kme_strerror(r), r);
 				reply_error(&rp, r, msg);
 			}
 		}

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
 #include "store.h"
@@ -35,6 +36,9 @@ struct cli {
 	struct km_chunker_params chunker;
 	bool chunker_set;
 	const char *output;
+	pid_t pid;
+	uint32_t timeout_ms;
+	bool restored;
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -68,6 +72,8 @@ static void usage(FILE *f)
 	      "  kvmotion store has|stat|get ID [--store S] [-o FILE]\n"
 	      "  kvmotion store put FILE [--store S]\n"
 	      "  kvmotion store release MANIFEST-ID [--store S]   let gc drop what a split image referenced\n"
+	      "  kvmotion engine status|quiesce|resume|probe --pid PID [--timeout-ms N] [--restored]\n"
+	      "                                                  talk to a cooperative engine (libkvmotion-engine)\n"
 	      "\n"
 	      "Options:\n"
 	      "  --store S            chunk store (default $KVMOTION_STORE, else " DEFAULT_STORE ")\n"
@@ -85,7 +91,10 @@ static void usage(FILE *f)
 	      "  --repair             store verify: remove the bad chunks it finds\n"
 	      "  --chunk-min/--chunk-avg/--chunk-max N   store init: chunker sizes\n"
 	      "  --extents            inspect: list every extent\n"
-	      "  -o, --output FILE    store get: write the chunk to FILE\n",
+	      "  -o, --output FILE    store get: write the chunk to FILE\n"
+	      "  --pid PID            engine: the engine's process (as this namespace sees it)\n"
+	      "  --timeout-ms N       engine: how long to wait for the answer (default 10000)\n"
+	      "  --restored           engine resume: tell the engine it was restored\n",
 	      f);
 }
 
@@ -561,6 +570,101 @@ static int cmd_store(struct cli *c, int argc, char **argv)
 	return ret;
 }
 
+static int cmd_engine(struct cli *c, int argc, char **argv)
+{
+	struct km_error err = { { 0 } };
+	const char *sub;
+	char hex[KM_HASH_HEX_SIZE];
+	int r;
+
+	if (argc != 1)
+		return fail("engine: expected one subcommand (status, quiesce, resume, probe)");
+	sub = argv[0];
+	if (c->pid <= 0)
+		return fail("engine %s: --pid PID is required", sub);
+
+	if (strcmp(sub, "probe") == 0) {
+		r = km_engine_probe(c->pid);
+		if (r < 0)
+			return fail("engine probe: pid %d: %s", (int)c->pid, strerror(-r));
+		if (c->json)
+			printf("{\"pid\":%d,\"engine\":%s}\n", (int)c->pid, r ? "true" : "false");
+		else
+			printf("pid %d: %s\n", (int)c->pid,
+			       r ? "cooperative engine" : "no cooperative engine");
+		return r ? EXIT_SUCCESS : EXIT_FAILURE;
+	}
+	if (strcmp(sub, "status") == 0) {
+		struct km_engine_status st;
+
+		r = km_engine_status(c->pid, c->timeout_ms, &st, &err);
+		if (r < 0)
+			return fail_with("engine status", r, &err);
+		if (c->json) {
+			printf("{\"pid\":%d,\"engine_pid\":%d,\"state\":\"%s\",\"quiesces\":%" PRIu64
+			       ",\"resumes\":%" PRIu64 ",\"cancelled\":%" PRIu64 ",\"refused\":%" PRIu64
+			       ",\"self_resumes\":%" PRIu64 ",\"last_free_blocks\":%u"
+			       ",\"last_released_bytes\":%" PRIu64 ",\"restored\":%s}\n",
+			       (int)c->pid, (int)st.engine_pid, st.quiesced ? "quiesced" : "running",
+			       st.quiesces, st.resumes, st.cancelled, st.refused, st.self_resumes,
+			       st.last_free_blocks, st.last_released_bytes,
+			       st.restored ? "true" : "false");
+			return EXIT_SUCCESS;
+		}
+		printf("engine in pid %d: %s\n", (int)c->pid, st.quiesced ? "quiesced" : "running");
+		printf("  %-28s %15" PRIu64 "\n", "quiesces", st.quiesces);
+		printf("  %-28s %15" PRIu64 "%s\n", "resumes", st.resumes,
+		       st.resumes ? (st.restored ? "  (last after a restore)" : "") : "");
+		printf("  %-28s %15" PRIu64 "\n", "cancelled", st.cancelled);
+		printf("  %-28s %15" PRIu64 "\n", "refused", st.refused);
+		printf("  %-28s %15" PRIu64 "\n", "resumed by itself", st.self_resumes);
+		printf("  %-28s %15u\n", "free KV blocks (last)", st.last_free_blocks);
+		print_bytes_line("released (last)", st.last_released_bytes);
+		return EXIT_SUCCESS;
+	}
+	if (strcmp(sub, "quiesce") == 0) {
+		struct km_engine_quiesced q = { 0 };
+
+		r = km_engine_quiesce(c->pid, c->timeout_ms, &q, &err);
+		if (r < 0)
+			return fail_with("engine quiesce", r, &err);
+		if (c->json) {
+			printf("{\"pid\":%d,\"free_blocks\":%u,\"released_bytes\":%" PRIu64
+			       ",\"weights\":[",
+			       (int)c->pid, q.free_blocks, q.released_bytes);
+			for (size_t i = 0; i < q.n_weights; i++) {
+				printf("%s{\"path\":", i ? "," : "");
+				json_string(q.weights[i].path);
+				printf(",\"sha256\":\"%s\",\"size\":%" PRIu64 "}",
+				       km_hash_to_hex(&q.weights[i].id, hex), q.weights[i].size);
+			}
+			printf("]}\n");
+		} else {
+			printf("engine in pid %d quiesced: %u free KV blocks\n", (int)c->pid,
+			       q.free_blocks);
+			print_bytes_line("released", q.released_bytes);
+			for (size_t i = 0; i < q.n_weights; i++)
+				printf("  weights %s  %.16s  %" PRIu64 " bytes\n", q.weights[i].path,
+				       km_hash_to_hex(&q.weights[i].id, hex), q.weights[i].size);
+		}
+		km_engine_quiesced_clear(&q);
+		return EXIT_SUCCESS;
+	}
+	if (strcmp(sub, "resume") == 0) {
+		r = km_engine_resume(c->pid, c->restored, c->timeout_ms, &err);
+		if (r < 0)
+			return fail_with("engine resume", r, &err);
+		if (c->json)
+			printf("{\"pid\":%d,\"resumed\":true,\"restored\":%s}\n", (int)c->pid,
+			       c->restored ? "true" : "false");
+		else
+			printf("engine in pid %d resumed%s\n", (int)c->pid,
+			       c->restored ? " (restored)" : "");
+		return EXIT_SUCCESS;
+	}
+	return fail("engine: unknown subcommand '%s'", sub);
+}
+
 enum {
 	OPT_STORE = 256,
 	OPT_NAME,
@@ -578,6 +682,9 @@ enum {
 	OPT_CMIN,
 	OPT_CAVG,
 	OPT_CMAX,
+	OPT_PID,
+	OPT_TIMEOUT_MS,
+	OPT_RESTORED,
 };
 
 int main(int argc, char **argv)
@@ -599,6 +706,9 @@ int main(int argc, char **argv)
 		{ "chunk-min", required_argument, NULL, OPT_CMIN },
 		{ "chunk-avg", required_argument, NULL, OPT_CAVG },
 		{ "chunk-max", required_argument, NULL, OPT_CMAX },
+		{ "pid", required_argument, NULL, OPT_PID },
+		{ "timeout-ms", required_argument, NULL, OPT_TIMEOUT_MS },
+		{ "restored", no_argument, NULL, OPT_RESTORED },
 		{ "output", required_argument, NULL, 'o' },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
@@ -608,6 +718,7 @@ int main(int argc, char **argv)
 		.store_path = getenv("KVMOTION_STORE") ? getenv("KVMOTION_STORE") : DEFAULT_STORE,
 		.sync = true,
 		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+		.timeout_ms = 10000,
 	};
 	const char *cmd;
 	uint64_t v;
@@ -625,6 +736,7 @@ int main(int argc, char **argv)
 		case OPT_REPAIR: c.repair = true; break;
 		case OPT_EXTENTS: c.extents = true; break;
 		case 'o': c.output = optarg; break;
+		case OPT_RESTORED: c.restored = true; break;
 		case OPT_FILTER:
 			if (strcmp(optarg, "auto") == 0)
 				c.delta.filter = KM_DELTA_FILTER_AUTO;
@@ -642,6 +754,8 @@ int main(int argc, char **argv)
 		case OPT_CMIN:
 		case OPT_CAVG:
 		case OPT_CMAX:
+		case OPT_PID:
+		case OPT_TIMEOUT_MS:
 			if (parse_u64(optarg, &v) < 0 || v > UINT32_MAX)
 				return fail("%s: '%s' is not a valid number", argv[optind - 1], optarg);
 			if (opt == OPT_THREADS)
@@ -652,6 +766,10 @@ int main(int argc, char **argv)
 				c.delta.level = (int)v;
 			else if (opt == OPT_FRAME)
 				c.delta.frame_size = (uint32_t)v;
+			else if (opt == OPT_PID)
+				c.pid = v <= INT32_MAX ? (pid_t)v : 0;
+			else if (opt == OPT_TIMEOUT_MS)
+				c.timeout_ms = (uint32_t)v;
 			else {
 				c.chunker_set = true;
 				if (opt == OPT_CMIN)
@@ -688,6 +806,8 @@ int main(int argc, char **argv)
 		return cmd_inspect(&c, argc, argv);
 	if (strcmp(cmd, "store") == 0)
 		return cmd_store(&c, argc, argv);
+	if (strcmp(cmd, "engine") == 0)
+		return cmd_engine(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;
