@@ -56,7 +56,12 @@ int km_engine_probe(pid_t pid);
 /*
  * Asks the engine in pid to quiesce and waits at most timeout_ms for the
  * answer. On timeout or error the request is cancelled (the engine goes on
- * serving) and -ETIMEDOUT or the error is returned, err saying what.
+ * serving) and -ETIMEDOUT or the error is returned, err saying what:
+ * -ESRCH no such process, -ENOENT no engine listening, the engine's errno
+ * when its callback refused, -EPROTO / -EPROTONOSUPPORT for a malformed or
+ * foreign answer. On 0 the engine is quiesced and has closed the
+ * connection; *ret (clear it with km_engine_quiesced_clear) lists its
+ * weights files.
  */
 int km_engine_quiesce(pid_t pid, uint32_t timeout_ms, struct km_engine_quiesced *ret,
 		      struct km_error *err);
