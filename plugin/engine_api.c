@@ -587,6 +587,7 @@ struct reply {
 	Kvmotion__EngineStats stats;
 	Kvmotion__EngineWeights *ws;
 	Kvmotion__EngineWeights **w_ptrs;
+	struct km_hash *ids; /* copies: e->weights may move once unlocked */
 };
 
 static void reply_init(struct kme_engine *e, struct reply *rp, Kvmotion__EngineOp op)
@@ -627,7 +628,8 @@ static int reply_fill(struct kme_engine *e, struct reply *rp, bool quiesced, boo
 	if (with_weights && e->n_weights) {
 		rp->ws = calloc(e->n_weights, sizeof(*rp->ws));
 		rp->w_ptrs = calloc(e->n_weights, sizeof(*rp->w_ptrs));
-		if (!rp->ws || !rp->w_ptrs) {
+		rp->ids = calloc(e->n_weights, sizeof(*rp->ids));
+		if (!rp->ws || !rp->w_ptrs || !rp->ids) {
 			pthread_mutex_unlock(&e->lock);
 			return -ENOMEM;
 		}
@@ -635,10 +637,11 @@ static int reply_fill(struct kme_engine *e, struct reply *rp, bool quiesced, boo
 			Kvmotion__EngineWeights *w = &rp->ws[i];
 
 			kvmotion__engine_weights__init(w);
-			/* strdup'd paths stay until stop: only the control thread stops */
+			/* strdup'd paths stay until stop, which waits for this thread */
 			w->path = e->weights[i].path;
+			rp->ids[i] = e->weights[i].id;
 			w->sha256.len = KM_HASH_SIZE;
-			w->sha256.data = e->weights[i].id.b;
+			w->sha256.data = rp->ids[i].b;
 			w->size = e->weights[i].size;
 			rp->w_ptrs[i] = w;
 		}
@@ -653,6 +656,7 @@ static void reply_clear(struct reply *rp)
 {
 	free(rp->ws);
 	free(rp->w_ptrs);
+	free(rp->ids);
 }
 
 /* Sends the reply: 0, or -errno (-EPIPE, -ECONNRESET: the client has gone). */
@@ -667,6 +671,7 @@ static int reply_send(struct kme_engine *e, int conn, struct reply *rp)
 		rp->pb.weights = NULL;
 		rp->ws = NULL;
 		rp->w_ptrs = NULL;
+		rp->ids = NULL;
 		reply_error(rp, E2BIG, "the reply does not fit in a packet");
 		len = kvmotion__engine_reply__get_packed_size(&rp->pb);
 	}
