@@ -477,14 +477,45 @@ static void resume_engines(bool restored)
 {
 	for (size_t i = 0; i < km.n_engines; i++) {
 		struct km_error err = { { 0 } };
-		int r = km_engine_resume(km.engines[i].pid, restored, km.cfg.quiesce_timeout_ms,
-					 &err);
+		int r = km_engine_resume_queued(km.engines[i].pid, restored, &err);
 
 		if (r < 0)
 			pr_err("cannot tell the engine in pid %d to resume: %s", km.engines[i].pid,
 			       err.msg[0] ? err.msg : strerror(-r));
 		else
 			pr_info("engine in pid %d told to resume", km.engines[i].pid);
+	}
+}
+
+/*
+ * After a restore the tasks run (criu restore -d: exit(RESTORE) comes after
+ * CRIU let them go): each engine told to resume must have done so. Without
+ * -d, CRIU calls exit only once the root task has ended: nothing to check.
+ */
+static void confirm_engines(void)
+{
+	for (size_t i = 0; i < km.n_engines; i++) {
+		struct km_engine_status st = { 0 };
+		struct km_error err = { { 0 } };
+		double until = now_s() + km.cfg.quiesce_timeout_ms / 1e3;
+		int r;
+
+		do {
+			r = km_engine_status(km.engines[i].pid, km.cfg.quiesce_timeout_ms, &st, &err);
+			if (r < 0 || !st.quiesced)
+				break;
+			usleep(2000);
+		} while (now_s() < until);
+		if (r == -ESRCH)
+			continue;
+		if (r < 0)
+			pr_err("engine in pid %d after the restore: %s", km.engines[i].pid,
+			       err.msg[0] ? err.msg : strerror(-r));
+		else if (st.quiesced)
+			pr_err("engine in pid %d is still quiesced %u ms after the restore",
+			       km.engines[i].pid, km.cfg.quiesce_timeout_ms);
+		else
+			pr_info("engine in pid %d resumed after the restore", km.engines[i].pid);
 	}
 }
 
@@ -505,6 +536,8 @@ static void kvmotion_exit(int stage, int ret)
 		if (ret != 0 || km.leave_running)
 			resume_engines(false);
 	}
+	if (stage == CR_PLUGIN_STAGE__RESTORE && ret == 0)
+		confirm_engines();
 	free_state();
 }
 
@@ -592,8 +625,13 @@ static int quiesce_engine(pid_t pid)
 	km.engines = grown;
 	r = km_engine_quiesce(pid, km.cfg.quiesce_timeout_ms, &q, &err);
 	if (r < 0) {
+		struct km_error rerr = { { 0 } };
+
 		pr_err("engine in pid %d: %s; refusing to dump (the engine goes on serving)", pid,
 		       err.msg[0] ? err.msg : strerror(-r));
+		/* whatever state the failure left it in: a resume is harmless */
+		if (km_engine_resume_queued(pid, false, &rerr) < 0)
+			pr_warn("%s", rerr.msg);
 		return r;
 	}
 	/* the record takes the weights array over */
@@ -670,6 +708,17 @@ static int kvmotion_checkpoint_devices(int pid)
 }
 CR_PLUGIN_REGISTER_HOOK(CR_PLUGIN_HOOK__CHECKPOINT_DEVICES, kvmotion_checkpoint_devices)
 
+static int remember_restored_engine(pid_t pid)
+{
+	struct km_engine_record *grown = realloc(km.engines, (km.n_engines + 1) * sizeof(*grown));
+
+	if (!grown)
+		return -ENOMEM;
+	km.engines = grown;
+	km.engines[km.n_engines++] = (struct km_engine_record){ .pid = pid };
+	return 0;
+}
+
 static int kvmotion_resume_devices_late(int pid)
 {
 	struct km_error err = { { 0 } };
@@ -697,7 +746,9 @@ static int kvmotion_resume_devices_late(int pid)
 		pr_info("GPU state of %d resumed in %.3f s", pid, now_s() - t0);
 	if (km.image_has_engines && km_engine_probe(pid) == 1) {
 		/* The task is still stopped: the engine acts when CRIU lets it go. */
-		r = km_engine_resume(pid, true, km.cfg.quiesce_timeout_ms, &err);
+		r = km_engine_resume_queued(pid, true, &err);
+		if (r == 0)
+			r = remember_restored_engine(pid);
 		if (r < 0) {
 			pr_err("engine in pid %d: %s; killing the task so that the restore fails",
 			       pid, err.msg[0] ? err.msg : strerror(-r));

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include "format.h"
+#include "format_internal.h"
 
 #include <endian.h>
 #include <fcntl.h>
@@ -761,4 +762,18 @@ int km_write_file_atomic_at(int dirfd, const char *name, const void *p, size_t n
 	else if (sync)
 		(void)fsync(dirfd);
 	return r;
+}
+
+/* --- the framing, for other modules' files (format_internal.h) --- */
+
+int km_record_encode(const char *magic, const ProtobufCMessage *msg, void **ret,
+		     size_t *ret_size)
+{
+	return record_encode(magic, msg, ret, ret_size);
+}
+
+int km_record_locate(const void *p, size_t n, const char *magic, const char *what,
+		     const uint8_t **ret, size_t *ret_len, struct km_error *err)
+{
+	return record_locate(p, n, magic, what, ret, ret_len, err);
 }

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
 #include "store.h"
@@ -37,6 +38,9 @@ struct cli {
 	bool chunker_set;
 	const char *output;
 	const char *weights_dir;
+	pid_t pid;
+	uint32_t timeout_ms;
+	bool restored;
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -73,6 +77,8 @@ static void usage(FILE *f)
 	      "  kvmotion weights materialize NAME [--store S]    weights index NAME as one read-only file\n"
 	      "  kvmotion weights check PATH                      verify a weights file against its name\n"
 	      "  kvmotion weights resolve REF [--store S]         REF = index:NAME or a model file: its weights file\n"
+	      "  kvmotion engine status|quiesce|resume|probe --pid PID [--timeout-ms N] [--restored]\n"
+	      "                                                  talk to a cooperative engine (libkvmotion-engine)\n"
 	      "\n"
 	      "Options:\n"
 	      "  --store S            chunk store (default $KVMOTION_STORE, else " DEFAULT_STORE ")\n"
@@ -91,7 +97,10 @@ static void usage(FILE *f)
 	      "  --chunk-min/--chunk-avg/--chunk-max N   store init: chunker sizes\n"
 	      "  --extents            inspect: list every extent\n"
 	      "  -o, --output FILE    store get: write the chunk to FILE\n"
-	      "  --weights-dir D      weights: where weights files live (default STORE/weights)\n",
+	      "  --weights-dir D      weights: where weights files live (default STORE/weights)\n"
+	      "  --pid PID            engine: the engine's process (as this namespace sees it)\n"
+	      "  --timeout-ms N       engine: how long to wait for the answer (default 10000)\n"
+	      "  --restored           engine resume: tell the engine it was restored\n",
 	      f);
 }
 
@@ -653,6 +662,101 @@ static int cmd_weights(struct cli *c, int argc, char **argv)
 	return EXIT_SUCCESS;
 }
 
+static int cmd_engine(struct cli *c, int argc, char **argv)
+{
+	struct km_error err = { { 0 } };
+	const char *sub;
+	char hex[KM_HASH_HEX_SIZE];
+	int r;
+
+	if (argc != 1)
+		return fail("engine: expected one subcommand (status, quiesce, resume, probe)");
+	sub = argv[0];
+	if (c->pid <= 0)
+		return fail("engine %s: --pid PID is required", sub);
+
+	if (strcmp(sub, "probe") == 0) {
+		r = km_engine_probe(c->pid);
+		if (r < 0)
+			return fail("engine probe: pid %d: %s", (int)c->pid, strerror(-r));
+		if (c->json)
+			printf("{\"pid\":%d,\"engine\":%s}\n", (int)c->pid, r ? "true" : "false");
+		else
+			printf("pid %d: %s\n", (int)c->pid,
+			       r ? "cooperative engine" : "no cooperative engine");
+		return r ? EXIT_SUCCESS : EXIT_FAILURE;
+	}
+	if (strcmp(sub, "status") == 0) {
+		struct km_engine_status st;
+
+		r = km_engine_status(c->pid, c->timeout_ms, &st, &err);
+		if (r < 0)
+			return fail_with("engine status", r, &err);
+		if (c->json) {
+			printf("{\"pid\":%d,\"engine_pid\":%d,\"state\":\"%s\",\"quiesces\":%" PRIu64
+			       ",\"resumes\":%" PRIu64 ",\"cancelled\":%" PRIu64 ",\"refused\":%" PRIu64
+			       ",\"self_resumes\":%" PRIu64 ",\"last_free_blocks\":%u"
+			       ",\"last_released_bytes\":%" PRIu64 ",\"restored\":%s}\n",
+			       (int)c->pid, (int)st.engine_pid, st.quiesced ? "quiesced" : "running",
+			       st.quiesces, st.resumes, st.cancelled, st.refused, st.self_resumes,
+			       st.last_free_blocks, st.last_released_bytes,
+			       st.restored ? "true" : "false");
+			return EXIT_SUCCESS;
+		}
+		printf("engine in pid %d: %s\n", (int)c->pid, st.quiesced ? "quiesced" : "running");
+		printf("  %-28s %15" PRIu64 "\n", "quiesces", st.quiesces);
+		printf("  %-28s %15" PRIu64 "%s\n", "resumes", st.resumes,
+		       st.resumes ? (st.restored ? "  (last after a restore)" : "") : "");
+		printf("  %-28s %15" PRIu64 "\n", "cancelled", st.cancelled);
+		printf("  %-28s %15" PRIu64 "\n", "refused", st.refused);
+		printf("  %-28s %15" PRIu64 "\n", "resumed by itself", st.self_resumes);
+		printf("  %-28s %15u\n", "free KV blocks (last)", st.last_free_blocks);
+		print_bytes_line("released (last)", st.last_released_bytes);
+		return EXIT_SUCCESS;
+	}
+	if (strcmp(sub, "quiesce") == 0) {
+		struct km_engine_quiesced q = { 0 };
+
+		r = km_engine_quiesce(c->pid, c->timeout_ms, &q, &err);
+		if (r < 0)
+			return fail_with("engine quiesce", r, &err);
+		if (c->json) {
+			printf("{\"pid\":%d,\"free_blocks\":%u,\"released_bytes\":%" PRIu64
+			       ",\"weights\":[",
+			       (int)c->pid, q.free_blocks, q.released_bytes);
+			for (size_t i = 0; i < q.n_weights; i++) {
+				printf("%s{\"path\":", i ? "," : "");
+				json_string(q.weights[i].path);
+				printf(",\"sha256\":\"%s\",\"size\":%" PRIu64 "}",
+				       km_hash_to_hex(&q.weights[i].id, hex), q.weights[i].size);
+			}
+			printf("]}\n");
+		} else {
+			printf("engine in pid %d quiesced: %u free KV blocks\n", (int)c->pid,
+			       q.free_blocks);
+			print_bytes_line("released", q.released_bytes);
+			for (size_t i = 0; i < q.n_weights; i++)
+				printf("  weights %s  %.16s  %" PRIu64 " bytes\n", q.weights[i].path,
+				       km_hash_to_hex(&q.weights[i].id, hex), q.weights[i].size);
+		}
+		km_engine_quiesced_clear(&q);
+		return EXIT_SUCCESS;
+	}
+	if (strcmp(sub, "resume") == 0) {
+		r = km_engine_resume(c->pid, c->restored, c->timeout_ms, &err);
+		if (r < 0)
+			return fail_with("engine resume", r, &err);
+		if (c->json)
+			printf("{\"pid\":%d,\"resumed\":true,\"restored\":%s}\n", (int)c->pid,
+			       c->restored ? "true" : "false");
+		else
+			printf("engine in pid %d resumed%s\n", (int)c->pid,
+			       c->restored ? " (restored)" : "");
+		return EXIT_SUCCESS;
+	}
+	return fail("engine: unknown subcommand '%s'", sub);
+}
+
 enum {
 	OPT_STORE = 256,
 	OPT_NAME,
@@ -671,6 +775,9 @@ enum {
 	OPT_CAVG,
 	OPT_CMAX,
 	OPT_WEIGHTS_DIR,
+	OPT_PID,
+	OPT_TIMEOUT_MS,
+	OPT_RESTORED,
 };
 
 int main(int argc, char **argv)
@@ -692,6 +799,9 @@ int main(int argc, char **argv)
 		{ "chunk-min", required_argument, NULL, OPT_CMIN },
 		{ "chunk-avg", required_argument, NULL, OPT_CAVG },
 		{ "chunk-max", required_argument, NULL, OPT_CMAX },
+		{ "pid", required_argument, NULL, OPT_PID },
+		{ "timeout-ms", required_argument, NULL, OPT_TIMEOUT_MS },
+		{ "restored", no_argument, NULL, OPT_RESTORED },
 		{ "output", required_argument, NULL, 'o' },
 		{ "weights-dir", required_argument, NULL, OPT_WEIGHTS_DIR },
 		{ "help", no_argument, NULL, 'h' },
@@ -702,6 +812,7 @@ int main(int argc, char **argv)
 		.store_path = getenv("KVMOTION_STORE") ? getenv("KVMOTION_STORE") : DEFAULT_STORE,
 		.sync = true,
 		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
+		.timeout_ms = 10000,
 	};
 	const char *cmd;
 	uint64_t v;
@@ -720,6 +831,7 @@ int main(int argc, char **argv)
 		case OPT_EXTENTS: c.extents = true; break;
 		case 'o': c.output = optarg; break;
 		case OPT_WEIGHTS_DIR: c.weights_dir = optarg; break;
+		case OPT_RESTORED: c.restored = true; break;
 		case OPT_FILTER:
 			if (strcmp(optarg, "auto") == 0)
 				c.delta.filter = KM_DELTA_FILTER_AUTO;
@@ -737,6 +849,8 @@ int main(int argc, char **argv)
 		case OPT_CMIN:
 		case OPT_CAVG:
 		case OPT_CMAX:
+		case OPT_PID:
+		case OPT_TIMEOUT_MS:
 			if (parse_u64(optarg, &v) < 0 || v > UINT32_MAX)
 				return fail("%s: '%s' is not a valid number", argv[optind - 1], optarg);
 			if (opt == OPT_THREADS)
@@ -747,6 +861,10 @@ int main(int argc, char **argv)
 				c.delta.level = (int)v;
 			else if (opt == OPT_FRAME)
 				c.delta.frame_size = (uint32_t)v;
+			else if (opt == OPT_PID)
+				c.pid = v <= INT32_MAX ? (pid_t)v : 0;
+			else if (opt == OPT_TIMEOUT_MS)
+				c.timeout_ms = (uint32_t)v;
 			else {
 				c.chunker_set = true;
 				if (opt == OPT_CMIN)
@@ -785,6 +903,8 @@ int main(int argc, char **argv)
 		return cmd_store(&c, argc, argv);
 	if (strcmp(cmd, "weights") == 0)
 		return cmd_weights(&c, argc, argv);
+	if (strcmp(cmd, "engine") == 0)
+		return cmd_engine(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;

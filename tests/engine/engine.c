@@ -851,8 +851,8 @@ static void engine_init(struct engine *e)
 		    e->max_blocks, o->block_tokens, o->kv_mib, e->kv.n_blocks);
 	if (o->coop)
 		coop_start(e);
-	churn_blocks(e);
 	park_blocks(e);
+	churn_blocks(e);
 
 	e->seqs = calloc(o->seqs, sizeof(*e->seqs));
 	e->toks = calloc(e->max_batch, sizeof(*e->toks));

@@ -30,7 +30,9 @@ small=$T/small.safetensors
 large=$T/large.safetensors
 run "$MKMODEL" "$small" --size $((64 << 20)) --seed 5
 run "$MKMODEL" "$large" --size $((512 << 20)) --seed 6
-args=(--seqs 4 --total-seqs 8 --prompt-len 24 --max-new 40 --kv-mib 64 --kv-fill-mib 16 --seed 3)
+# The same KV load for both models: 128 MiB of held KV blocks and short
+# sequences (the two models' KV bytes per token differ, 2.9x).
+args=(--seqs 4 --total-seqs 8 --prompt-len 8 --max-new 24 --kv-mib 192 --kv-fill-mib 128 --seed 3)
 
 # start_engine NAME MODEL [ARGS...]: a cooperative engine in the background
 start_engine() {
@@ -43,7 +45,7 @@ start_engine() {
 	disown "$ENGINE_PID"
 	KM_PIDS+=("$ENGINE_PID")
 	for _ in $(seq 600); do
-		[ -s "$T/$name.json" ] && [ "$(json_get "$T/$name.json" tokens_generated)" -ge 24 ] && return 0
+		[ -s "$T/$name.json" ] && [ "$(json_get "$T/$name.json" tokens_generated)" -ge 12 ] && return 0
 		kill -0 "$ENGINE_PID" 2>/dev/null || break
 		sleep 0.05
 	done
@@ -80,7 +82,7 @@ l_bytes=$(image_bytes "$T/img-large")
 log "cooperative images: 64 MiB model $s_bytes B, 512 MiB model $l_bytes B"
 diff=$((l_bytes > s_bytes ? l_bytes - s_bytes : s_bytes - l_bytes))
 assert_lt "image size difference x20" $((diff * 20)) "$s_bytes"
-assert_lt "image of the 512 MiB model vs 64 MiB" "$l_bytes" $((64 << 20))
+assert_lt "image of the 512 MiB model vs its weights" "$l_bytes" $((256 << 20))
 pass "image sizes differ by $diff B (< 5%), no weights in either"
 
 # --- restore: token for token, weights uploaded again from the mapping
@@ -94,17 +96,18 @@ assert_eq "restores seen by the engine" "$(json_get "$T/small.json" restores)" 1
 pass "restored engine continued token for token ($ref_tokens tokens, no extra prefill)"
 
 # --- free KV blocks add nothing
-start_engine churn "$small" --coop --kv-mib 256 --kv-churn-mib 128
+start_engine churn "$small" --coop --kv-mib 320 --kv-churn-mib 128
 criu_dump "$ENGINE_PID" "$T/img-churn" -L "$PLUGIN_DIR"
 wait_pid_gone "$ENGINE_PID"
-start_engine plainchurn "$small" --kv-mib 256 --kv-churn-mib 128
+start_engine plainchurn "$small" --kv-mib 320 --kv-churn-mib 128
 criu_dump "$ENGINE_PID" "$T/img-plainchurn"
 wait_pid_gone "$ENGINE_PID"
 c_bytes=$(image_bytes "$T/img-churn")
 p_bytes=$(image_bytes "$T/img-plainchurn")
 log "128 MiB of freed KV blocks: cooperative image $c_bytes B, plain image $p_bytes B"
 assert_lt "cooperative image with freed blocks vs without (+4 MiB)" "$c_bytes" $((s_bytes + (4 << 20)))
-assert_ge "plain image holds the freed blocks" "$p_bytes" $((s_bytes + (128 << 20)))
+# plain: weights + held KV + the freed blocks, all as raw pages
+assert_ge "plain image holds the freed blocks" "$p_bytes" $(((64 + 128 + 128) << 20))
 pass "freed KV blocks are not in the cooperative image"
 
 # --- a missing or altered weights file: the restore refuses, nothing runs
@@ -137,6 +140,7 @@ rm -f "$weights_file" "$weights_file.ok"
 # --- an engine that does not answer: the dump fails, the engine serves on
 start_engine mute "$small" --coop
 kill -STOP "$ENGINE_PID"
+mkdir -p "$T/img-mute"
 if KVMOTION_QUIESCE_TIMEOUT_MS=1000 "$CRIU" dump -t "$ENGINE_PID" -D "$T/img-mute" -o dump.log -v4 \
 	-L "$PLUGIN_DIR" 2>/dev/null; then
 	fail "the dump succeeded although the engine never answered"

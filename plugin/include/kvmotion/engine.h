@@ -53,6 +53,13 @@ struct kme_weights;
  * is materialized if absent and verified.
  */
 int kme_weights_open(const char *store, const char *ref, struct kme_weights **ret);
+/*
+ * The same, and on failure a message saying what failed (which store,
+ * index or file) in msg (msg_size bytes, NUL-terminated; may be NULL).
+ */
+int kme_weights_open_ex(const char *store, const char *ref, struct kme_weights **ret,
+			char *msg, size_t msg_size);
+/* Unmaps the weights: no pointer into kme_weights_data() may be used after. */
 void kme_weights_close(struct kme_weights *w);
 
 const void *kme_weights_data(const struct kme_weights *w);
@@ -93,13 +100,24 @@ struct kme_engine_opts {
 	unsigned flags;		    /* none yet: 0 */
 };
 
-/* Starts the control thread. opts may be NULL. */
+/*
+ * Starts the control thread (all signals blocked in it). opts may be NULL.
+ * -EADDRINUSE: an engine already runs in this process (the socket is named
+ * by the pid); -EINVAL: a callback missing or unknown flags.
+ */
 int kme_engine_start(const struct kme_callbacks *cb, const struct kme_engine_opts *opts,
 		     struct kme_engine **ret);
-/* Stops the control thread and frees e (pools included). */
+/*
+ * Stops the control thread and frees e (pools included). A quiesced engine
+ * is not resumed. Not from inside a callback.
+ */
 void kme_engine_stop(struct kme_engine *e);
 
-/* The weights this engine uses, reported to the plugin with each quiesce. */
+/*
+ * The weights this engine uses, reported to the plugin with each quiesce.
+ * The entry is copied (w may be closed after); the same file twice is
+ * listed once. -E2BIG beyond what one answer can carry (32 KiB of paths).
+ */
 int kme_engine_add_weights(struct kme_engine *e, const struct kme_weights *w);
 
 enum kme_kv_flags {
@@ -110,21 +128,31 @@ enum kme_kv_flags {
 /*
  * Registers a KV block pool: n_blocks blocks of block_size bytes from
  * base. For KME_KV_HOST, base and block_size must be multiples of the page
- * size. Every block starts as in use. *ret_pool gets the pool's number.
+ * size. Every block starts as in use. *ret_pool gets the pool's number
+ * (0, 1, ... in registration order). Register private anonymous memory or
+ * shared memory (shmem, memfd): both read back as zeros once released.
+ * -EINVAL bad arguments, -ENOSPC more than 64 pools.
  */
 int kme_kv_pool_register(struct kme_engine *e, void *base, size_t block_size, uint32_t n_blocks,
 			 unsigned flags, uint32_t *ret_pool);
-/* Marks a block free or in use: lock-free, cheap enough for every alloc. */
+/*
+ * Marks a block free or in use: lock-free, cheap enough for every alloc.
+ * The engine must not change the bitmap while its quiesce callback has
+ * returned and the quiesce is not over (its threads are stopped anyway).
+ * -EINVAL unknown pool, -ERANGE block out of range.
+ */
 int kme_kv_block_set_free(struct kme_engine *e, uint32_t pool, uint32_t block, bool free);
 
 struct kme_stats {
 	uint64_t quiesces;
 	uint64_t resumes;
-	uint64_t cancelled;	     /* quiesces the plugin gave up on */
+	uint64_t cancelled;	     /* quiesces the plugin gave up on (resumed, not counted in resumes) */
 	uint64_t last_released_bytes; /* free host KV bytes released at the last quiesce */
 	uint32_t last_free_blocks;
 	bool quiesced;
 	bool restored; /* the last resume was after a restore */
+	uint64_t refused;      /* quiesces the quiesce callback refused */
+	uint64_t self_resumes; /* resumes after resume_timeout_ms without a RESUME */
 };
 int kme_engine_stats(struct kme_engine *e, struct kme_stats *ret);
 
