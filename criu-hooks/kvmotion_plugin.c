@@ -529,7 +529,10 @@ static void kvmotion_exit(int stage, int ret)
 			pr_err("GPU after dump: %s", err.msg);
 		if (ret == 0 && km.n_engines)
 			record_engines();
-		if (ret == 0 && km.split_wanted && km.comm_selected)
+		if (ret == 0 && km.split_wanted && km.n_engines && !km.cfg.split_engines)
+			pr_info("split skipped: the weights of the cooperative engines are not in the "
+				"image (split_engines=yes splits it anyway)");
+		else if (ret == 0 && km.split_wanted && km.comm_selected)
 			split_image();
 		else if (ret == 0 && km.split_wanted)
 			pr_info("split skipped: no task matches split_comm '%s'", km.cfg.split_comm);

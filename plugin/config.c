@@ -89,6 +89,9 @@ int km_config_set(struct km_config *c, const char *key, const char *value, struc
 	} else if (strcmp(key, "add_chunks") == 0) {
 		r = parse_bool(value, &t, false);
 		c->add_chunks = t == KM_YES;
+	} else if (strcmp(key, "split_engines") == 0) {
+		r = parse_bool(value, &t, false);
+		c->split_engines = t == KM_YES;
 	} else if (strcmp(key, "sync") == 0) {
 		r = parse_bool(value, &t, false);
 		c->sync = t == KM_YES;
@@ -198,6 +201,7 @@ int km_config_load(struct km_config *c, const char *path, struct km_error *err)
 		{ "KVMOTION_SPLIT", "split" },
 		{ "KVMOTION_SPLIT_COMM", "split_comm" },
 		{ "KVMOTION_ADD_CHUNKS", "add_chunks" },
+		{ "KVMOTION_SPLIT_ENGINES", "split_engines" },
 		{ "KVMOTION_MIN_SPLIT_SIZE", "min_split_size" },
 		{ "KVMOTION_CHUNK_MIN", "chunk_min" },
 		{ "KVMOTION_CHUNK_AVG", "chunk_avg" },

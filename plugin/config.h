@@ -13,6 +13,7 @@
  *   split            KVMOTION_SPLIT            auto (on when the store exists)
  *   split_comm       KVMOTION_SPLIT_COMM       (empty: every process tree)
  *   add_chunks       KVMOTION_ADD_CHUNKS       no
+ *   split_engines    KVMOTION_SPLIT_ENGINES    no (split dumps of cooperative engines too)
  *   min_split_size   KVMOTION_MIN_SPLIT_SIZE   1M
  *   chunk_min/avg/max KVMOTION_CHUNK_MIN/AVG/MAX 64K/256K/1M (new stores only)
  *   delta_level      KVMOTION_DELTA_LEVEL      1
@@ -44,6 +45,7 @@ struct km_config {
 	enum km_tristate split;
 	char split_comm[1024]; /* comma-separated process names */
 	bool add_chunks;
+	bool split_engines;
 	uint64_t min_split_size;
 	struct km_chunker_params chunker;
 	int delta_level;

@@ -18,6 +18,7 @@
 #include "kvmotion/engine.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -186,7 +187,13 @@ KME_EXPORT int kme_weights_open_ex(const char *store, const char *ref, struct km
 	}
 	memset(&info, 0, sizeof(info));
 	index_name[0] = '\0';
-	r = km_weights_resolve(s, ref, NULL, cfg.sync, &info, index_name, sizeof(index_name), &err);
+	r = km_weights_resolve(s, ref, cfg.weights_dir[0] ? cfg.weights_dir : NULL, cfg.sync, &info,
+			       index_name, sizeof(index_name), &err);
+	/*
+	 * Seeding and materializing in this process used large I/O buffers:
+	 * hand their pages back now, or a later dump would carry them.
+	 */
+	malloc_trim(0);
 	if (r < 0) {
 		if (!err.msg[0])
 			km_error_set(&err, "%s: %s", ref, strerror(-r));

@@ -13,7 +13,9 @@
 #                image; after the restore the engine uploads them again from
 #                the mapping (its "upload", reported separately)
 # dump and restore are the times of the criu commands (restore -d returns once
-# the tasks run); coop's stop adds the engine's re-upload.
+# the tasks run; with a cooperative engine, once the plugin saw it resume,
+# which includes its re-upload of the weights from the mapping, also
+# reported on its own).
 #
 #   scripts/bench-coop.sh [--sizes "512 1024 2048 4096"] [--kv-mib N] [--dir D] [--json FILE]
 #
@@ -128,10 +130,11 @@ for line in sys.argv[3:]:
     for i, name in enumerate(["plain", "transparent", "coop"]):
         d, r, b, u = float(v[1 + 4 * i]), float(v[2 + 4 * i]), int(v[3 + 4 * i]), float(v[4 + 4 * i])
         modes[name] = {"dump_s": d, "restore_s": r, "image_bytes": b, "upload_s": u,
-                       "stop_s": d + r + u}
+                       "stop_s": d + r}
     rows.append({"weights_mib": mib, **modes})
 mibs = lambda b: f"{b / 2**20:8.1f}"
-print(f"engine with {kv} MiB of live KV; dump/restore: criu's own time; stop = dump + restore + re-upload")
+print(f"engine with {kv} MiB of live KV; dump/restore: criu's own time; stop = dump + restore")
+print("(coop: the plugin's restore waits until the engine has resumed, re-upload included)")
 print(f"{'weights':>8} {'mode':12} {'dump s':>7} {'restore s':>9} {'upload s':>8} {'stop s':>7} {'image MiB':>10}")
 for r in rows:
     for m in ["plain", "transparent", "coop"]:

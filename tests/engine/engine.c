@@ -13,7 +13,7 @@
  *          [--kv-mib N] [--kv-fill-mib N] [--kv-churn-mib N] [--threads N]
  *          [--step-delay-ms N]
  *          [--seed N] [--status PATH] [--status-socket NAME] [--status-file PATH]
- *          [--coop [--store DIR]] [--quiet]
+ *          [--coop|--coop-upload [--store DIR]] [--quiet]
  *   engine --query PATH|NAME   print the status line of a running engine
  *
  * A step: every active sequence contributes its next prompt chunk (prefill)
@@ -32,10 +32,12 @@
  * --coop: cooperative mode through kvmotion's engine API (kvmotion/engine.h).
  * The weights come from the store's content-addressed weights file for
  * --model (a model file, seeded and materialized if needed, or
- * "index:NAME" for a weights index of the store), mapped read-only; the model
- * uploads them into its own anonymous copy as a GPU engine uploads to the
- * device. When kvmotion's CRIU plugin asks for a quiesce, the engine parks
- * after the step in progress and drops that copy (keeping its addresses);
+ * "index:NAME" for a weights index of the store), mapped read-only; the CPU
+ * build computes straight from that mapping, as a CPU engine would. With
+ * --coop-upload (and always in the CUDA build) the model uploads them into
+ * its own copy as a GPU engine uploads to the device. When kvmotion's CRIU
+ * plugin asks for a quiesce, the engine parks after the step in progress
+ * and drops that copy (keeping its addresses);
  * the library releases the free KV blocks, which the engine reports as it
  * allocates and frees them. On resume (after a restore, or a failed or
  * --leave-running dump) the weights are uploaded again from the mapping.
@@ -90,6 +92,7 @@ struct options {
 	uint64_t total_seqs, seed, kv_mib, fill_mib, churn_mib;
 	bool quiet;
 	bool coop;
+	bool coop_upload; /* --coop-upload: keep an uploaded copy, as on a GPU */
 	const char *store; /* --coop: the kvmotion store (NULL: kvmotion's default) */
 };
 
@@ -147,7 +150,8 @@ static void usage(FILE *f)
 	      "              [--max-batch N] [--block-tokens N] [--kv-mib N] [--kv-fill-mib N]\n"
 	      "              [--kv-churn-mib N]\n"
 	      "              [--threads N] [--step-delay-ms N] [--seed N] [--status PATH]\n"
-	      "              [--status-socket NAME] [--status-file PATH] [--coop [--store DIR]]\n"
+	      "              [--status-socket NAME] [--status-file PATH]\n"
+	      "              [--coop|--coop-upload [--store DIR]]\n"
 	      "              [--quiet]\n"
 	      "       engine --query PATH|NAME (a NAME without '/' is an abstract socket)\n",
 	      f);
@@ -240,7 +244,7 @@ static int status_json(const struct engine *e, char *buf, size_t n)
 		       e->done ? "done" : "running", e->tokens_generated, e->prefill_steps,
 		       e->decode_steps, e->sequences_done, e->started, active, e->steps,
 		       kv_used(&e->kv), e->kv.n_blocks, e->parked_blocks, e->kv.block_tokens,
-		       e->m.weights_size, (int)getpid(), e->o.coop ? "coop" : "plain",
+		       e->m.weights_size, (int)getpid(), e->o.coop_upload ? "coop-upload" : e->o.coop ? "coop" : "plain",
 		       e->coop.quiesces, e->coop.resumes, e->coop.restores, e->coop.upload_s * 1e3);
 	return len < 0 || (size_t)len >= n ? -EOVERFLOW : len;
 }
@@ -755,6 +759,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		{ "status-file", required_argument, NULL, 'f' },
 		{ "quiet", no_argument, NULL, 'Q' },
 		{ "coop", no_argument, NULL, 'C' },
+		{ "coop-upload", no_argument, NULL, 'u' },
 		{ "store", required_argument, NULL, 'D' },
 		{ "query", required_argument, NULL, 'q' },
 		{ "help", no_argument, NULL, 'h' },
@@ -786,6 +791,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		case 'f': o->status_file = optarg; break;
 		case 'Q': o->quiet = true; break;
 		case 'C': o->coop = true; break;
+		case 'u': o->coop = o->coop_upload = true; break;
 		case 'D': o->store = optarg; break;
 		case 'q': exit(query(optarg));
 		case 'h': usage(stdout); exit(0);
@@ -824,7 +830,8 @@ static void engine_init(struct engine *e)
 	mo = (struct model_opts){ .max_ctx = o->prompt_len + o->max_new,
 				  .max_batch = e->max_batch,
 				  .max_outputs = o->seqs,
-				  .threads = o->threads };
+				  .threads = o->threads,
+				  .in_place = o->coop && !o->coop_upload };
 	if (o->coop) {
 		coop_open_weights(e);
 		r = model_load_mem(&e->m, e->coop.file, e->coop.file_size,

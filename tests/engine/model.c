@@ -390,7 +390,13 @@ static int load(struct model *m, const char *path, const uint8_t *file, uint64_t
 	}
 	m->priv = cm;
 	cm->o = *o;
-	if (file) {
+	if (file && o->in_place) {
+		r = model_parse_mem(file, file_size, path, c, &l, &cm->data_offset,
+				    &m->weights_size, err);
+		cm->file = file;
+		/* read-only file pages: the model never writes its weights */
+		cm->weights = (uint8_t *)(uintptr_t)(file + cm->data_offset);
+	} else if (file) {
 		r = model_read_mem(file, file_size, path, c, &l, &cm->weights, &m->weights_size,
 				   &cm->data_offset, err);
 		cm->file = file;
@@ -478,6 +484,8 @@ int model_release_weights(struct model *m, char *err)
 		snprintf(err, MODEL_ERR_SIZE, "the weights were not loaded from a weights file");
 		return -EINVAL;
 	}
+	if (cm->o.in_place)
+		return 0;
 	/* MADV_DONTNEED: the pages are gone, the range stays (reads give zeros) */
 	if (madvise(cm->weights, m->weights_size ? m->weights_size : 1, MADV_DONTNEED) < 0) {
 		int r = -errno;
@@ -496,7 +504,8 @@ int model_upload_weights(struct model *m, char *err)
 		snprintf(err, MODEL_ERR_SIZE, "the weights were not loaded from a weights file");
 		return -EINVAL;
 	}
-	memcpy(cm->weights, cm->file + cm->data_offset, m->weights_size);
+	if (!cm->o.in_place)
+		memcpy(cm->weights, cm->file + cm->data_offset, m->weights_size);
 	return 0;
 }
 
@@ -506,7 +515,7 @@ void model_free(struct model *m)
 
 	if (cm) {
 		pool_free(cm->pool);
-		if (cm->weights)
+		if (cm->weights && !(cm->file && cm->o.in_place))
 			munmap(cm->weights, m->weights_size ? m->weights_size : 1);
 		free(cm->layer);
 		free(cm->x);

@@ -41,6 +41,12 @@ struct model_opts {
 	unsigned max_batch;   /* tokens per model_forward() */
 	unsigned max_outputs; /* of which at most this many want_next */
 	unsigned threads;     /* CPU threads for the matrix products (the CUDA build ignores it) */
+	/*
+	 * model_load_mem on the CPU: compute straight from the file in memory
+	 * (the mapped weights file), as a CPU engine would; release and upload
+	 * then have nothing to do. The CUDA build always uploads.
+	 */
+	bool in_place;
 };
 
 /* One token of one sequence in a model_forward() batch. */
@@ -94,7 +100,8 @@ int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size, con
 /*
  * Drops the uploaded weights, keeping their addresses (what a GPU engine
  * does with cuMemUnmap + cuMemRelease before a checkpoint): the memory is
- * given back and a dump holds none of it. Only after model_load_mem.
+ * given back and a dump holds none of it. Only after model_load_mem; with
+ * in_place there is no copy and nothing to do.
  */
 int model_release_weights(struct model *m, char *err);
 /* Uploads the weights again from the file given to model_load_mem, to the same addresses. */
@@ -147,6 +154,10 @@ int model_read_file(const char *path, struct model_config *ret_config,
 int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 		   struct model_config *ret_config, struct model_layout *ret_layout,
 		   uint8_t **ret_weights, uint64_t *ret_size, uint64_t *ret_data_offset, char *err);
+/* Config, layout and where the data section is, without copying anything. */
+int model_parse_mem(const uint8_t *file, uint64_t file_size, const char *what,
+		    struct model_config *ret_config, struct model_layout *ret_layout,
+		    uint64_t *ret_data_offset, uint64_t *ret_data_size, char *err);
 /* Checks a batch against the model and the options. */
 int model_check_batch(const struct model_config *c, const struct model_opts *o,
 		      const struct kv_pool *kv, const struct model_tok *toks, unsigned n,

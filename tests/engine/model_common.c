@@ -220,15 +220,14 @@ int model_read_file(const char *path, struct model_config *ret_config,
 	return 0;
 }
 
-int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
-		   struct model_config *ret_config, struct model_layout *ret_layout,
-		   uint8_t **ret_weights, uint64_t *ret_size, uint64_t *ret_data_offset, char *err)
+int model_parse_mem(const uint8_t *file, uint64_t file_size, const char *what,
+		    struct model_config *ret_config, struct model_layout *ret_layout,
+		    uint64_t *ret_data_offset, uint64_t *ret_data_size, char *err)
 {
 	char why[MODEL_ERR_SIZE];
 	struct model_config c;
 	struct model_layout l = { 0 };
 	struct st_file f = { 0 };
-	uint8_t *w = MAP_FAILED;
 	uint64_t n = 0;
 	int r = 0;
 
@@ -252,18 +251,6 @@ int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	}
 	if (r == 0)
 		r = model_read_layout(&f, &c, &l, why);
-	if (r == 0) {
-		/* the upload: an anonymous copy, as model_read_weights makes */
-		w = mmap(NULL, f.data_size ? f.data_size : 1, PROT_READ | PROT_WRITE,
-			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		if (w == MAP_FAILED) {
-			r = -ENOMEM;
-			snprintf(why, sizeof(why), "cannot allocate %llu bytes for the weights",
-				 (unsigned long long)f.data_size);
-		} else {
-			memcpy(w, file + f.data_offset, f.data_size);
-		}
-	}
 	if (r < 0) {
 		int k = snprintf(err, MODEL_ERR_SIZE, "%s: ", what);
 
@@ -275,10 +262,40 @@ int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	}
 	*ret_config = c;
 	*ret_layout = l;
-	*ret_weights = w;
-	*ret_size = f.data_size;
 	*ret_data_offset = f.data_offset;
+	*ret_data_size = f.data_size;
 	st_free(&f);
+	return 0;
+}
+
+int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
+		   struct model_config *ret_config, struct model_layout *ret_layout,
+		   uint8_t **ret_weights, uint64_t *ret_size, uint64_t *ret_data_offset, char *err)
+{
+	struct model_layout l = { 0 };
+	struct model_config c;
+	uint64_t off, size;
+	uint8_t *w;
+	int r;
+
+	r = model_parse_mem(file, file_size, what, &c, &l, &off, &size, err);
+	if (r < 0)
+		return r;
+	/* the upload: an anonymous copy, as model_read_weights makes */
+	w = mmap(NULL, size ? size : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+		 0);
+	if (w == MAP_FAILED) {
+		snprintf(err, MODEL_ERR_SIZE, "%s: cannot allocate %llu bytes for the weights", what,
+			 (unsigned long long)size);
+		model_layout_free(&l);
+		return -ENOMEM;
+	}
+	memcpy(w, file + off, size);
+	*ret_config = c;
+	*ret_layout = l;
+	*ret_weights = w;
+	*ret_size = size;
+	*ret_data_offset = off;
 	return 0;
 }
 

@@ -7,7 +7,8 @@
 #  - a cooperative dump holds no weights: the images of a 64 MiB and a
 #    512 MiB model at the same KV load differ by less than 5%;
 #  - the restored engine continues token for token with no extra prefill,
-#    its weights uploaded again from the mapped file;
+#    computing from the mapped file (--coop) or from a copy released at the
+#    quiesce and uploaded again from it (--coop-upload, a GPU's way);
 #  - free KV blocks add nothing to the image (128 MiB of stale, freed
 #    blocks: the cooperative image stays put, a plain dump grows by them);
 #  - a missing or altered weights file makes the restore refuse before any
@@ -28,10 +29,11 @@ export KVMOTION_STORE=$store KVMOTION_SYNC=no KVMOTION_CONFIG=/dev/null
 run "$KVMOTION" store init "$store" --no-sync
 small=$T/small.safetensors
 large=$T/large.safetensors
-run "$MKMODEL" "$small" --size $((64 << 20)) --seed 5
-run "$MKMODEL" "$large" --size $((512 << 20)) --seed 6
-# The same KV load for both models: 128 MiB of held KV blocks and short
-# sequences (the two models' KV bytes per token differ, 2.9x).
+# The same layers and width, so the same KV bytes per token: the sizes
+# differ in the vocabulary (embedding and lm_head), 8x.
+run "$MKMODEL" "$small" --size $((64 << 20)) --seed 5 --dim 512 --layers 8
+run "$MKMODEL" "$large" --size $((512 << 20)) --seed 6 --dim 512 --layers 8
+# The KV load: 128 MiB of held KV blocks and four short live sequences.
 args=(--seqs 4 --total-seqs 8 --prompt-len 8 --max-new 24 --kv-mib 192 --kv-fill-mib 128 --seed 3)
 
 # start_engine NAME MODEL [ARGS...]: a cooperative engine in the background
@@ -73,6 +75,8 @@ criu_dump "$small_pid" "$T/img-small" -L "$PLUGIN_DIR"
 grep -q "kvmotion: engine in pid $small_pid quiesced" "$T/img-small/dump.log" ||
 	fail "the plugin did not quiesce the engine"
 [ -f "$T/img-small/kvmotion.engines" ] || fail "no kvmotion.engines in the image"
+grep -q "kvmotion: split skipped: the weights of the cooperative engines" "$T/img-small/dump.log" ||
+	fail "the plugin split a cooperative dump (nothing to deduplicate in it)"
 wait_pid_gone "$small_pid"
 start_engine large "$large" --coop
 criu_dump "$ENGINE_PID" "$T/img-large" -L "$PLUGIN_DIR"
@@ -94,6 +98,23 @@ cmp "$T/ref.out" "$T/small.out" || fail "token streams differ after the cooperat
 assert_eq "prefill steps (no recomputation)" "$(json_get "$T/small.json" prefill_steps)" "$ref_prefill"
 assert_eq "restores seen by the engine" "$(json_get "$T/small.json" restores)" 1
 pass "restored engine continued token for token ($ref_tokens tokens, no extra prefill)"
+
+# --- the GPU's way: an uploaded copy, released at the quiesce, uploaded again
+start_engine upload "$small" --coop-upload
+upload_pid=$ENGINE_PID
+criu_dump "$upload_pid" "$T/img-upload" -L "$PLUGIN_DIR"
+wait_pid_gone "$upload_pid"
+u_bytes=$(image_bytes "$T/img-upload")
+log "image with the uploaded copy released: $u_bytes B"
+assert_lt "image with a released upload vs in place (+4 MiB)" "$u_bytes" $((s_bytes + (4 << 20)))
+criu_restore "$T/img-upload" -L "$PLUGIN_DIR"
+wait_pid_gone "$upload_pid" 120
+cmp "$T/ref.out" "$T/upload.out" || fail "token streams differ after restoring the uploaded copy"
+assert_eq "restores seen by the engine" "$(json_get "$T/upload.json" restores)" 1
+upload_ms=$(json_get "$T/upload.json" upload_ms)
+python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)' "$upload_ms" ||
+	fail "the engine did not upload its weights again (upload_ms $upload_ms)"
+pass "released copy uploaded again from the mapping in $upload_ms ms; tokens identical"
 
 # --- free KV blocks add nothing
 start_engine churn "$small" --coop --kv-mib 320 --kv-churn-mib 128
