@@ -106,9 +106,10 @@ struct coop {
 	pthread_cond_t changed;	 /* phase changed */
 	enum coop_phase phase;
 	int wake[2];		 /* pipe: wakes the main loop out of --step-delay-ms */
+	int cancel;		 /* the model gives up its step (model_opts.cancel) */
 	const uint8_t *file;	 /* the model's safetensors bytes in the weights file */
 	uint64_t file_size;
-	uint64_t quiesces, resumes, restores;
+	uint64_t quiesces, resumes, restores, steps_cancelled;
 	double upload_s; /* the last upload of the weights after a resume */
 };
 
@@ -240,12 +241,14 @@ static int status_json(const struct engine *e, char *buf, size_t n)
 		       ",\"kv_blocks_used\":%u,\"kv_blocks_total\":%u,\"kv_blocks_parked\":%u"
 		       ",\"kv_block_tokens\":%u,\"weights_bytes\":%" PRIu64 ",\"pid\":%d"
 		       ",\"mode\":\"%s\",\"quiesces\":%" PRIu64 ",\"resumes\":%" PRIu64
-		       ",\"restores\":%" PRIu64 ",\"upload_ms\":%.1f}\n",
+		       ",\"restores\":%" PRIu64 ",\"steps_cancelled\":%" PRIu64
+		       ",\"upload_ms\":%.1f}\n",
 		       e->done ? "done" : "running", e->tokens_generated, e->prefill_steps,
 		       e->decode_steps, e->sequences_done, e->started, active, e->steps,
 		       kv_used(&e->kv), e->kv.n_blocks, e->parked_blocks, e->kv.block_tokens,
 		       e->m.weights_size, (int)getpid(), e->o.coop_upload ? "coop-upload" : e->o.coop ? "coop" : "plain",
-		       e->coop.quiesces, e->coop.resumes, e->coop.restores, e->coop.upload_s * 1e3);
+		       e->coop.quiesces, e->coop.resumes, e->coop.restores, e->coop.steps_cancelled,
+		       e->coop.upload_s * 1e3);
 	return len < 0 || (size_t)len >= n ? -EOVERFLOW : len;
 }
 
@@ -396,7 +399,10 @@ static unsigned seq_batch(struct engine *e, struct seq *s, unsigned n, unsigned 
 	return got;
 }
 
-/* One step of every active sequence; -ENOSPC if none could go on. */
+/*
+ * One step of every active sequence; -ENOSPC if none could go on,
+ * -ECANCELED if a quiesce stopped it half-way (nothing was counted).
+ */
 static int engine_step(struct engine *e)
 {
 	unsigned n = 0, chunk = e->o.prefill_chunk;
@@ -441,6 +447,8 @@ static int engine_step(struct engine *e)
 
 	/* The batch is in slot order per phase; the model does not care. */
 	r = model_forward(&e->m, &e->kv, e->toks, n, err);
+	if (r == -ECANCELED)
+		return -ECANCELED; /* a quiesce: the same step runs again after it */
 	if (r < 0)
 		die("model: %s", err);
 
@@ -592,6 +600,7 @@ static int coop_quiesce(void *userdata, uint32_t deadline_ms)
 	pthread_mutex_lock(&c->lock);
 	if (c->phase == COOP_RUNNING) {
 		c->phase = COOP_WANT_QUIESCE;
+		__atomic_store_n(&c->cancel, 1, __ATOMIC_RELAXED);
 		if (write(c->wake[1], "q", 1) < 0) {
 			/* the pipe is never full: the main loop drains it when parking */
 		}
@@ -601,6 +610,7 @@ static int coop_quiesce(void *userdata, uint32_t deadline_ms)
 	if (c->phase != COOP_PARKED) {
 		/* the step did not end in time: go on as if nothing was asked */
 		c->phase = COOP_RUNNING;
+		__atomic_store_n(&c->cancel, 0, __ATOMIC_RELAXED);
 		pthread_mutex_unlock(&c->lock);
 		return -ETIMEDOUT;
 	}
@@ -655,6 +665,7 @@ static void coop_park(struct engine *e)
 		while (read(c->wake[0], buf, sizeof(buf)) > 0) {
 			/* drained: the pipe is non-blocking */
 		}
+		__atomic_store_n(&c->cancel, 0, __ATOMIC_RELAXED);
 		(void)write_status_file(e);
 		c->phase = COOP_PARKED;
 		pthread_cond_broadcast(&c->changed);
@@ -831,7 +842,8 @@ static void engine_init(struct engine *e)
 				  .max_batch = e->max_batch,
 				  .max_outputs = o->seqs,
 				  .threads = o->threads,
-				  .in_place = o->coop && !o->coop_upload };
+				  .in_place = o->coop && !o->coop_upload,
+				  .cancel = o->coop ? &e->coop.cancel : NULL };
 	if (o->coop) {
 		coop_open_weights(e);
 		r = model_load_mem(&e->m, e->coop.file, e->coop.file_size,
@@ -949,6 +961,11 @@ int main(int argc, char **argv)
 		r = engine_step(&e);
 		if (r == 0)
 			break;
+		if (r == -ECANCELED) {
+			e.coop.steps_cancelled++;
+			coop_park(&e);
+			continue;
+		}
 		if (r == -ENOSPC)
 			die("KV pool too small: every active sequence waits for a block (%u "
 			    "blocks of %u tokens, %u parked); raise --kv-mib",

@@ -589,6 +589,12 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		const uint16_t *const *w = cm->layer[l];
 		struct attn_job aj = { .m = m, .kv = kv, .toks = toks, .n = n, .layer = l };
 
+		/* a step abandoned half-way changes nothing that a rerun does not redo */
+		if (cm->o.cancel && __atomic_load_n(cm->o.cancel, __ATOMIC_RELAXED)) {
+			snprintf(err, MODEL_ERR_SIZE, "step cancelled at layer %u", l);
+			return -ECANCELED;
+		}
+
 		for (unsigned b = 0; b < n; b++)
 			rmsnorm(cm->xb + (size_t)b * c->dim, cm->x + (size_t)b * c->dim,
 				w[W_IN_NORM], c->dim);
@@ -638,6 +644,10 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		pool_run(cm->pool, matmul_part, &j);
 		for (size_t i = 0; i < (size_t)n * c->dim; i++)
 			cm->x[i] += cm->xb[i];
+	}
+	if (cm->o.cancel && __atomic_load_n(cm->o.cancel, __ATOMIC_RELAXED)) {
+		snprintf(err, MODEL_ERR_SIZE, "step cancelled before the lm_head");
+		return -ECANCELED;
 	}
 
 	/* Final norm and lm_head only for the tokens that want a next token. */

@@ -47,6 +47,14 @@ struct model_opts {
 	 * then have nothing to do. The CUDA build always uploads.
 	 */
 	bool in_place;
+	/*
+	 * When it reads nonzero, model_forward gives up between two layers with
+	 * -ECANCELED: the KV slots it wrote are written again, identically, when
+	 * the step runs again, and nothing else changed. A cooperative engine
+	 * quiesces in one layer's time, not one step's. NULL: never; the CUDA
+	 * build ignores it (its steps are short).
+	 */
+	const int *cancel; /* read with __atomic_load_n */
 };
 
 /* One token of one sequence in a model_forward() batch. */
