@@ -252,7 +252,7 @@ int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	}
 	if (r == 0)
 		r = model_read_layout(&f, &c, &l, why);
-	if (r == 0) {
+	if (r == 0 && ret_weights) {
 		/* the upload: an anonymous copy, as model_read_weights makes */
 		w = mmap(NULL, f.data_size ? f.data_size : 1, PROT_READ | PROT_WRITE,
 			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -275,7 +275,8 @@ int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	}
 	*ret_config = c;
 	*ret_layout = l;
-	*ret_weights = w;
+	if (ret_weights)
+		*ret_weights = w;
 	*ret_size = f.data_size;
 	*ret_data_offset = f.data_offset;
 	st_free(&f);
