@@ -646,6 +646,12 @@ static int coop_quiesce(void *userdata, uint32_t deadline_ms)
 		pthread_cond_broadcast(&c->changed);
 	} else {
 		c->quiesces++;
+		/* the released device bytes are nowhere else to see: the plugin counts host ones */
+		if (e->m.kv_on_device && !e->o.quiet)
+			fprintf(stderr,
+				"engine: quiesced: %" PRIu64 " bytes of weights and %" PRIu64
+				" bytes of free device KV memory released\n",
+				e->m.weights_size, c->kv_released);
 	}
 	pthread_mutex_unlock(&c->lock);
 	return r;
