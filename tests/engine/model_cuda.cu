@@ -485,11 +485,13 @@ static int upload(void *dst, const uint8_t *src, uint64_t size, char *err)
 		CK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming),
 		   "cudaEventCreate(staging buffer)");
 	}
-	for (unsigned i = 0; off < size; i = (i + 1) % slots) {
+	for (uint64_t k = 0; off < size; k++) {
 		size_t n = size - off < STAGE_BYTES ? (size_t)(size - off) : STAGE_BYTES;
+		unsigned i = (unsigned)(k % slots);
 
-		/* the slot's last copy has left it (an event never recorded counts as done) */
-		CK(cudaEventSynchronize(done[i]), "cudaEventSynchronize(staging buffer)");
+		/* a slot used before: its copy must have left it */
+		if (k >= slots)
+			CK(cudaEventSynchronize(done[i]), "cudaEventSynchronize(staging buffer)");
 		memcpy(stage[i], src + off, n);
 		CK(cudaMemcpyAsync((uint8_t *)dst + off, stage[i], n, cudaMemcpyHostToDevice, s),
 		   "cudaMemcpyAsync(weights)");
