@@ -32,16 +32,19 @@
  * --coop: cooperative mode through kvmotion's engine API (kvmotion/engine.h).
  * The weights come from the store's content-addressed weights file for
  * --model (a model file, seeded and materialized if needed, or
- * "index:NAME" for a weights index of the store), mapped read-only; the CPU
- * build computes straight from that mapping, as a CPU engine would. With
- * --coop-upload (and always in the CUDA build) the model uploads them into
- * its own copy as a GPU engine uploads to the device. When kvmotion's CRIU
+ * "index:NAME" for a weights index of the store), mapped read-only. The CPU
+ * build computes straight from that mapping, as a CPU engine would; with
+ * --coop-upload it keeps its own anonymous copy, and the CUDA build always
+ * uploads them to device memory, as a GPU engine does. When kvmotion's CRIU
  * plugin asks for a quiesce, the engine parks after the step in progress
- * and drops that copy (keeping its addresses);
- * the library releases the free KV blocks, which the engine reports as it
- * allocates and frees them. On resume (after a restore, or a failed or
- * --leave-running dump) the weights are uploaded again from the mapping.
- * So a dump holds neither the weights nor the free KV blocks.
+ * (the CPU build gives the step up between two layers and runs it again
+ * later) and drops its copy, keeping the addresses. Free KV blocks, which
+ * the engine reports as it allocates and frees them, are released too: a
+ * host pool by the library, a device pool (the CUDA build) by the model, in
+ * the quiesce callback. On resume (after a restore, or a failed or
+ * --leave-running dump) the device KV pool is mapped whole again and the
+ * weights are uploaded again from the mapping. So a dump holds neither the
+ * weights nor the free KV blocks.
  *
  * Single-threaded unless --threads N > 1 (the matrix products then run on N
  * threads; the tokens are the same for any N).
@@ -111,6 +114,7 @@ struct coop {
 	uint64_t file_size;
 	uint64_t quiesces, resumes, restores, steps_cancelled;
 	double upload_s; /* the last upload of the weights after a resume */
+	uint64_t kv_released; /* device KV bytes the model released at the last quiesce */
 };
 
 struct engine {
@@ -242,13 +246,14 @@ static int status_json(const struct engine *e, char *buf, size_t n)
 		       ",\"kv_block_tokens\":%u,\"weights_bytes\":%" PRIu64 ",\"pid\":%d"
 		       ",\"mode\":\"%s\",\"quiesces\":%" PRIu64 ",\"resumes\":%" PRIu64
 		       ",\"restores\":%" PRIu64 ",\"steps_cancelled\":%" PRIu64
-		       ",\"upload_ms\":%.1f}\n",
+		       ",\"upload_ms\":%.1f,\"kv_device_released_bytes\":%" PRIu64 "}\n",
 		       e->done ? "done" : "running", e->tokens_generated, e->prefill_steps,
 		       e->decode_steps, e->sequences_done, e->started, active, e->steps,
 		       kv_used(&e->kv), e->kv.n_blocks, e->parked_blocks, e->kv.block_tokens,
-		       e->m.weights_size, (int)getpid(), e->o.coop_upload ? "coop-upload" : e->o.coop ? "coop" : "plain",
+		       e->m.weights_size, (int)getpid(),
+		       e->o.coop_upload ? "coop-upload" : e->o.coop ? "coop" : "plain",
 		       e->coop.quiesces, e->coop.resumes, e->coop.restores, e->coop.steps_cancelled,
-		       e->coop.upload_s * 1e3);
+		       e->coop.upload_s * 1e3, e->coop.kv_released);
 	return len < 0 || (size_t)len >= n ? -EOVERFLOW : len;
 }
 
@@ -581,6 +586,37 @@ static void park_blocks(struct engine *e)
 
 /* ---- cooperative mode ---- */
 
+/*
+ * The parked engine's device copies: the weights, and the memory under the
+ * free blocks of a device KV pool (the library releases a host pool's).
+ */
+static int release_device_memory(struct engine *e, char *err)
+{
+	uint64_t bytes = 0;
+	int r;
+
+	e->coop.kv_released = 0;
+	r = model_release_weights(&e->m, err);
+	if (r == 0 && e->m.kv_on_device) {
+		r = model_kv_release_free(&e->m, &e->kv, &bytes, err);
+		if (r == 0)
+			e->coop.kv_released = bytes;
+	}
+	return r;
+}
+
+/* The pool first: the weights upload is the longer part, and the last one. */
+static int restore_device_memory(struct engine *e, char *err)
+{
+	int r = 0;
+
+	if (e->m.kv_on_device)
+		r = model_kv_restore(&e->m, &e->kv, err);
+	if (r == 0)
+		r = model_upload_weights(&e->m, err);
+	return r;
+}
+
 /* Called on the library's control thread. */
 static int coop_quiesce(void *userdata, uint32_t deadline_ms)
 {
@@ -614,13 +650,22 @@ static int coop_quiesce(void *userdata, uint32_t deadline_ms)
 		pthread_mutex_unlock(&c->lock);
 		return -ETIMEDOUT;
 	}
-	r = model_release_weights(&e->m, err);
+	r = release_device_memory(e, err);
 	if (r < 0) {
 		fprintf(stderr, "engine: quiesce: %s\n", err);
+		/* a refused quiesce gets no resume: take back what was released */
+		if (restore_device_memory(e, err) < 0)
+			die("quiesce refused and the model cannot be restored: %s", err);
 		c->phase = COOP_RUNNING;
 		pthread_cond_broadcast(&c->changed);
 	} else {
 		c->quiesces++;
+		/* the released device bytes are nowhere else to see: the plugin counts host ones */
+		if (e->m.kv_on_device && !e->o.quiet)
+			fprintf(stderr,
+				"engine: quiesced: %" PRIu64 " bytes of weights and %" PRIu64
+				" bytes of free device KV memory released\n",
+				e->m.weights_size, c->kv_released);
 	}
 	pthread_mutex_unlock(&c->lock);
 	return r;
@@ -637,7 +682,7 @@ static int coop_resume(void *userdata, bool restored)
 	if (c->phase == COOP_PARKED) {
 		double t0 = now_s();
 
-		r = model_upload_weights(&e->m, err);
+		r = restore_device_memory(e, err);
 		c->upload_s = now_s() - t0;
 		if (r < 0) {
 			fprintf(stderr, "engine: resume: %s\n", err);
@@ -725,8 +770,13 @@ static void coop_start(struct engine *e)
 	r = kme_engine_add_weights(c->ctl, c->weights);
 	if (r < 0)
 		die("--coop: %s", kme_strerror(r));
-	r = kme_kv_pool_register(c->ctl, e->kv.data, kv_block_stride_bytes(&e->kv),
-				 e->kv.n_blocks, KME_KV_HOST, &pool);
+	/* a device pool: the library counts its free blocks, the model releases them */
+	if (e->m.kv_on_device)
+		r = kme_kv_pool_register(c->ctl, e->m.kv_device, kv_block_stride_bytes(&e->kv),
+					 e->kv.n_blocks, KME_KV_DEVICE, &pool);
+	else
+		r = kme_kv_pool_register(c->ctl, e->kv.data, kv_block_stride_bytes(&e->kv),
+					 e->kv.n_blocks, KME_KV_HOST, &pool);
 	if (r < 0 || pool != 0)
 		die("--coop: cannot register the KV pool: %s", kme_strerror(r < 0 ? r : -EINVAL));
 	/* every block starts in use for the library: tell it which are free */

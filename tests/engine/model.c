@@ -509,6 +509,21 @@ int model_upload_weights(struct model *m, char *err)
 	return 0;
 }
 
+/* A host pool: kvmotion's library releases its free blocks (MADV_DONTNEED). */
+int model_kv_release_free(struct model *m, const struct kv_pool *kv, uint64_t *ret_bytes,
+			  char *err)
+{
+	(void)m, (void)kv, (void)err;
+	*ret_bytes = 0;
+	return 0;
+}
+
+int model_kv_restore(struct model *m, const struct kv_pool *kv, char *err)
+{
+	(void)m, (void)kv, (void)err;
+	return 0;
+}
+
 void model_free(struct model *m)
 {
 	struct cpu_model *cm = m->priv;

@@ -11,8 +11,8 @@
  * Two builds implement the functions below: model.c on the CPU (weights
  * copied from the safetensors file into anonymous memory, as an upload to a
  * GPU would be: CRIU dumps them with the process, which is the point) and
- * model_cuda.cu (weights and KV blocks in device memory, the host copy freed
- * after the upload). Both are deterministic: every sum has a fixed order
+ * model_cuda.cu (weights and KV blocks in device memory, in VMM allocations
+ * that can be released in place; the host copy freed after the upload). Both are deterministic: every sum has a fixed order
  * that depends neither on the batch a token is in nor on the number of
  * threads, so the same inputs give bit-identical tokens on every run. The
  * two builds need not give the same tokens as each other.
@@ -70,6 +70,8 @@ struct model {
 	struct model_config c;
 	uint64_t weights_size;
 	bool kv_on_device; /* the KV blocks are not in kv_pool.data */
+	void *kv_device;   /* kv_on_device: the pool's device address (model_kv_init), never
+			      dereferenced on the host; kvmotion is told of it (KME_KV_DEVICE) */
 	void *priv;	   /* the build's state */
 };
 
@@ -106,13 +108,19 @@ int model_load(struct model *m, const char *path, const struct model_opts *o, ch
 int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size, const char *what,
 		   const struct model_opts *o, char *err);
 /*
- * Drops the uploaded weights, keeping their addresses (what a GPU engine
- * does with cuMemUnmap + cuMemRelease before a checkpoint): the memory is
- * given back and a dump holds none of it. Only after model_load_mem; with
- * in_place there is no copy and nothing to do.
+ * Drops the uploaded weights, keeping their addresses (the CUDA build:
+ * synchronize, cuMemUnmap + cuMemRelease, the range stays reserved; the
+ * CPU build: MADV_DONTNEED): the memory is given back and a dump holds
+ * none of it. Only after model_load_mem; with in_place (CPU) there is no
+ * copy and nothing to do.
  */
 int model_release_weights(struct model *m, char *err);
-/* Uploads the weights again from the file given to model_load_mem, to the same addresses. */
+/*
+ * Uploads the weights again from the file given to model_load_mem, to the
+ * same addresses (the CUDA build: cuMemCreate + cuMemMap + cuMemSetAccess
+ * first). Either of the two may be called from another thread than the
+ * one that loaded the model, while that one makes no model call.
+ */
 int model_upload_weights(struct model *m, char *err);
 /* Accepts a model that failed to load or was never loaded (zeroed). */
 void model_free(struct model *m);
@@ -122,6 +130,23 @@ void model_free(struct model *m);
  * the CUDA build allocates the blocks in device memory.
  */
 int model_kv_init(struct model *m, struct kv_pool *kv, char *err);
+/*
+ * Cooperative mode, for a pool in device memory (kv_on_device; a host pool
+ * is released by kvmotion's library itself, and these do nothing): drops
+ * the device memory under free blocks, keeping the addresses, as a quiesce
+ * wants. The pool is mapped in pieces (vmm_plan.h); a piece goes when no
+ * block overlapping it is in use in kv->used. *ret_bytes: bytes released by
+ * this call. Only while nothing runs on the device and the pool does not
+ * change (the engine is parked).
+ */
+int model_kv_release_free(struct model *m, const struct kv_pool *kv, uint64_t *ret_bytes,
+			  char *err);
+/*
+ * Maps every released piece again, at the same addresses. The memory is
+ * new: the free blocks in it hold garbage, which is harmless (a block is
+ * written before it is read).
+ */
+int model_kv_restore(struct model *m, const struct kv_pool *kv, char *err);
 /* Overwrites one whole KV block (kv_block_bytes) with src. */
 int model_kv_write(struct model *m, struct kv_pool *kv, uint32_t block, const uint16_t *src,
 		   char *err);
@@ -157,7 +182,9 @@ int model_read_file(const char *path, struct model_config *ret_config,
 /*
  * The same from a safetensors file already in memory (cooperative mode:
  * the engine's mapping of its weights file). *ret_data_offset: where the
- * data section starts in file. what names the file in errors.
+ * data section starts in file. what names the file in errors. ret_weights
+ * may be NULL: no host copy is made (the CUDA build uploads straight from
+ * file + *ret_data_offset).
  */
 int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 		   struct model_config *ret_config, struct model_layout *ret_layout,

@@ -281,6 +281,14 @@ int model_read_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	r = model_parse_mem(file, file_size, what, &c, &l, &off, &size, err);
 	if (r < 0)
 		return r;
+	if (!ret_weights) {
+		/* the caller uploads from file itself (the CUDA build) */
+		*ret_config = c;
+		*ret_layout = l;
+		*ret_size = size;
+		*ret_data_offset = off;
+		return 0;
+	}
 	/* the upload: an anonymous copy, as model_read_weights makes */
 	w = mmap(NULL, size ? size : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
 		 0);

@@ -3,8 +3,22 @@
  * The CUDA build of the test engine's model (see model.h): the same
  * computation as model.c with the weights and the paged KV cache in device
  * memory, so that the CUDA driver's checkpoint captures them. The weights are
- * read into anonymous host memory (model_common.c), uploaded with cudaMemcpy
- * and the host copy freed: GPU memory is the only copy. Kernels: bf16 matrix-
+ * read into anonymous host memory (model_common.c), uploaded and the host
+ * copy freed: GPU memory is the only copy. In cooperative mode
+ * (model_load_mem) they are uploaded straight from the engine's mapping of
+ * its weights file, with no host copy at all.
+ *
+ * The weights and the KV pool are VMM allocations (cuMemAddressReserve,
+ * cuMemCreate, cuMemMap, cuMemSetAccess), so that their memory can be given
+ * back before a checkpoint keeping the addresses every kernel argument and
+ * block table holds (model_release_weights, model_kv_release_free), and
+ * created again at the same addresses after it. The driver calls come
+ * through cudaGetDriverEntryPointByVersion: the binary links the static
+ * runtime and never libcuda itself, so it starts (and says why it cannot
+ * run) where no driver is installed. Small buffers (activations, RoPE
+ * tables) stay cudaMalloc'd: they are checkpointed with the process.
+ *
+ * Kernels: bf16 matrix-
  * vector products (fp32 accumulation), RMSNorm, RoPE (tables computed on the
  * host as in model.c), attention over the paged KV pool, SwiGLU, argmax.
  *
@@ -16,6 +30,8 @@
  * token of a sequence needs the earlier one's K and V); a token's result does
  * not depend on the rest of its batch.
  */
+#include <cuda.h> /* driver types only: the calls come from cudaGetDriverEntryPointByVersion */
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 #include <errno.h>
 #include <math.h>
@@ -25,16 +41,56 @@
 #include <sys/mman.h>
 
 #include "model.h"
+#include "vmm_plan.h"
 
 #define THREADS 256
+/*
+ * Driver entry points as of CUDA 12.0: every call used here has had this
+ * ABI since 10.2, and a driver older than 12.0 cannot run this runtime.
+ */
+#define CU_ENTRY_VERSION 12000
+#define STAGE_BYTES ((size_t)16 << 20) /* one pinned staging buffer of an upload */
+#define STAGE_SLOTS 4
+/* Each piece of the KV pool is a driver handle and a map call: pieces grow past this. */
+#define KV_MAX_PIECES 4096
+
+/* The driver calls this build makes, found at run time (cu_sym). */
+struct cu_api {
+	PFN_cuGetErrorName_v6000 GetErrorName;
+	PFN_cuGetErrorString_v6000 GetErrorString;
+	PFN_cuMemGetAllocationGranularity_v10020 MemGetAllocationGranularity;
+	PFN_cuMemAddressReserve_v10020 MemAddressReserve;
+	PFN_cuMemAddressFree_v10020 MemAddressFree;
+	PFN_cuMemCreate_v10020 MemCreate;
+	PFN_cuMemRelease_v10020 MemRelease;
+	PFN_cuMemMap_v10020 MemMap;
+	PFN_cuMemUnmap_v10020 MemUnmap;
+	PFN_cuMemSetAccess_v10020 MemSetAccess;
+};
 
 struct gpu_state {
 	struct model_opts o;
-	uint8_t *weights; /* device */
+	struct cu_api cu;
+	int dev;
+	CUmemAllocationProp prop; /* pinned memory on dev */
+	CUmemAccessDesc access;	  /* read-write from dev */
+	uint64_t gran;		  /* allocation granularity: sizes and pieces are multiples */
+	/* the weights: one mapping over a reserved range of w_span bytes */
+	CUdeviceptr w_va;
+	uint64_t w_span;
+	CUmemGenericAllocationHandle w_handle;
+	bool w_mapped;
+	const uint8_t *file;  /* model_load_mem: the file the weights come from (borrowed) */
+	uint64_t data_offset; /* of the data section in file */
+	uint8_t *weights;     /* device: w_va */
 	const uint16_t *embed, *final_norm, *lm_head;
 	const uint16_t *(*layer)[W_PER_LAYER]; /* host array of device pointers */
-	uint16_t *kv;			       /* device: n_blocks * block_elems */
-	size_t kv_elems;
+	/* the KV pool: kvp.n_pieces mappings over a reserved range of kvp.span bytes */
+	struct vmm_pieces kvp;
+	CUdeviceptr kv_va;
+	CUmemGenericAllocationHandle *kv_handles; /* per piece */
+	bool *kv_mapped;			  /* per piece */
+	uint16_t *kv;				  /* device: kv_va, n_blocks * block_elems */
 	float *rope_cos, *rope_sin; /* device: [max_ctx][head_dim / 2] */
 	uint32_t *blocks;	    /* device copy of a block table */
 	float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *logits, *scores;
@@ -224,7 +280,23 @@ static int cuda_fail(cudaError_t e, const char *what, char *err)
 {
 	snprintf(err, MODEL_ERR_SIZE, "%s: %s (%s)", what, cudaGetErrorName(e),
 		 cudaGetErrorString(e));
-	return -EIO;
+	return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+/* Driver errors by name, through the driver's own cuGetErrorName. */
+static int cu_fail(const struct gpu_state *g, CUresult e, const char *what, char *err)
+{
+	const char *name = NULL, *desc = NULL;
+
+	if (g->cu.GetErrorName && g->cu.GetErrorName(e, &name) != CUDA_SUCCESS)
+		name = NULL;
+	if (g->cu.GetErrorString && g->cu.GetErrorString(e, &desc) != CUDA_SUCCESS)
+		desc = NULL;
+	if (name)
+		snprintf(err, MODEL_ERR_SIZE, "%s: %s (%s)", what, name, desc ? desc : "?");
+	else
+		snprintf(err, MODEL_ERR_SIZE, "%s: CUresult %d", what, (int)e);
+	return e == CUDA_ERROR_OUT_OF_MEMORY ? -ENOMEM : -EIO;
 }
 
 #define CK(call, what)                                                                             \
@@ -236,17 +308,244 @@ static int cuda_fail(cudaError_t e, const char *what, char *err)
 		}                                                                                  \
 	} while (0)
 
+#define CU(call, what)                                                                             \
+	do {                                                                                       \
+		CUresult _c = (call);                                                              \
+		if (_c != CUDA_SUCCESS) {                                                          \
+			r = cu_fail(g, _c, what, err);                                             \
+			goto out;                                                                  \
+		}                                                                                  \
+	} while (0)
+
 template <typename T> static cudaError_t dev_alloc(T **p, size_t n)
 {
 	return cudaMalloc((void **)p, (n ? n : 1) * sizeof(T));
 }
 
-extern "C" int model_load(struct model *m, const char *path, const struct model_opts *o,
-			  char *err)
+static void *dev_ptr(CUdeviceptr va)
+{
+	return (void *)(uintptr_t)va;
+}
+
+/* ---- the driver's VMM calls, without linking libcuda ---- */
+
+static int cu_sym(const char *name, void **ret, char *err)
+{
+	cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+	void *fn = NULL;
+	cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, CU_ENTRY_VERSION,
+							 cudaEnableDefault, &q);
+
+	if (e != cudaSuccess) {
+		snprintf(err, MODEL_ERR_SIZE, "driver entry point %s (CUDA %d.%d): %s (%s)", name,
+			 CU_ENTRY_VERSION / 1000, CU_ENTRY_VERSION % 1000 / 10, cudaGetErrorName(e),
+			 cudaGetErrorString(e));
+		return -EIO;
+	}
+	if (!fn || q != cudaDriverEntryPointSuccess) {
+		snprintf(err, MODEL_ERR_SIZE, "the CUDA driver has no %s as of CUDA %d.%d (%s)",
+			 name, CU_ENTRY_VERSION / 1000, CU_ENTRY_VERSION % 1000 / 10,
+			 q == cudaDriverEntryPointVersionNotSufficent ? "driver too old"
+								      : "symbol not found");
+		return -ENOTSUP;
+	}
+	*ret = fn;
+	return 0;
+}
+
+#define CU_LOAD(field)                                                                             \
+	do {                                                                                       \
+		void *fn_ = NULL;                                                                  \
+		r = cu_sym("cu" #field, &fn_, err);                                                \
+		if (r < 0)                                                                         \
+			goto out;                                                                  \
+		g->cu.field = reinterpret_cast<decltype(g->cu.field)>(fn_);                        \
+	} while (0)
+
+/*
+ * The runtime on the current device, the driver's entry points, and what
+ * every VMM allocation of this model uses: pinned memory on that device,
+ * read-write from it, sizes in multiples of its granularity.
+ */
+static int gpu_init(struct gpu_state *g, char *err)
+{
+	size_t gran = 0;
+	int r = 0;
+
+	CK(cudaGetDevice(&g->dev), "cudaGetDevice");
+	/* creates the primary context: the driver is initialised before any cu* call */
+	CK(cudaFree(0), "initialising the CUDA runtime");
+	CU_LOAD(GetErrorName);
+	CU_LOAD(GetErrorString);
+	CU_LOAD(MemGetAllocationGranularity);
+	CU_LOAD(MemAddressReserve);
+	CU_LOAD(MemAddressFree);
+	CU_LOAD(MemCreate);
+	CU_LOAD(MemRelease);
+	CU_LOAD(MemMap);
+	CU_LOAD(MemUnmap);
+	CU_LOAD(MemSetAccess);
+	g->prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+	g->prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+	g->prop.location.id = g->dev;
+	g->access.location = g->prop.location;
+	g->access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+	CU(g->cu.MemGetAllocationGranularity(&gran, &g->prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+	   "cuMemGetAllocationGranularity");
+	g->gran = gran;
+out:
+	return r;
+}
+
+/*
+ * New physical memory behind [va, va + size) of a reserved range: create,
+ * map, allow access (a new mapping starts with none). *h and *mapped
+ * change only on success.
+ */
+static int dev_map(struct gpu_state *g, CUdeviceptr va, size_t size,
+		   CUmemGenericAllocationHandle *h, bool *mapped, const char *what, char *err)
+{
+	CUmemGenericAllocationHandle nh = 0;
+	char call[64];
+	CUresult c;
+	int r;
+
+	c = g->cu.MemCreate(&nh, size, &g->prop, 0);
+	if (c != CUDA_SUCCESS) {
+		snprintf(call, sizeof(call), "cuMemCreate(%s, %zu bytes)", what, size);
+		return cu_fail(g, c, call, err);
+	}
+	c = g->cu.MemMap(va, size, 0, nh, 0);
+	if (c != CUDA_SUCCESS) {
+		snprintf(call, sizeof(call), "cuMemMap(%s)", what);
+		r = cu_fail(g, c, call, err);
+		(void)g->cu.MemRelease(nh);
+		return r;
+	}
+	c = g->cu.MemSetAccess(va, size, &g->access, 1);
+	if (c != CUDA_SUCCESS) {
+		snprintf(call, sizeof(call), "cuMemSetAccess(%s)", what);
+		r = cu_fail(g, c, call, err);
+		(void)g->cu.MemUnmap(va, size);
+		(void)g->cu.MemRelease(nh);
+		return r;
+	}
+	*h = nh;
+	*mapped = true;
+	return 0;
+}
+
+/*
+ * Gives the physical memory behind a mapping back, keeping the range
+ * reserved (cuMemAddressFree only when the model is freed). The caller
+ * synchronized: unmapping under a running kernel is an illegal address.
+ * *mapped is false once the unmap went through, even if the release fails.
+ */
+static int dev_unmap(struct gpu_state *g, CUdeviceptr va, size_t size,
+		     CUmemGenericAllocationHandle *h, bool *mapped, const char *what, char *err)
+{
+	char call[64];
+	CUresult c;
+
+	c = g->cu.MemUnmap(va, size);
+	if (c != CUDA_SUCCESS) {
+		snprintf(call, sizeof(call), "cuMemUnmap(%s)", what);
+		return cu_fail(g, c, call, err);
+	}
+	*mapped = false;
+	c = g->cu.MemRelease(*h);
+	*h = 0;
+	if (c != CUDA_SUCCESS) {
+		snprintf(call, sizeof(call), "cuMemRelease(%s)", what);
+		return cu_fail(g, c, call, err);
+	}
+	return 0;
+}
+
+/*
+ * Host to device through a ring of pinned staging buffers: copying the
+ * next chunk out of the (maybe cold) file mapping overlaps the DMA of the
+ * previous ones, where a cudaMemcpy from pageable memory would fault the
+ * pages in and copy one chunk after the other. The ring lives for one
+ * upload only: pinned memory kept across a checkpoint would be dumped.
+ */
+static int upload(void *dst, const uint8_t *src, uint64_t size, char *err)
+{
+	void *stage[STAGE_SLOTS] = {};
+	cudaEvent_t done[STAGE_SLOTS] = {};
+	cudaStream_t s = NULL;
+	uint64_t chunks = (size + STAGE_BYTES - 1) / STAGE_BYTES, off = 0;
+	unsigned slots = chunks < STAGE_SLOTS ? (unsigned)chunks : STAGE_SLOTS;
+	int r = 0;
+
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate(upload)");
+	for (unsigned i = 0; i < slots; i++) {
+		CK(cudaHostAlloc(&stage[i], STAGE_BYTES, cudaHostAllocDefault),
+		   "cudaHostAlloc(staging buffer)");
+		CK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming),
+		   "cudaEventCreate(staging buffer)");
+	}
+	for (uint64_t k = 0; off < size; k++) {
+		size_t n = size - off < STAGE_BYTES ? (size_t)(size - off) : STAGE_BYTES;
+		unsigned i = (unsigned)(k % slots);
+
+		/* a slot used before: its copy must have left it */
+		if (k >= slots)
+			CK(cudaEventSynchronize(done[i]), "cudaEventSynchronize(staging buffer)");
+		memcpy(stage[i], src + off, n);
+		CK(cudaMemcpyAsync((uint8_t *)dst + off, stage[i], n, cudaMemcpyHostToDevice, s),
+		   "cudaMemcpyAsync(weights)");
+		CK(cudaEventRecord(done[i], s), "cudaEventRecord(staging buffer)");
+		off += n;
+	}
+	CK(cudaStreamSynchronize(s), "cudaStreamSynchronize(upload)");
+out:
+	if (s)
+		(void)cudaStreamSynchronize(s); /* no copy may still read a buffer freed below */
+	for (unsigned i = 0; i < slots; i++) {
+		if (done[i])
+			(void)cudaEventDestroy(done[i]);
+		if (stage[i])
+			(void)cudaFreeHost(stage[i]);
+	}
+	if (s)
+		(void)cudaStreamDestroy(s);
+	return r;
+}
+
+/* Unmaps what is mapped of the KV pool and frees its range. */
+static void kv_teardown(struct gpu_state *g)
+{
+	char scratch[MODEL_ERR_SIZE];
+
+	for (uint32_t i = 0; g->kv_mapped && i < g->kvp.n_pieces; i++)
+		if (g->kv_mapped[i])
+			(void)dev_unmap(g, g->kv_va + (CUdeviceptr)i * g->kvp.piece_bytes,
+					g->kvp.piece_bytes, &g->kv_handles[i], &g->kv_mapped[i],
+					"KV pool", scratch);
+	if (g->kv_va)
+		(void)g->cu.MemAddressFree(g->kv_va, g->kvp.span);
+	free(g->kv_handles);
+	free(g->kv_mapped);
+	g->kv_handles = NULL;
+	g->kv_mapped = NULL;
+	g->kv_va = 0;
+	g->kv = NULL;
+}
+
+/*
+ * model_load and model_load_mem: one path. The weights go into a reserved
+ * range with one mapping over it, uploaded from an anonymous host copy
+ * (model_load, freed after) or straight from the caller's file (model_load_mem,
+ * kept for the uploads after a release).
+ */
+static int load(struct model *m, const char *path, const uint8_t *file, uint64_t file_size,
+		const struct model_opts *o, char *err)
 {
 	struct model_config *c = &m->c;
 	struct model_layout l = {};
 	struct gpu_state *g;
+	const uint8_t *src;
 	uint8_t *host = NULL;
 	float *tab = NULL;
 	size_t half;
@@ -265,14 +564,35 @@ extern "C" int model_load(struct model *m, const char *path, const struct model_
 	m->priv = g;
 	m->kv_on_device = true;
 	g->o = *o;
-	r = model_read_file(path, c, &l, &host, &m->weights_size, err);
+	if (file) {
+		r = model_read_mem(file, file_size, path, c, &l, NULL, &m->weights_size,
+				   &g->data_offset, err);
+		g->file = file;
+		src = file + g->data_offset;
+	} else {
+		r = model_read_file(path, c, &l, &host, &m->weights_size, err);
+		src = host;
+	}
+	if (r < 0)
+		goto out;
+	r = gpu_init(g, err);
 	if (r < 0)
 		goto out;
 
-	/* Upload and free the host copy: the GPU copy is the one. */
-	CK(dev_alloc(&g->weights, m->weights_size), "cudaMalloc(weights)");
-	CK(cudaMemcpy(g->weights, host, m->weights_size, cudaMemcpyHostToDevice),
-	   "cudaMemcpy(weights)");
+	r = vmm_round_up(m->weights_size ? m->weights_size : 1, g->gran, &g->w_span);
+	if (r < 0) {
+		snprintf(err, MODEL_ERR_SIZE, "%llu bytes of weights: too large",
+			 (unsigned long long)m->weights_size);
+		goto out;
+	}
+	CU(g->cu.MemAddressReserve(&g->w_va, g->w_span, 0, 0, 0), "cuMemAddressReserve(weights)");
+	r = dev_map(g, g->w_va, g->w_span, &g->w_handle, &g->w_mapped, "weights", err);
+	if (r < 0)
+		goto out;
+	g->weights = (uint8_t *)dev_ptr(g->w_va);
+	r = upload(g->weights, src, m->weights_size, err);
+	if (r < 0)
+		goto out;
 	g->embed = (const uint16_t *)(g->weights + l.embed);
 	g->final_norm = (const uint16_t *)(g->weights + l.final_norm);
 	g->lm_head = (const uint16_t *)(g->weights + l.lm_head);
@@ -334,43 +654,81 @@ out:
 	return r;
 }
 
-/*
- * Cooperative mode needs the weights in VMM allocations (cuMemCreate +
- * cuMemMap) so that they can be released keeping their addresses; this
- * build allocates them with cudaMalloc, so it refuses the mode by name.
- */
+extern "C" int model_load(struct model *m, const char *path, const struct model_opts *o,
+			  char *err)
+{
+	return load(m, path, NULL, 0, o, err);
+}
+
 extern "C" int model_load_mem(struct model *m, const uint8_t *file, uint64_t file_size,
 			      const char *what, const struct model_opts *o, char *err)
 {
-	(void)m, (void)file, (void)file_size, (void)o;
-	snprintf(err, MODEL_ERR_SIZE,
-		 "%s: cooperative mode is not available in the CUDA build (its weights are "
-		 "cudaMalloc'd, not VMM allocations that can be released in place)",
-		 what);
-	return -ENOTSUP;
+	return load(m, what, file, file_size, o, err);
+}
+
+static struct gpu_state *coop_state(struct model *m, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+
+	if (!g || !g->file) {
+		snprintf(err, MODEL_ERR_SIZE, "the weights were not loaded from a weights file");
+		return NULL;
+	}
+	return g;
 }
 
 extern "C" int model_release_weights(struct model *m, char *err)
 {
-	(void)m;
-	snprintf(err, MODEL_ERR_SIZE, "cooperative mode is not available in the CUDA build");
-	return -ENOTSUP;
+	struct gpu_state *g = coop_state(m, err);
+	int r = 0;
+
+	if (!g)
+		return -EINVAL;
+	if (!g->w_mapped)
+		return 0;
+	/* the caller's thread may be another than the loader's: the same device there */
+	CK(cudaSetDevice(g->dev), "cudaSetDevice");
+	CK(cudaDeviceSynchronize(), "cudaDeviceSynchronize(before releasing the weights)");
+	r = dev_unmap(g, g->w_va, g->w_span, &g->w_handle, &g->w_mapped, "weights", err);
+out:
+	return r;
 }
 
 extern "C" int model_upload_weights(struct model *m, char *err)
 {
-	(void)m;
-	snprintf(err, MODEL_ERR_SIZE, "cooperative mode is not available in the CUDA build");
-	return -ENOTSUP;
+	struct gpu_state *g = coop_state(m, err);
+	int r = 0;
+
+	if (!g)
+		return -EINVAL;
+	CK(cudaSetDevice(g->dev), "cudaSetDevice");
+	if (!g->w_mapped) {
+		r = dev_map(g, g->w_va, g->w_span, &g->w_handle, &g->w_mapped, "weights", err);
+		if (r < 0)
+			goto out;
+	}
+	r = upload(g->weights, g->file + g->data_offset, m->weights_size, err);
+out:
+	return r;
 }
 
 extern "C" void model_free(struct model *m)
 {
 	struct gpu_state *g = (struct gpu_state *)m->priv;
+	char scratch[MODEL_ERR_SIZE];
 
 	if (g) {
-		cudaFree(g->weights);
-		cudaFree(g->kv);
+		if (g->cu.MemUnmap) {
+			/* nothing may run on what is unmapped below */
+			(void)cudaSetDevice(g->dev);
+			(void)cudaDeviceSynchronize();
+			kv_teardown(g);
+			if (g->w_mapped)
+				(void)dev_unmap(g, g->w_va, g->w_span, &g->w_handle, &g->w_mapped,
+						"weights", scratch);
+			if (g->w_va)
+				(void)g->cu.MemAddressFree(g->w_va, g->w_span);
+		}
 		cudaFree(g->rope_cos);
 		cudaFree(g->rope_sin);
 		cudaFree(g->x);
@@ -391,17 +749,96 @@ extern "C" void model_free(struct model *m)
 	memset(m, 0, sizeof(*m));
 }
 
+/*
+ * The KV pool in a reserved range, mapped in pieces (vmm_plan.h) so that
+ * the memory under free blocks can be released piece by piece.
+ */
 extern "C" int model_kv_init(struct model *m, struct kv_pool *kv, char *err)
 {
 	struct gpu_state *g = (struct gpu_state *)m->priv;
 	int r = 0;
 
-	if (kv->data || kv->layers != m->c.layers || kv->kv_dim != m->c.kv_dim || g->kv) {
+	if (kv->data || kv->layers != m->c.layers || kv->kv_dim != m->c.kv_dim || g->kv_va ||
+	    kv->block_stride != kv->block_elems) {
 		snprintf(err, MODEL_ERR_SIZE, "the KV pool does not fit the model");
 		return -EINVAL;
 	}
-	g->kv_elems = (size_t)kv->n_blocks * kv->block_elems;
-	CK(dev_alloc(&g->kv, g->kv_elems), "cudaMalloc(KV pool)");
+	r = vmm_pieces_plan(kv_block_bytes(kv), kv->n_blocks, g->gran, KV_MAX_PIECES, &g->kvp);
+	if (r < 0) {
+		snprintf(err, MODEL_ERR_SIZE, "%u KV blocks of %zu bytes: %s", kv->n_blocks,
+			 kv_block_bytes(kv), strerror(-r));
+		return r;
+	}
+	g->kv_handles = (CUmemGenericAllocationHandle *)calloc(g->kvp.n_pieces,
+							       sizeof(*g->kv_handles));
+	g->kv_mapped = (bool *)calloc(g->kvp.n_pieces, sizeof(*g->kv_mapped));
+	if (!g->kv_handles || !g->kv_mapped) {
+		snprintf(err, MODEL_ERR_SIZE, "out of memory");
+		r = -ENOMEM;
+		goto out;
+	}
+	CU(g->cu.MemAddressReserve(&g->kv_va, g->kvp.span, 0, 0, 0),
+	   "cuMemAddressReserve(KV pool)");
+	for (uint32_t i = 0; i < g->kvp.n_pieces; i++) {
+		r = dev_map(g, g->kv_va + (CUdeviceptr)i * g->kvp.piece_bytes, g->kvp.piece_bytes,
+			    &g->kv_handles[i], &g->kv_mapped[i], "KV pool", err);
+		if (r < 0)
+			goto out;
+	}
+	g->kv = (uint16_t *)dev_ptr(g->kv_va);
+	m->kv_device = g->kv;
+out:
+	if (r < 0)
+		kv_teardown(g);
+	return r;
+}
+
+extern "C" int model_kv_release_free(struct model *m, const struct kv_pool *kv,
+				     uint64_t *ret_bytes, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+	uint64_t bytes = 0;
+	int r = 0;
+
+	if (!g || !g->kv || kv->n_blocks != g->kvp.n_blocks) {
+		snprintf(err, MODEL_ERR_SIZE, "no device KV pool of %u blocks", kv->n_blocks);
+		return -EINVAL;
+	}
+	CK(cudaSetDevice(g->dev), "cudaSetDevice");
+	CK(cudaDeviceSynchronize(), "cudaDeviceSynchronize(before releasing KV blocks)");
+	for (uint32_t i = 0; i < g->kvp.n_pieces; i++) {
+		if (!g->kv_mapped[i] || !vmm_piece_free(&g->kvp, i, kv->used))
+			continue;
+		r = dev_unmap(g, g->kv_va + (CUdeviceptr)i * g->kvp.piece_bytes,
+			      g->kvp.piece_bytes, &g->kv_handles[i], &g->kv_mapped[i], "KV pool",
+			      err);
+		if (r < 0)
+			goto out;
+		bytes += g->kvp.piece_bytes;
+	}
+	*ret_bytes = bytes;
+out:
+	return r;
+}
+
+extern "C" int model_kv_restore(struct model *m, const struct kv_pool *kv, char *err)
+{
+	struct gpu_state *g = (struct gpu_state *)m->priv;
+	int r = 0;
+
+	if (!g || !g->kv || kv->n_blocks != g->kvp.n_blocks) {
+		snprintf(err, MODEL_ERR_SIZE, "no device KV pool of %u blocks", kv->n_blocks);
+		return -EINVAL;
+	}
+	CK(cudaSetDevice(g->dev), "cudaSetDevice");
+	for (uint32_t i = 0; i < g->kvp.n_pieces; i++) {
+		if (g->kv_mapped[i])
+			continue;
+		r = dev_map(g, g->kv_va + (CUdeviceptr)i * g->kvp.piece_bytes, g->kvp.piece_bytes,
+			    &g->kv_handles[i], &g->kv_mapped[i], "KV pool", err);
+		if (r < 0)
+			goto out;
+	}
 out:
 	return r;
 }
