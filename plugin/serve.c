@@ -990,6 +990,8 @@ static void session(struct conn *c)
 	r = km_tls_accept(s->tls, r, idle_ms, &c->tls, &err);
 	if (r < 0) {
 		conn_log(c, "refused: %s", err.msg);
+		/* Let the sender read our alert: closing on its unread data would reset it. */
+		km_socket_drain(c->fd, DRAIN_MS);
 		return;
 	}
 	conn_log(c, "authenticated as %s (%s)", km_tls_peer_identity(c->tls), km_tls_cipher(c->tls));

@@ -277,10 +277,16 @@ int km_tls_new(const struct km_tls_opts *o, bool server, struct km_tls **ret, st
 			km_error_set(err, "TLS_AES_128_GCM_SHA256 unavailable: %s", why);
 			goto fail;
 		}
-		if (server)
+		if (server) {
 			SSL_CTX_set_psk_find_session_callback(t->ctx, psk_find_session);
-		else
+		} else {
 			SSL_CTX_set_psk_use_session_callback(t->ctx, psk_use_session);
+			/*
+			 * A server that ignores our key and shows a certificate
+			 * instead must fail: with nothing trusted, any does.
+			 */
+			SSL_CTX_set_verify(t->ctx, SSL_VERIFY_PEER, NULL);
+		}
 		snprintf(t->mode, sizeof(t->mode), "TLS 1.3 pre-shared key (identity %s)",
 			 t->identity);
 	} else {
@@ -471,6 +477,12 @@ static int handshake(struct km_tls *t, int fd, unsigned timeout_ms, struct km_tl
 		}
 		goto fail;
 	}
+	if (t->psk_mode && !SSL_session_reused(c->ssl)) {
+		/* Belt and braces: the handshake must have used the pre-shared key. */
+		km_error_set(err, "TLS handshake: authentication failed: the peer did not use the pre-shared key");
+		r = -EACCES;
+		goto fail;
+	}
 	describe(c);
 	*ret = c;
 	return 0;
@@ -570,18 +582,24 @@ int km_tls_readable(struct km_tls_conn *c, unsigned timeout_ms)
 void km_tls_drain(struct km_tls_conn *c, unsigned timeout_ms)
 {
 	struct sigpipe_guard g;
-	struct timespec t0, now;
-	char buf[16384];
 
 	sigpipe_block(&g);
 	errno = 0;
 	(void)SSL_shutdown(c->ssl);
 	sigpipe_restore(&g, errno);
 	ERR_clear_error();
-	(void)shutdown(c->fd, SHUT_WR);
+	km_socket_drain(c->fd, timeout_ms);
+}
+
+void km_socket_drain(int fd, unsigned timeout_ms)
+{
+	struct timespec t0, now;
+	char buf[16384];
+
+	(void)shutdown(fd, SHUT_WR);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (;;) {
-		struct pollfd p = { .fd = c->fd, .events = POLLIN };
+		struct pollfd p = { .fd = fd, .events = POLLIN };
 		long left;
 		ssize_t k;
 
@@ -590,7 +608,7 @@ void km_tls_drain(struct km_tls_conn *c, unsigned timeout_ms)
 					   (now.tv_nsec - t0.tv_nsec) / 1000000);
 		if (left <= 0 || poll(&p, 1, (int)left) <= 0)
 			break;
-		k = recv(c->fd, buf, sizeof(buf), MSG_DONTWAIT);
+		k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
 		if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR))
 			break;
 	}

@@ -87,6 +87,8 @@ int km_tls_set_timeout(struct km_tls_conn *c, unsigned timeout_ms);
  * connection and destroy the answer before the peer reads it.
  */
 void km_tls_drain(struct km_tls_conn *c, unsigned timeout_ms);
+/* The same for a bare socket (a handshake that failed: its alert is sent already). */
+void km_socket_drain(int fd, unsigned timeout_ms);
 
 /* Shuts the socket down both ways (any thread): blocked reads and writes fail. */
 void km_tls_abort(struct km_tls_conn *c);

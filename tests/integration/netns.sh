@@ -57,9 +57,9 @@ km_rate_burst() {
 km_link_rate() {
 	local rate=$1 burst
 	burst=$(km_rate_burst "$rate")
-	tc -n "$KM_NS_A" qdisc replace dev "$KM_VETH_A" root tbf rate "$rate" burst "$burst" latency 100ms ||
+	tc -n "$KM_NS_A" qdisc replace dev "$KM_VETH_A" root tbf rate "$rate" burst "$burst" latency 20ms ||
 		fail "tc cannot limit $KM_VETH_A to $rate"
-	tc -n "$KM_NS_B" qdisc replace dev "$KM_VETH_B" root tbf rate "$rate" burst "$burst" latency 100ms ||
+	tc -n "$KM_NS_B" qdisc replace dev "$KM_VETH_B" root tbf rate "$rate" burst "$burst" latency 20ms ||
 		fail "tc cannot limit $KM_VETH_B to $rate"
 	log "link $KM_NS_A <-> $KM_NS_B: $rate each way (tbf, burst $burst bytes)"
 }
