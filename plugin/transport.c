@@ -26,10 +26,18 @@
 #define SEND_COALESCE_MAX (64u * 1024)
 /* How long a sender whose write failed waits for the target's error frame. */
 #define ERROR_GRACE_MS 2000u
-/* AUTO compression: chunks compressed at the start and then every Nth, to measure. */
-#define PROBE_FIRST 4u
-#define PROBE_EVERY 16u
-#define EWMA_ALPHA 0.25
+/*
+ * AUTO compression measures rather than guesses: the chunk stream is cut
+ * into segments of SEGMENT_BYTES raw bytes; after a warm-up segment (the
+ * socket buffer fills), one segment goes raw and one compressed, and the
+ * faster of the two (end to end: workers, link and receiver, as the sender
+ * sees them) is kept for the next EXPLOIT_SEGMENTS segments, then measured
+ * again. Compression must win by PREFER_RAW_MARGIN to be chosen: it costs
+ * CPU on both sides.
+ */
+#define SEGMENT_BYTES (8ull << 20)
+#define EXPLOIT_SEGMENTS 8u
+#define PREFER_RAW_MARGIN 1.05
 
 static uint64_t now_ns(void)
 {
@@ -493,15 +501,14 @@ int km_split_address(const char *address, char *host, size_t host_size, char *po
 
 /* ------------------------------------------------------------ client */
 
-/* AUTO compression's measurements, EWMA, ns per byte. */
-struct compress_est {
-	pthread_mutex_t lock;
-	double send_cost; /* main thread, writing a payload: per wire byte */
-	double read_cost; /* a worker reading and hashing a chunk: per raw byte */
-	double comp_cost; /* a worker compressing: per raw byte */
-	double ratio;	  /* compressed / raw */
-	unsigned n_send, n_comp, n_read;
-	uint64_t decisions;
+enum seg_kind { SEG_WARMUP, SEG_PROBE_RAW, SEG_PROBE_ZSTD, SEG_EXPLOIT };
+
+/* AUTO compression's state, kept across calls on one connection. */
+struct auto_state {
+	bool best_zstd;	 /* the current choice */
+	bool measured;	 /* best_zstd comes from a measurement */
+	double rate_raw; /* raw bytes per ns of the last probes */
+	double rate_zstd;
 };
 
 struct km_client {
@@ -518,7 +525,7 @@ struct km_client {
 	uint64_t chunks_sent_total;
 	uint64_t target_store_ns_seen; /* SyncReply's counter at the last Sync */
 	bool broken;
-	struct compress_est est;
+	struct auto_state au;
 };
 
 static ssize_t tls_read(void *userdata, void *buf, size_t n, struct km_error *err)
@@ -606,7 +613,6 @@ int km_client_connect(const char *address, const struct km_client_opts *o,
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
-	pthread_mutex_init(&c->est.lock, NULL);
 	c->compress = o->compress;
 	c->level = o->zstd_level > 0 ? o->zstd_level : 1;
 	c->corrupt_nth = o->test_corrupt_chunk;
@@ -683,7 +689,6 @@ void km_client_free(struct km_client *c)
 	km_tls_free(c->tls);
 	km_wire_rx_free(&c->rx);
 	km_wire_codec_free(c->codec);
-	pthread_mutex_destroy(&c->est.lock);
 	free(c);
 }
 
@@ -812,38 +817,46 @@ static int query(struct km_client *c, const struct want *w, size_t n, bool *miss
 	return 0;
 }
 
-static void est_update(double *v, unsigned *n, double sample)
+/* Segment n's kind: a warm-up, then probe pairs, each followed by exploitation. */
+static enum seg_kind seg_kind_of(uint64_t n)
 {
-	*v = *n ? (1 - EWMA_ALPHA) * *v + EWMA_ALPHA * sample : sample;
-	(*n)++;
+	uint64_t k;
+
+	if (n == 0)
+		return SEG_WARMUP;
+	k = (n - 1) % (2 + EXPLOIT_SEGMENTS);
+	return k == 0 ? SEG_PROBE_RAW : k == 1 ? SEG_PROBE_ZSTD : SEG_EXPLOIT;
 }
 
-/*
- * AUTO: compress when the pipeline runs faster that way. Workers read,
- * hash and compress while the main thread sends, so a chunk costs
- * max(work / workers, send) per byte: raw max(read/P, send), compressed
- * max((read + comp)/P, ratio * send). Every PROBE_EVERY-th chunk is
- * compressed anyway to keep 'comp' and 'ratio' current.
- */
-static bool est_should_compress(struct km_client *c, unsigned workers)
+/* Whether the chunks of segment n are compressed (decided when they are queued). */
+static bool seg_compress(const struct km_client *c, uint64_t n)
 {
-	struct compress_est *e = &c->est;
-	double raw, packed, p = workers ? workers : 1;
-	bool yes;
-
 	if (c->compress != KM_COMPRESS_AUTO)
 		return c->compress == KM_COMPRESS_ALWAYS;
-	pthread_mutex_lock(&e->lock);
-	e->decisions++;
-	if (e->n_comp < PROBE_FIRST || e->n_send < PROBE_FIRST || e->decisions % PROBE_EVERY == 0) {
-		yes = true;
-	} else {
-		raw = KM_MAX(e->read_cost / p, e->send_cost);
-		packed = KM_MAX((e->read_cost + e->comp_cost) / p, e->ratio * e->send_cost);
-		yes = packed < raw;
+	switch (seg_kind_of(n)) {
+	case SEG_PROBE_RAW:
+		return false;
+	case SEG_PROBE_ZSTD:
+		return true;
+	default:
+		return c->au.best_zstd;
 	}
-	pthread_mutex_unlock(&e->lock);
-	return yes;
+}
+
+/* Segment n, of 'bytes' raw bytes, took ns to send: learn from it. */
+static void seg_measured(struct km_client *c, uint64_t n, uint64_t bytes, uint64_t ns)
+{
+	double rate = (double)bytes / (double)(ns ? ns : 1);
+
+	if (c->compress != KM_COMPRESS_AUTO || bytes < SEGMENT_BYTES)
+		return; /* a short tail segment says little */
+	if (seg_kind_of(n) == SEG_PROBE_RAW) {
+		c->au.rate_raw = rate;
+	} else if (seg_kind_of(n) == SEG_PROBE_ZSTD && c->au.rate_raw > 0) {
+		c->au.rate_zstd = rate;
+		c->au.best_zstd = rate > c->au.rate_raw * PREFER_RAW_MARGIN;
+		c->au.measured = true;
+	}
 }
 
 /* One chunk in flight between a worker and the sending thread. */
@@ -851,7 +864,6 @@ struct slot {
 	struct km_client *c;
 	struct km_store *store;
 	const struct want *w;
-	unsigned workers;
 	uint8_t *raw;
 	size_t raw_cap;
 	uint8_t *z;
@@ -859,7 +871,9 @@ struct slot {
 	struct km_wire_codec *codec;
 	const uint8_t *payload;
 	size_t payload_len;
-	bool compressed;
+	bool compress;	 /* asked: compress this one */
+	bool compressed; /* done: it is (smaller than raw) */
+	uint64_t segment;
 	bool ready;
 	int r;
 	struct km_error err;
@@ -872,7 +886,6 @@ static int prepare_chunk(void *arg)
 	struct slot *sl = arg;
 	struct km_client *c = sl->c;
 	char hex[KM_HASH_HEX_SIZE];
-	uint64_t t0 = now_ns(), t1;
 	size_t got = 0, zl = 0;
 	int r;
 
@@ -890,10 +903,9 @@ static int prepare_chunk(void *arg)
 			     r == -ENOENT ? "missing" : r == -EBADMSG || r == -EFBIG ? "corrupt (content or size does not match)" : strerror(-r));
 		goto out;
 	}
-	t1 = now_ns();
 	sl->payload = sl->raw;
 	sl->payload_len = got;
-	if (got && est_should_compress(c, sl->workers)) {
+	if (got && sl->compress) {
 		r = grow(&sl->z, &sl->z_cap, km_wire_compress_bound(got));
 		if (r < 0)
 			goto out;
@@ -908,17 +920,7 @@ static int prepare_chunk(void *arg)
 			goto out;
 		}
 		r = 0;
-		pthread_mutex_lock(&c->est.lock);
-		/* comp_cost and ratio are one sample: update both, then count it once. */
-		c->est.ratio = c->est.n_comp ? (1 - EWMA_ALPHA) * c->est.ratio +
-						       EWMA_ALPHA * (double)(zl ? zl : got) / (double)got
-					     : (double)(zl ? zl : got) / (double)got;
-		est_update(&c->est.comp_cost, &c->est.n_comp, (double)(now_ns() - t1) / (double)got);
-		pthread_mutex_unlock(&c->est.lock);
 	}
-	pthread_mutex_lock(&c->est.lock);
-	est_update(&c->est.read_cost, &c->est.n_read, (double)(t1 - t0) / (double)(got ? got : 1));
-	pthread_mutex_unlock(&c->est.lock);
 out:
 	pthread_mutex_lock(sl->lock);
 	sl->r = r;
@@ -933,7 +935,6 @@ static int send_one_chunk(struct km_client *c, struct slot *sl, size_t i, size_t
 {
 	Kvmotion__Wire__Chunk m = KVMOTION__WIRE__CHUNK__INIT;
 	char hex[KM_HASH_HEX_SIZE], what[128];
-	uint64_t t0;
 	int r;
 
 	if (sl->payload_len > c->info.max_payload) {
@@ -953,19 +954,12 @@ static int send_one_chunk(struct km_client *c, struct slot *sl, size_t i, size_t
 	m.id = (ProtobufCBinaryData){ KM_HASH_SIZE, (uint8_t *)sl->w->id.b };
 	m.raw_size = (uint32_t)sl->w->size;
 	m.codec = sl->compressed ? KVMOTION__WIRE__CODEC__CODEC_ZSTD : KVMOTION__WIRE__CODEC__CODEC_NONE;
-	t0 = now_ns();
 	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_CHUNK, &m.base, sl->payload,
 			 (uint32_t)sl->payload_len, &st->wire_bytes, err);
 	if (r < 0) {
 		snprintf(what, sizeof(what), "sending chunk %zu of %zu (%.16s...)", i + 1, n,
 			 km_hash_to_hex(&sl->w->id, hex));
 		return send_failed(c, r, what, err);
-	}
-	if (sl->payload_len) {
-		pthread_mutex_lock(&c->est.lock);
-		est_update(&c->est.send_cost, &c->est.n_send,
-			   (double)(now_ns() - t0) / (double)sl->payload_len);
-		pthread_mutex_unlock(&c->est.lock);
 	}
 	st->chunks_sent++;
 	st->bytes_sent += sl->w->size;
@@ -985,6 +979,7 @@ static int stream_chunks(struct km_client *c, struct km_store *s, const struct w
 	_cleanup_free_ size_t *order = NULL;
 	unsigned workers, window;
 	size_t submitted = 0, k = 0;
+	uint64_t sub_seg = 0, sub_bytes = 0, seg_bytes = 0, seg_t0;
 	int r = 0;
 
 	if (n_missing == 0)
@@ -1004,11 +999,12 @@ static int stream_chunks(struct km_client *c, struct km_store *s, const struct w
 	if (r < 0)
 		return r;
 	for (unsigned i = 0; i < window; i++) {
-		slots[i] = (struct slot){ .c = c, .store = s, .workers = workers, .lock = &lock, .cond = &cond };
+		slots[i] = (struct slot){ .c = c, .store = s, .lock = &lock, .cond = &cond };
 		r = km_wire_codec_new(&slots[i].codec);
 		if (r < 0)
 			goto out;
 	}
+	seg_t0 = now_ns();
 	for (size_t i = 0; i < n_missing; i++) {
 		struct slot *sl;
 
@@ -1016,6 +1012,14 @@ static int stream_chunks(struct km_client *c, struct km_store *s, const struct w
 			sl = &slots[submitted % window];
 			sl->w = &w[order[submitted]];
 			sl->ready = false;
+			/* AUTO: decided per segment when queued, measured when sent. */
+			sl->segment = sub_seg;
+			sl->compress = seg_compress(c, sub_seg);
+			sub_bytes += sl->w->size;
+			if (sub_bytes >= SEGMENT_BYTES) {
+				sub_seg++;
+				sub_bytes = 0;
+			}
 			r = km_workpool_submit(pool, prepare_chunk, sl);
 			if (r < 0)
 				goto out;
@@ -1034,6 +1038,15 @@ static int stream_chunks(struct km_client *c, struct km_store *s, const struct w
 		r = send_one_chunk(c, sl, i, n_missing, st, err);
 		if (r < 0)
 			goto out;
+		/* The next chunk was queued already: its segment is known. */
+		seg_bytes += sl->w->size;
+		if (i + 1 == n_missing || slots[(i + 1) % window].segment != sl->segment) {
+			uint64_t t = now_ns();
+
+			seg_measured(c, sl->segment, seg_bytes, t - seg_t0);
+			seg_t0 = t;
+			seg_bytes = 0;
+		}
 	}
 out:
 	/* Jobs point into slots: let them finish before freeing anything. */
@@ -1366,7 +1379,12 @@ static int send_file(struct km_client *c, int dirfd, const char *name, uint8_t *
 		}
 		payload_len = want;
 		m.codec = KVMOTION__WIRE__CODEC__CODEC_NONE;
-		if (want && may_compress && (c->compress == KM_COMPRESS_ALWAYS || est_should_compress(c, 1))) {
+		/*
+		 * AUTO: as the chunks measured; before any measurement, yes
+		 * (CRIU's small images compress well and cost little).
+		 */
+		if (want && may_compress &&
+		    (c->compress == KM_COMPRESS_ALWAYS || c->au.best_zstd || !c->au.measured)) {
 			r = km_wire_compress(c->codec, c->level, buf, want, zbuf, zcap, &zl);
 			if (r == 0) {
 				payload = zbuf;
