@@ -49,6 +49,7 @@ struct cli {
 	struct km_tls_opts tls;
 	uint64_t max_bytes;
 	uint32_t max_files;
+	uint32_t max_message;
 	unsigned max_connections;
 	unsigned idle_timeout_s;
 	bool restore;
@@ -130,6 +131,7 @@ static void usage(FILE *f)
 	      "  --server-name NAME   send-*: the name the target's certificate must carry\n"
 	      "  --max-bytes N        serve: bytes one connection may write (default 256G)\n"
 	      "  --max-files N        serve: image files one connection may send (default 4096)\n"
+	      "  --max-message N      serve: largest payload of one frame (default and most 64M)\n"
 	      "  --max-connections N  serve: migrations at once (default 16)\n"
 	      "  --idle-timeout S     serve: drop a sender silent for S seconds (default 300)\n"
 	      "  --restore-cmd CRIU   serve: CRIU or a wrapper taking its arguments (default criu)\n"
@@ -642,6 +644,7 @@ static int cmd_serve(struct cli *c, int argc, char **argv)
 		.tls = c->tls,
 		.max_bytes = c->max_bytes,
 		.max_files = c->max_files,
+		.max_payload = c->max_message,
 		.max_connections = c->max_connections,
 		.idle_timeout_s = c->idle_timeout_s,
 		.sync = c->sync,
@@ -899,6 +902,7 @@ enum {
 	OPT_SERVER_NAME,
 	OPT_MAX_BYTES,
 	OPT_MAX_FILES,
+	OPT_MAX_MESSAGE,
 	OPT_MAX_CONNS,
 	OPT_IDLE,
 	OPT_RESTORE,
@@ -942,6 +946,7 @@ int main(int argc, char **argv)
 		{ "server-name", required_argument, NULL, OPT_SERVER_NAME },
 		{ "max-bytes", required_argument, NULL, OPT_MAX_BYTES },
 		{ "max-files", required_argument, NULL, OPT_MAX_FILES },
+		{ "max-message", required_argument, NULL, OPT_MAX_MESSAGE },
 		{ "max-connections", required_argument, NULL, OPT_MAX_CONNS },
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE },
 		{ "restore", no_argument, NULL, OPT_RESTORE },
@@ -1013,6 +1018,11 @@ int main(int argc, char **argv)
 			if (parse_u64(optarg, &v) < 0 || v == 0)
 				return fail("--max-bytes: '%s' is not a valid size", optarg);
 			c.max_bytes = v;
+			break;
+		case OPT_MAX_MESSAGE:
+			if (parse_u64(optarg, &v) < 0 || v < 4096 || v > KM_WIRE_PAYLOAD_MAX)
+				return fail("--max-message: '%s' is not a size from 4K to 64M", optarg);
+			c.max_message = (uint32_t)v;
 			break;
 		case OPT_MAX_FILES:
 		case OPT_MAX_CONNS:

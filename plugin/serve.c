@@ -37,11 +37,11 @@
 #endif
 
 /* Beyond max_connections, this many more are accepted only to be told "busy". */
-#define BUSY_EXTRA 8u
-#define DRAIN_MS 2000u
+#define BUSY_EXTRA     8u
+#define DRAIN_MS       2000u
 #define LOG_TAIL_LINES 25
 #define LOG_TAIL_BYTES 3000
-#define LABEL_MAX 64
+#define LABEL_MAX      64
 /*
  * In every image directory while it is being received, locked by the
  * receiving connection: a directory whose marker nobody holds was left by a
@@ -72,9 +72,9 @@ struct conn {
 	struct km_server *srv;
 	struct conn *next;
 	unsigned id;
-	int fd;	      /* the socket; the TLS connection owns it once set up */
+	int fd; /* the socket; the TLS connection owns it once set up */
 	bool fd_open; /* under srv->lock: the fd may be shut down */
-	bool busy;    /* over max_connections: answer "busy" and close */
+	bool busy; /* over max_connections: answer "busy" and close */
 	pthread_t thread;
 	atomic_bool finished;
 	char peer[80];
@@ -141,7 +141,8 @@ static __attribute__((format(printf, 2, 3))) void conn_log(const struct conn *c,
 	va_start(ap, fmt);
 	vsnprintf(line, sizeof(line), fmt, ap);
 	va_end(ap);
-	srv_log(c->srv, "conn %u %s%s%s: %s", c->id, c->peer, c->label[0] ? " " : "", c->label, line);
+	srv_log(c->srv, "conn %u %s%s%s: %s", c->id, c->peer, c->label[0] ? " " : "", c->label,
+		line);
 }
 
 /* ------------------------------------------------------------ files */
@@ -225,10 +226,13 @@ static int quota_take(struct conn *c, uint64_t n, const char *what, struct km_er
 {
 	char a[32], b[32];
 
-	if (c->srv->o.max_bytes && (c->quota_used + n > c->srv->o.max_bytes || c->quota_used + n < n)) {
-		km_error_set(err, "quota exceeded: this connection may write %s, %s would bring it to %s",
-			     km_format_bytes(c->srv->o.max_bytes, a), what,
-			     km_format_bytes(c->quota_used + n, b));
+	if (c->srv->o.max_bytes &&
+	    (c->quota_used + n > c->srv->o.max_bytes || c->quota_used + n < n)) {
+		km_error_set(
+			err,
+			"quota exceeded: this connection may write %s, %s would bring it to %s",
+			km_format_bytes(c->srv->o.max_bytes, a), what,
+			km_format_bytes(c->quota_used + n, b));
 		return -EDQUOT;
 	}
 	c->quota_used += n;
@@ -256,11 +260,12 @@ static int handle_hello(struct conn *c, const Kvmotion__Wire__Hello *h, struct k
 		size_t i, n = 0;
 
 		for (i = 0; h->label[i] && n < LABEL_MAX; i++)
-			c->label[n++] = (h->label[i] >= 0x20 && h->label[i] < 0x7f) ? h->label[i] : '?';
+			c->label[n++] =
+				(h->label[i] >= 0x20 && h->label[i] < 0x7f) ? h->label[i] : '?';
 		c->label[n] = 0;
 	}
-	conn_log(c, "hello from %s, protocol %u.%u", h->software ? h->software : "(unknown software)",
-		 h->major, h->minor);
+	conn_log(c, "hello from %s, protocol %u.%u",
+		 h->software ? h->software : "(unknown software)", h->major, h->minor);
 	r = km_wire_check_version(h->major, h->minor, "the sender", err);
 	if (r < 0)
 		return r;
@@ -294,7 +299,8 @@ static int handle_query(struct conn *c, const Kvmotion__Wire__QueryChunks *q, st
 	int r;
 
 	if (q->n_ids > KM_WIRE_QUERY_MAX) {
-		km_error_set(err, "a query of %zu chunk ids (at most %u)", q->n_ids, KM_WIRE_QUERY_MAX);
+		km_error_set(err, "a query of %zu chunk ids (at most %u)", q->n_ids,
+			     KM_WIRE_QUERY_MAX);
 		return -EMSGSIZE;
 	}
 	missing = malloc((q->n_ids ? q->n_ids : 1) * sizeof(*missing));
@@ -381,12 +387,14 @@ static int handle_sync(struct conn *c, struct km_error *err)
 	m.chunks_existing = c->chunks_existing;
 	m.raw_bytes = c->chunk_bytes;
 	m.store_ns = c->store_ns;
-	conn_log(c, "sync: %llu chunks received (%llu new, %llu already stored), %llu bytes, %.3f s storing",
-		 (unsigned long long)c->chunks, (unsigned long long)c->chunks_stored,
-		 (unsigned long long)c->chunks_existing, (unsigned long long)c->chunk_bytes,
-		 (double)c->store_ns / 1e9);
-	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &m.base, NULL, 0, NULL,
-			    err);
+	conn_log(
+		c,
+		"sync: %llu chunks received (%llu new, %llu already stored), %llu bytes, %.3f s storing",
+		(unsigned long long)c->chunks, (unsigned long long)c->chunks_stored,
+		(unsigned long long)c->chunks_existing, (unsigned long long)c->chunk_bytes,
+		(double)c->store_ns / 1e9);
+	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &m.base, NULL, 0,
+			    NULL, err);
 }
 
 static int check_name(const char *name, const char *what, struct km_error *err)
@@ -412,7 +420,8 @@ static int handle_put_index(struct conn *c, const Kvmotion__Wire__PutIndex *m,
 	if (r < 0)
 		return r;
 	if (strlen(m->name) > 200) {
-		km_error_set(err, "weights index name of %zu characters (200 at most)", strlen(m->name));
+		km_error_set(err, "weights index name of %zu characters (200 at most)",
+			     strlen(m->name));
 		return -EINVAL;
 	}
 	r = quota_take(c, len, "this weights index", err);
@@ -424,7 +433,8 @@ static int handle_put_index(struct conn *c, const Kvmotion__Wire__PutIndex *m,
 		return r;
 	}
 	if (strcmp(idx->name, m->name) != 0) {
-		km_error_set(err, "weights index sent as '%s' is named '%s' inside", m->name, idx->name);
+		km_error_set(err, "weights index sent as '%s' is named '%s' inside", m->name,
+			     idx->name);
 		r = -EINVAL;
 		goto out;
 	}
@@ -439,8 +449,10 @@ static int handle_put_index(struct conn *c, const Kvmotion__Wire__PutIndex *m,
 			chunks++;
 			r = km_store_has(c->store, &e->id);
 			if (r == 0) {
-				km_error_set(err, "weights index %s refers to chunk %s, which the target lacks",
-					     m->name, km_hash_to_hex(&e->id, hex));
+				km_error_set(
+					err,
+					"weights index %s refers to chunk %s, which the target lacks",
+					m->name, km_hash_to_hex(&e->id, hex));
 				r = -ENOENT;
 			}
 			if (r < 0)
@@ -450,8 +462,8 @@ static int handle_put_index(struct conn *c, const Kvmotion__Wire__PutIndex *m,
 	snprintf(root, sizeof(root), "%s.kmidx", m->name);
 	r = km_store_root_write(c->store, "indexes", root, payload, len);
 	if (r < 0) {
-		km_error_set(err, "store %s: cannot write weights index %s: %s", c->srv->o.store, root,
-			     strerror(-r));
+		km_error_set(err, "store %s: cannot write weights index %s: %s", c->srv->o.store,
+			     root, strerror(-r));
 		goto out;
 	}
 	conn_log(c, "weights index %s stored: %llu chunk references, %llu model bytes", m->name,
@@ -480,8 +492,8 @@ static int handle_materialize(struct conn *c, const Kvmotion__Wire__Materialize 
 		struct km_weights_info info;
 		uint64_t t0 = now_ns();
 
-		r = km_weights_materialize(c->store, m->index_name, c->srv->o.weights_dir, c->srv->o.sync,
-					   &info, err);
+		r = km_weights_materialize(c->store, m->index_name, c->srv->o.weights_dir,
+					   c->srv->o.sync, &info, err);
 		if (r < 0) {
 			km_error_prefix(err, "materializing weights index %s", m->index_name);
 			return r;
@@ -492,14 +504,17 @@ static int handle_materialize(struct conn *c, const Kvmotion__Wire__Materialize 
 		reply.written = info.written;
 		reply.bytes_hashed = info.bytes_hashed;
 		reply.ns = now_ns() - t0;
-		conn_log(c, "weights index %s materialized as %s (%s, %.3f s)", m->index_name, info.path,
-			 info.written ? "written" : "already there", (double)reply.ns / 1e9);
-		return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZED, &reply.base, NULL,
-				    0, NULL, err);
+		conn_log(c, "weights index %s materialized as %s (%s, %.3f s)", m->index_name,
+			 info.path, info.written ? "written" : "already there",
+			 (double)reply.ns / 1e9);
+		return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZED, &reply.base,
+				    NULL, 0, NULL, err);
 	}
 #else
-	km_error_set(err, "materializing weights index %s: this receiver was built without weights materialization (plugin/weights.c)",
-		     m->index_name);
+	km_error_set(
+		err,
+		"materializing weights index %s: this receiver was built without weights materialization (plugin/weights.c)",
+		m->index_name);
 	return -ENOSYS;
 #endif
 }
@@ -526,14 +541,18 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 		return -EPROTO;
 	}
 	if (strlen(label) > LABEL_MAX || label[0] == '.') {
-		km_error_set(err, "image label '%.64s' is not a name of 1 to %d characters [A-Za-z0-9._-]",
-			     label, LABEL_MAX);
+		km_error_set(
+			err,
+			"image label '%.64s' is not a name of 1 to %d characters [A-Za-z0-9._-]",
+			label, LABEL_MAX);
 		return -EINVAL;
 	}
 	for (const char *p = label; *p; p++)
 		if (!label_char_ok(*p)) {
-			km_error_set(err, "image label '%.64s' is not a name of 1 to %d characters [A-Za-z0-9._-]",
-				     label, LABEL_MAX);
+			km_error_set(
+				err,
+				"image label '%.64s' is not a name of 1 to %d characters [A-Za-z0-9._-]",
+				label, LABEL_MAX);
 			return -EINVAL;
 		}
 	gmtime_r(&now, &tm);
@@ -636,7 +655,8 @@ static int handle_file(struct conn *c, const Kvmotion__Wire__File *m, const uint
 		c->file_mode = m->mode;
 	} else if (strcmp(m->name, c->file_name) != 0 || m->offset != c->file_off ||
 		   m->size != c->file_size) {
-		km_error_set(err, "protocol error: piece of %s at %llu while %s is incomplete at %llu",
+		km_error_set(err,
+			     "protocol error: piece of %s at %llu while %s is incomplete at %llu",
 			     m->name, (unsigned long long)m->offset, c->file_name,
 			     (unsigned long long)c->file_off);
 		return -EPROTO;
@@ -801,7 +821,8 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 			kill(pid, SIGKILL);
 			(void)waitpid(pid, &status, 0);
 			file_tail(c->image_fd, "restore.log", tail, tail_size);
-			km_error_set(err, "criu restore did not finish in %u s (killed)", timeout_s);
+			km_error_set(err, "criu restore did not finish in %u s (killed)",
+				     timeout_s);
 			return -ETIMEDOUT;
 		}
 		usleep(10000);
@@ -812,8 +833,8 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 			file_tail(c->image_fd, "restore.out", tail, tail_size);
 		first_error_line(tail, errline, sizeof(errline));
 		if (WIFEXITED(status))
-			km_error_set(err, "criu restore failed (exit status %d)%s%s", WEXITSTATUS(status),
-				     errline[0] ? ": " : "", errline);
+			km_error_set(err, "criu restore failed (exit status %d)%s%s",
+				     WEXITSTATUS(status), errline[0] ? ": " : "", errline);
 		else
 			km_error_set(err, "criu restore killed by signal %d", WTERMSIG(status));
 		return -ECHILD;
@@ -840,8 +861,7 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	return 0;
 }
 
-static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m,
-			 struct km_error *err)
+static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, struct km_error *err)
 {
 	Kvmotion__Wire__ImageDone reply = KVMOTION__WIRE__IMAGE_DONE__INIT;
 	struct km_join_opts jo = { .threads = 0, .keep_split = false, .sync = c->srv->o.sync };
@@ -854,9 +874,11 @@ static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m,
 		return -EPROTO;
 	}
 	if (c->file_fd >= 0) {
-		km_error_set(err, "protocol error: IMAGE_COMMIT while file %s is incomplete (%llu of %llu bytes)",
-			     c->file_name, (unsigned long long)c->file_off,
-			     (unsigned long long)c->file_size);
+		km_error_set(
+			err,
+			"protocol error: IMAGE_COMMIT while file %s is incomplete (%llu of %llu bytes)",
+			c->file_name, (unsigned long long)c->file_off,
+			(unsigned long long)c->file_size);
 		return -EPROTO;
 	}
 	conn_log(c, "image %s: %llu files, %llu bytes received; joining", c->image_name,
@@ -933,7 +955,8 @@ static int dispatch(struct conn *c, const struct km_frame *f, struct km_error *e
 	char tn[24];
 
 	if (!c->hello && f->type != KVMOTION__WIRE__MSG_TYPE__MSG_HELLO) {
-		km_error_set(err, "protocol error: %s before HELLO", km_wire_type_name(f->type, tn));
+		km_error_set(err, "protocol error: %s before HELLO",
+			     km_wire_type_name(f->type, tn));
 		return -EPROTO;
 	}
 	switch (f->type) {
@@ -994,7 +1017,8 @@ static void session(struct conn *c)
 		km_socket_drain(c->fd, DRAIN_MS);
 		return;
 	}
-	conn_log(c, "authenticated as %s (%s)", km_tls_peer_identity(c->tls), km_tls_cipher(c->tls));
+	conn_log(c, "authenticated as %s (%s)", km_tls_peer_identity(c->tls),
+		 km_tls_cipher(c->tls));
 	c->io = (struct km_wire_io){ .read = conn_read, .write = conn_write, .userdata = c };
 	r = km_store_open(s->o.store, KM_STORE_CREATE | (s->o.sync ? 0 : KM_STORE_NOSYNC), NULL,
 			  &c->store);
@@ -1178,7 +1202,9 @@ static void accept_one(struct km_server *s)
 static int bind_listen(struct km_server *s, struct km_error *err)
 {
 	char host[256], port[16];
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE };
+	struct addrinfo hints = { .ai_family = AF_UNSPEC,
+				  .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_PASSIVE };
 	struct addrinfo *ai = NULL;
 	struct sockaddr_storage sa;
 	socklen_t len = sizeof(sa);
@@ -1194,7 +1220,8 @@ static int bind_listen(struct km_server *s, struct km_error *err)
 		return -EADDRNOTAVAIL;
 	}
 	for (struct addrinfo *a = ai; a; a = a->ai_next) {
-		int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol), one = 1;
+		int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol),
+		    one = 1;
 
 		if (fd < 0) {
 			last = -errno;
@@ -1277,7 +1304,8 @@ int km_serve_new(const struct km_serve_opts *o, struct km_server **ret, struct k
 	if (r < 0)
 		goto fail;
 	/* Fail now rather than at the first migration. */
-	r = km_store_open(o->store, KM_STORE_CREATE | (o->sync ? 0 : KM_STORE_NOSYNC), NULL, &store);
+	r = km_store_open(o->store, KM_STORE_CREATE | (o->sync ? 0 : KM_STORE_NOSYNC), NULL,
+			  &store);
 	if (r < 0) {
 		km_error_set(err, "store %s: %s", o->store, strerror(-r));
 		goto fail;
@@ -1319,7 +1347,8 @@ int km_serve_run(struct km_server *s, struct km_error *err)
 {
 	unsigned n;
 
-	srv_log(s, "listening on %s (%s), store %s, images %s, quota %llu bytes and %u files per connection%s",
+	srv_log(s,
+		"listening on %s (%s), store %s, images %s, quota %llu bytes and %u files per connection%s",
 		s->address, km_tls_mode(s->tls), s->o.store, s->images_path,
 		(unsigned long long)s->o.max_bytes, s->o.max_files,
 		KM_HAVE_WEIGHTS ? "" : ", no weights materialization in this build");

@@ -36,37 +36,37 @@
 #include "tls.h"
 #include "util.h"
 
-#define KM_SERVE_MAX_BYTES_DEFAULT (256ull << 30)
-#define KM_SERVE_MAX_FILES_DEFAULT 4096u
-#define KM_SERVE_MAX_CONNECTIONS_DEFAULT 16u
-#define KM_SERVE_IDLE_TIMEOUT_S_DEFAULT 300u
+#define KM_SERVE_MAX_BYTES_DEFAULT	   (256ull << 30)
+#define KM_SERVE_MAX_FILES_DEFAULT	   4096u
+#define KM_SERVE_MAX_CONNECTIONS_DEFAULT   16u
+#define KM_SERVE_IDLE_TIMEOUT_S_DEFAULT	   300u
 #define KM_SERVE_RESTORE_TIMEOUT_S_DEFAULT 300u
 
 typedef void (*km_serve_log_fn)(void *userdata, const char *line);
 
 struct km_restore_opts {
-	const char *criu;	 /* CRIU, or a wrapper taking its arguments (NULL: "criu" in PATH) */
-	const char *libdir;	 /* passed as -L (CRIU plugins), NULL: none */
+	const char *criu; /* CRIU, or a wrapper taking its arguments (NULL: "criu" in PATH) */
+	const char *libdir; /* passed as -L (CRIU plugins), NULL: none */
 	const char *const *args; /* extra arguments after kvmotion's own */
 	size_t n_args;
-	unsigned timeout_s;	 /* 0: KM_SERVE_RESTORE_TIMEOUT_S_DEFAULT */
+	unsigned timeout_s; /* 0: KM_SERVE_RESTORE_TIMEOUT_S_DEFAULT */
 };
 
 /* Strings are borrowed: they must outlive the server. */
 struct km_serve_opts {
-	const char *listen;	 /* "ADDR:PORT", "[V6]:PORT", ":PORT"; port 0 picks one */
-	const char *store;	 /* the chunk store (created if absent) */
-	const char *images;	 /* the image area (created if absent) */
+	const char *listen; /* "ADDR:PORT", "[V6]:PORT", ":PORT"; port 0 picks one */
+	const char *store; /* the chunk store (created if absent) */
+	const char *images; /* the image area (created if absent) */
 	const char *weights_dir; /* NULL: STORE/weights */
 	struct km_tls_opts tls;
-	uint64_t max_bytes;	  /* per connection; 0: default */
-	uint32_t max_files;	  /* per connection; 0: default */
-	uint32_t max_payload;	  /* per frame; 0: KM_WIRE_PAYLOAD_MAX */
+	uint64_t max_bytes; /* per connection; 0: default */
+	uint32_t max_files; /* per connection; 0: default */
+	uint32_t max_payload; /* per frame; 0: KM_WIRE_PAYLOAD_MAX */
 	unsigned max_connections; /* at once; 0: default */
-	unsigned idle_timeout_s;  /* a silent sender is dropped; 0: default */
-	bool sync;		  /* fsync chunks, files, directories */
+	unsigned idle_timeout_s; /* a silent sender is dropped; 0: default */
+	bool sync; /* fsync chunks, files, directories */
 	struct km_restore_opts restore;
-	int stop_fd;		  /* km_serve_run returns once it is readable; -1: none */
+	int stop_fd; /* km_serve_run returns once it is readable; -1: none */
 	km_serve_log_fn log;
 	void *log_userdata;
 };

@@ -18,10 +18,10 @@
 #include "format.h"
 #include "hash.h"
 
-#define PSK_MIN 16
-#define PSK_MAX 64
+#define PSK_MIN		     16
+#define PSK_MAX		     64
 #define PSK_IDENTITY_DEFAULT "kvmotion"
-#define PSK_FILE_MAX 4096
+#define PSK_FILE_MAX	     4096
 
 /* TLS_AES_128_GCM_SHA256: the PSK's hash must be the cipher's (SHA-256). */
 static const unsigned char psk_cipher_id[] = { 0x13, 0x01 };
@@ -143,8 +143,10 @@ static int load_psk(struct km_tls *t, const char *path, struct km_error *err)
 		*colon = 0;
 		if (colon == s || (size_t)(colon - s) >= sizeof(t->identity)) {
 			OPENSSL_cleanse(text, n);
-			km_error_set(err, "pre-shared key file %s: the identity before ':' must be 1 to %zu characters",
-				     path, sizeof(t->identity) - 1);
+			km_error_set(
+				err,
+				"pre-shared key file %s: the identity before ':' must be 1 to %zu characters",
+				path, sizeof(t->identity) - 1);
 			return -EINVAL;
 		}
 		snprintf(t->identity, sizeof(t->identity), "%s", s);
@@ -162,8 +164,10 @@ static int load_psk(struct km_tls *t, const char *path, struct km_error *err)
 	OPENSSL_cleanse(text, n);
 	if (len < PSK_MIN) {
 		OPENSSL_cleanse(t->psk, sizeof(t->psk));
-		km_error_set(err, "pre-shared key file %s: expected one line of %d to %d hex-encoded bytes ('[IDENTITY:]HEX', e.g. from 'openssl rand -hex 32')",
-			     path, PSK_MIN, PSK_MAX);
+		km_error_set(
+			err,
+			"pre-shared key file %s: expected one line of %d to %d hex-encoded bytes ('[IDENTITY:]HEX', e.g. from 'openssl rand -hex 32')",
+			path, PSK_MIN, PSK_MAX);
 		return -EINVAL;
 	}
 	t->psk_len = len;
@@ -237,8 +241,10 @@ int km_tls_new(const struct km_tls_opts *o, bool server, struct km_tls **ret, st
 	int r = -EINVAL;
 
 	if (psk == cert) {
-		km_error_set(err, psk ? "give either a pre-shared key file or certificates, not both"
-				      : "no authentication configured: give a pre-shared key file (--psk-file) or --cert, --key and --ca");
+		km_error_set(
+			err,
+			psk ? "give either a pre-shared key file or certificates, not both" :
+			      "no authentication configured: give a pre-shared key file (--psk-file) or --cert, --key and --ca");
 		return -EINVAL;
 	}
 	if (cert && !(o->cert && o->cert[0] && o->key && o->key[0] && o->ca && o->ca[0])) {
@@ -290,7 +296,9 @@ int km_tls_new(const struct km_tls_opts *o, bool server, struct km_tls **ret, st
 		snprintf(t->mode, sizeof(t->mode), "TLS 1.3 pre-shared key (identity %s)",
 			 t->identity);
 	} else {
-		SSL_CTX_set_ciphersuites(t->ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
+		SSL_CTX_set_ciphersuites(
+			t->ctx,
+			"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
 		if (SSL_CTX_use_certificate_chain_file(t->ctx, o->cert) != 1) {
 			ssl_error_pop(why, sizeof(why));
 			km_error_set(err, "certificate %s: %s", o->cert, why);
@@ -308,8 +316,8 @@ int km_tls_new(const struct km_tls_opts *o, bool server, struct km_tls **ret, st
 			goto fail;
 		}
 		SSL_CTX_set_verify(t->ctx,
-				   server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
-					  : SSL_VERIFY_PEER,
+				   server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT :
+					    SSL_VERIFY_PEER,
 				   NULL);
 		if (o->server_name)
 			snprintf(t->server_name, sizeof(t->server_name), "%s", o->server_name);
@@ -394,8 +402,10 @@ static int io_error(struct km_tls_conn *c, int ret, int saved_errno, const char 
 		}
 		if (!c->tls->server && !c->got_data) {
 			/* TLS 1.3: the server judges our certificate after our handshake ended. */
-			km_error_set(err, "%s: authentication refused by the peer (TLS alert: %s): wrong pre-shared key, or a certificate it does not trust",
-				     what, why);
+			km_error_set(
+				err,
+				"%s: authentication refused by the peer (TLS alert: %s): wrong pre-shared key, or a certificate it does not trust",
+				what, why);
 			return -EACCES;
 		}
 		km_error_set(err, "%s: TLS error: %s", what, why);
@@ -469,8 +479,10 @@ static int handshake(struct km_tls *t, int fd, unsigned timeout_ms, struct km_tl
 			r = -EACCES;
 		}
 		if (v != X509_V_OK) {
-			km_error_set(err, "TLS handshake: authentication failed: the peer's certificate is not trusted: %s",
-				     X509_verify_cert_error_string(v));
+			km_error_set(
+				err,
+				"TLS handshake: authentication failed: the peer's certificate is not trusted: %s",
+				X509_verify_cert_error_string(v));
 			r = -EACCES;
 		} else if (r == -EACCES && err && !strstr(err->msg, "authentication")) {
 			km_error_prefix(err, "authentication failed");
@@ -479,7 +491,9 @@ static int handshake(struct km_tls *t, int fd, unsigned timeout_ms, struct km_tl
 	}
 	if (t->psk_mode && !SSL_session_reused(c->ssl)) {
 		/* Belt and braces: the handshake must have used the pre-shared key. */
-		km_error_set(err, "TLS handshake: authentication failed: the peer did not use the pre-shared key");
+		km_error_set(
+			err,
+			"TLS handshake: authentication failed: the peer did not use the pre-shared key");
 		r = -EACCES;
 		goto fail;
 	}
@@ -604,8 +618,8 @@ void km_socket_drain(int fd, unsigned timeout_ms)
 		ssize_t k;
 
 		clock_gettime(CLOCK_MONOTONIC, &now);
-		left = (long)timeout_ms - ((now.tv_sec - t0.tv_sec) * 1000 +
-					   (now.tv_nsec - t0.tv_nsec) / 1000000);
+		left = (long)timeout_ms -
+		       ((now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000);
 		if (left <= 0 || poll(&p, 1, (int)left) <= 0)
 			break;
 		k = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);

@@ -41,7 +41,7 @@
 
 struct km_tls_opts {
 	const char *psk_file; /* PSK mode */
-	const char *cert;     /* certificate mode: all three */
+	const char *cert; /* certificate mode: all three */
 	const char *key;
 	const char *ca;
 	const char *server_name; /* client, certificate mode: check this name (NULL: CA only) */

@@ -21,7 +21,7 @@
 #include "workpool.h"
 
 #define CONNECT_TIMEOUT_MS_DEFAULT 10000u
-#define IO_TIMEOUT_MS_DEFAULT 600000u
+#define IO_TIMEOUT_MS_DEFAULT	   600000u
 /* Frames up to this size go out in one write (one TLS record run). */
 #define SEND_COALESCE_MAX (64u * 1024)
 /* How long a sender whose write failed waits for the target's error frame. */
@@ -35,8 +35,8 @@
  * again. Compression must win by PREFER_RAW_MARGIN to be chosen: it costs
  * CPU on both sides.
  */
-#define SEGMENT_BYTES (8ull << 20)
-#define EXPLOIT_SEGMENTS 8u
+#define SEGMENT_BYTES	  (8ull << 20)
+#define EXPLOIT_SEGMENTS  8u
 #define PREFER_RAW_MARGIN 1.05
 
 static uint64_t now_ns(void)
@@ -49,29 +49,33 @@ static uint64_t now_ns(void)
 
 /* ------------------------------------------------------------ frame types */
 
+#define FRAME_TYPE(name, msg, payload)    \
+	[KVMOTION__WIRE__MSG_TYPE__MSG_## \
+		name] = { #name, &kvmotion__wire__##msg##__descriptor, payload }
+
 static const struct {
 	const char *name;
 	const ProtobufCMessageDescriptor *desc;
 	bool payload; /* may carry a payload */
 } frame_types[] = {
-	[KVMOTION__WIRE__MSG_TYPE__MSG_HELLO] = { "HELLO", &kvmotion__wire__hello__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY] = { "HELLO_REPLY", &kvmotion__wire__hello_reply__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_ERROR] = { "ERROR", &kvmotion__wire__error__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS] = { "QUERY_CHUNKS", &kvmotion__wire__query_chunks__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_MISSING_CHUNKS] = { "MISSING_CHUNKS", &kvmotion__wire__missing_chunks__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_CHUNK] = { "CHUNK", &kvmotion__wire__chunk__descriptor, true },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_SYNC] = { "SYNC", &kvmotion__wire__sync__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY] = { "SYNC_REPLY", &kvmotion__wire__sync_reply__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_PUT_INDEX] = { "PUT_INDEX", &kvmotion__wire__put_index__descriptor, true },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_INDEX_STORED] = { "INDEX_STORED", &kvmotion__wire__index_stored__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZE] = { "MATERIALIZE", &kvmotion__wire__materialize__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZED] = { "MATERIALIZED", &kvmotion__wire__materialized__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN] = { "IMAGE_BEGIN", &kvmotion__wire__image_begin__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN] = { "IMAGE_BEGUN", &kvmotion__wire__image_begun__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_FILE] = { "FILE", &kvmotion__wire__file__descriptor, true },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_COMMIT] = { "IMAGE_COMMIT", &kvmotion__wire__image_commit__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_DONE] = { "IMAGE_DONE", &kvmotion__wire__image_done__descriptor, false },
-	[KVMOTION__WIRE__MSG_TYPE__MSG_BYE] = { "BYE", &kvmotion__wire__bye__descriptor, false },
+	FRAME_TYPE(HELLO, hello, false),
+	FRAME_TYPE(HELLO_REPLY, hello_reply, false),
+	FRAME_TYPE(ERROR, error, false),
+	FRAME_TYPE(QUERY_CHUNKS, query_chunks, false),
+	FRAME_TYPE(MISSING_CHUNKS, missing_chunks, false),
+	FRAME_TYPE(CHUNK, chunk, true),
+	FRAME_TYPE(SYNC, sync, false),
+	FRAME_TYPE(SYNC_REPLY, sync_reply, false),
+	FRAME_TYPE(PUT_INDEX, put_index, true),
+	FRAME_TYPE(INDEX_STORED, index_stored, false),
+	FRAME_TYPE(MATERIALIZE, materialize, false),
+	FRAME_TYPE(MATERIALIZED, materialized, false),
+	FRAME_TYPE(IMAGE_BEGIN, image_begin, false),
+	FRAME_TYPE(IMAGE_BEGUN, image_begun, false),
+	FRAME_TYPE(FILE, file, true),
+	FRAME_TYPE(IMAGE_COMMIT, image_commit, false),
+	FRAME_TYPE(IMAGE_DONE, image_done, false),
+	FRAME_TYPE(BYE, bye, false),
 };
 
 const ProtobufCMessageDescriptor *km_wire_descriptor(uint32_t type)
@@ -134,8 +138,10 @@ int km_wire_check_version(uint32_t major, uint32_t minor, const char *who, struc
 {
 	if (major == KM_WIRE_MAJOR)
 		return 0;
-	km_error_set(err, "%s speaks migration protocol %u.%u; this kvmotion speaks major version %u only",
-		     who, major, minor, KM_WIRE_MAJOR);
+	km_error_set(
+		err,
+		"%s speaks migration protocol %u.%u; this kvmotion speaks major version %u only",
+		who, major, minor, KM_WIRE_MAJOR);
 	return -EPROTONOSUPPORT;
 }
 
@@ -232,8 +238,10 @@ static int read_exact(const struct km_wire_io *io, void *buf, size_t n, bool at_
 			if (at_boundary && done == 0)
 				km_error_set(err, "connection closed by the peer");
 			else
-				km_error_set(err, "connection lost in the middle of a frame (%s: %zu of %zu bytes)",
-					     what, done, n);
+				km_error_set(
+					err,
+					"connection lost in the middle of a frame (%s: %zu of %zu bytes)",
+					what, done, n);
 			return -ECONNRESET;
 		}
 		done += (size_t)k;
@@ -292,7 +300,8 @@ int km_wire_recv(const struct km_wire_io *io, struct km_wire_rx *rx,
 	}
 	if (meta_len > KM_MIN(lim->max_meta, KM_WIRE_META_MAX)) {
 		km_error_set(err, "%s frame with a %u-byte message: the limit is %u",
-			     km_wire_type_name(type, tn), meta_len, KM_MIN(lim->max_meta, KM_WIRE_META_MAX));
+			     km_wire_type_name(type, tn), meta_len,
+			     KM_MIN(lim->max_meta, KM_WIRE_META_MAX));
 		return -EMSGSIZE;
 	}
 	if (payload_len && !frame_types[type].payload) {
@@ -505,8 +514,8 @@ enum seg_kind { SEG_WARMUP, SEG_PROBE_RAW, SEG_PROBE_ZSTD, SEG_EXPLOIT };
 
 /* AUTO compression's state, kept across calls on one connection. */
 struct auto_state {
-	bool best_zstd;	 /* the current choice */
-	bool measured;	 /* best_zstd comes from a measurement */
+	bool best_zstd; /* the current choice */
+	bool measured; /* best_zstd comes from a measurement */
 	double rate_raw; /* raw bytes per ns of the last probes */
 	double rate_zstd;
 };
@@ -599,8 +608,8 @@ static int connect_tcp(const char *address, unsigned timeout_ms, int *ret, struc
 	return last;
 }
 
-int km_client_connect(const char *address, const struct km_client_opts *o,
-		      struct km_client **ret, struct km_error *err)
+int km_client_connect(const char *address, const struct km_client_opts *o, struct km_client **ret,
+		      struct km_error *err)
 {
 	Kvmotion__Wire__Hello hello = KVMOTION__WIRE__HELLO__INIT;
 	const Kvmotion__Wire__HelloReply *hr;
@@ -624,7 +633,8 @@ int km_client_connect(const char *address, const struct km_client_opts *o,
 	r = km_tls_new(&o->tls, false, &c->tls, err);
 	if (r < 0)
 		goto fail;
-	r = connect_tcp(address, o->connect_timeout_ms ? o->connect_timeout_ms : CONNECT_TIMEOUT_MS_DEFAULT,
+	r = connect_tcp(address,
+			o->connect_timeout_ms ? o->connect_timeout_ms : CONNECT_TIMEOUT_MS_DEFAULT,
 			&fd, err);
 	if (r < 0)
 		goto fail;
@@ -641,10 +651,11 @@ int km_client_connect(const char *address, const struct km_client_opts *o,
 	hello.minor = KM_WIRE_MINOR;
 	hello.software = software;
 	hello.label = (char *)o->label;
-	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO, &hello.base, NULL, 0, NULL, err);
+	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO, &hello.base, NULL, 0, NULL,
+			 err);
 	if (r == 0)
-		r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY,
-				   &f, err);
+		r = km_wire_expect(&c->io, &c->rx, &c->lim,
+				   KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &f, err);
 	if (r < 0) {
 		km_error_prefix(err, "%s: hello", address);
 		goto fail;
@@ -657,12 +668,14 @@ int km_client_connect(const char *address, const struct km_client_opts *o,
 	}
 	c->info.major = hr->major;
 	c->info.minor = hr->minor;
-	snprintf(c->info.software, sizeof(c->info.software), "%s", hr->software ? hr->software : "");
+	snprintf(c->info.software, sizeof(c->info.software), "%s",
+		 hr->software ? hr->software : "");
 	c->info.max_payload = KM_MIN(hr->max_payload, KM_WIRE_PAYLOAD_MAX);
 	c->info.quota_bytes = hr->quota_bytes;
 	c->info.max_files = hr->max_files;
 	if (hr->has_chunk_min && hr->has_chunk_avg && hr->has_chunk_max)
-		c->info.chunker = (struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
+		c->info.chunker =
+			(struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
 	c->info.can_materialize = hr->has_can_materialize && hr->can_materialize;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
 	km_frame_clear(&f);
@@ -794,20 +807,22 @@ static int query(struct km_client *c, const struct want *w, size_t n, bool *miss
 			ids[i] = (ProtobufCBinaryData){ KM_HASH_SIZE, (uint8_t *)w[base + i].id.b };
 		q.n_ids = batch;
 		q.ids = ids;
-		r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, NULL, 0,
-				 &st->wire_bytes, err);
+		r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, NULL,
+				 0, &st->wire_bytes, err);
 		if (r < 0)
 			return send_failed(c, r, "query", err);
-		r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_MISSING_CHUNKS,
-				   &f, err);
+		r = km_wire_expect(&c->io, &c->rx, &c->lim,
+				   KVMOTION__WIRE__MSG_TYPE__MSG_MISSING_CHUNKS, &f, err);
 		if (r < 0)
 			return broken(c, r);
 		m = (const Kvmotion__Wire__MissingChunks *)f.msg;
 		for (size_t i = 0; i < m->n_missing; i++) {
 			if (m->missing[i] >= batch || (i && m->missing[i] <= m->missing[i - 1])) {
 				km_frame_clear(&f);
-				km_error_set(err, "protocol error: the target's missing-chunk list is not ascending indexes below %zu",
-					     batch);
+				km_error_set(
+					err,
+					"protocol error: the target's missing-chunk list is not ascending indexes below %zu",
+					batch);
 				return broken(c, -EPROTO);
 			}
 			missing[base + m->missing[i]] = true;
@@ -871,7 +886,7 @@ struct slot {
 	struct km_wire_codec *codec;
 	const uint8_t *payload;
 	size_t payload_len;
-	bool compress;	 /* asked: compress this one */
+	bool compress; /* asked: compress this one */
 	bool compressed; /* done: it is (smaller than raw) */
 	uint64_t segment;
 	bool ready;
@@ -899,8 +914,12 @@ static int prepare_chunk(void *arg)
 	if (r == 0 && got != sl->w->size)
 		r = -EBADMSG;
 	if (r < 0) {
-		km_error_set(&sl->err, "chunk %s in the sender's store: %s", km_hash_to_hex(&sl->w->id, hex),
-			     r == -ENOENT ? "missing" : r == -EBADMSG || r == -EFBIG ? "corrupt (content or size does not match)" : strerror(-r));
+		km_error_set(&sl->err, "chunk %s in the sender's store: %s",
+			     km_hash_to_hex(&sl->w->id, hex),
+			     r == -ENOENT ? "missing" :
+			     r == -EBADMSG || r == -EFBIG ?
+					    "corrupt (content or size does not match)" :
+					    strerror(-r));
 		goto out;
 	}
 	sl->payload = sl->raw;
@@ -915,8 +934,8 @@ static int prepare_chunk(void *arg)
 			sl->payload_len = zl;
 			sl->compressed = true;
 		} else if (r != -EFBIG) {
-			km_error_set(&sl->err, "compressing chunk %s: %s", km_hash_to_hex(&sl->w->id, hex),
-				     strerror(-r));
+			km_error_set(&sl->err, "compressing chunk %s: %s",
+				     km_hash_to_hex(&sl->w->id, hex), strerror(-r));
 			goto out;
 		}
 		r = 0;
@@ -938,7 +957,8 @@ static int send_one_chunk(struct km_client *c, struct slot *sl, size_t i, size_t
 	int r;
 
 	if (sl->payload_len > c->info.max_payload) {
-		km_error_set(err, "chunk %s of %zu bytes exceeds the target's frame limit of %u bytes",
+		km_error_set(err,
+			     "chunk %s of %zu bytes exceeds the target's frame limit of %u bytes",
 			     km_hash_to_hex(&sl->w->id, hex), sl->payload_len, c->info.max_payload);
 		return broken(c, -EMSGSIZE);
 	}
@@ -953,7 +973,8 @@ static int send_one_chunk(struct km_client *c, struct slot *sl, size_t i, size_t
 		return broken(c, r);
 	m.id = (ProtobufCBinaryData){ KM_HASH_SIZE, (uint8_t *)sl->w->id.b };
 	m.raw_size = (uint32_t)sl->w->size;
-	m.codec = sl->compressed ? KVMOTION__WIRE__CODEC__CODEC_ZSTD : KVMOTION__WIRE__CODEC__CODEC_NONE;
+	m.codec = sl->compressed ? KVMOTION__WIRE__CODEC__CODEC_ZSTD :
+				   KVMOTION__WIRE__CODEC__CODEC_NONE;
 	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_CHUNK, &m.base, sl->payload,
 			 (uint32_t)sl->payload_len, &st->wire_bytes, err);
 	if (r < 0) {
@@ -1074,13 +1095,15 @@ static int sync_target(struct km_client *c, struct km_send_stats *st, struct km_
 			 &st->wire_bytes, err);
 	if (r < 0)
 		return send_failed(c, r, "sync", err);
-	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &f, err);
+	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &f,
+			   err);
 	if (r < 0)
 		return broken(c, r);
 	sr = (const Kvmotion__Wire__SyncReply *)f.msg;
 	if (sr->chunks != c->chunks_sent_total) {
 		km_error_set(err, "the target received %llu chunks, %llu were sent",
-			     (unsigned long long)sr->chunks, (unsigned long long)c->chunks_sent_total);
+			     (unsigned long long)sr->chunks,
+			     (unsigned long long)c->chunks_sent_total);
 		km_frame_clear(&f);
 		return broken(c, -EPROTO);
 	}
@@ -1144,7 +1167,8 @@ int km_client_send_chunks(struct km_client *c, struct km_store *s, const struct 
 		w[i].id = ids[i];
 		r = km_store_stat(s, &ids[i], &w[i].size);
 		if (r < 0) {
-			km_error_set(err, "chunk %s: %s in the sender's store", km_hash_to_hex(&ids[i], hex),
+			km_error_set(err, "chunk %s: %s in the sender's store",
+				     km_hash_to_hex(&ids[i], hex),
 				     r == -ENOENT ? "missing" : strerror(-r));
 			return r;
 		}
@@ -1209,7 +1233,8 @@ int km_client_send_weights(struct km_client *c, struct km_store *s, const char *
 		return r;
 	}
 	if (size > c->info.max_payload) {
-		km_error_set(err, "weights index %s (%zu bytes) exceeds the target's frame limit", index_name, size);
+		km_error_set(err, "weights index %s (%zu bytes) exceeds the target's frame limit",
+			     index_name, size);
 		return -EMSGSIZE;
 	}
 	r = km_weights_index_decode(buf, size, &idx, err);
@@ -1231,7 +1256,8 @@ int km_client_send_weights(struct km_client *c, struct km_store *s, const char *
 			 (uint32_t)size, &st.wire_bytes, err);
 	if (r < 0)
 		return send_failed(c, r, "sending the weights index", err);
-	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_INDEX_STORED, &f, err);
+	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_INDEX_STORED, &f,
+			   err);
 	if (r < 0)
 		return broken(c, r);
 	km_frame_clear(&f);
@@ -1256,10 +1282,12 @@ int km_client_materialize(struct km_client *c, const char *index_name,
 		return -ENOTCONN;
 	}
 	m.index_name = (char *)index_name;
-	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZE, &m.base, NULL, 0, NULL, err);
+	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZE, &m.base, NULL, 0, NULL,
+			 err);
 	if (r < 0)
 		return send_failed(c, r, "materialize", err);
-	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZED, &f, err);
+	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_MATERIALIZED, &f,
+			   err);
 	if (r < 0)
 		return broken(c, r);
 	mr = (const Kvmotion__Wire__Materialized *)f.msg;
@@ -1346,8 +1374,8 @@ static int image_files(int dirfd, char ***ret, size_t *ret_n)
 	return 0;
 }
 
-static int send_file(struct km_client *c, int dirfd, const char *name, uint8_t *buf,
-		     uint8_t *zbuf, size_t zcap, struct km_send_stats *st, struct km_error *err)
+static int send_file(struct km_client *c, int dirfd, const char *name, uint8_t *buf, uint8_t *zbuf,
+		     size_t zcap, struct km_send_stats *st, struct km_error *err)
 {
 	_cleanup_close_ int fd = -1;
 	uint32_t piece = KM_MIN((uint32_t)KM_WIRE_FILE_PIECE, c->info.max_payload);
@@ -1442,8 +1470,10 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	r = km_image_read_manifest(dirfd, &m, err);
 	if (r < 0) {
 		if (r == -ENOENT)
-			km_error_set(err, "not a split image (no %s): split it first with 'kvmotion split DIR --store S'",
-				     KM_MANIFEST_NAME);
+			km_error_set(
+				err,
+				"not a split image (no %s): split it first with 'kvmotion split DIR --store S'",
+				KM_MANIFEST_NAME);
 		return r;
 	}
 	r = wants_of(m->files, m->n_files, &w, &n_w);
@@ -1482,7 +1512,8 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 		r = send_failed(c, r, "image begin", err);
 		goto out;
 	}
-	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, &f, err);
+	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, &f,
+			   err);
 	if (r < 0) {
 		r = broken(c, r);
 		goto out;

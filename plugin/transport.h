@@ -49,27 +49,27 @@
 #include "tls.h"
 #include "util.h"
 
-#define KM_WIRE_MAJOR 1
-#define KM_WIRE_MINOR 0
+#define KM_WIRE_MAJOR	    1
+#define KM_WIRE_MINOR	    0
 #define KM_WIRE_HEADER_SIZE 12
-#define KM_WIRE_META_MAX (1u << 20)		   /* packed message of one frame */
-#define KM_WIRE_PAYLOAD_MAX KM_CHUNK_MAX_LIMIT	   /* raw bytes of one frame: 64 MiB */
-#define KM_WIRE_QUERY_MAX 4096u			   /* chunk ids per QueryChunks */
-#define KM_WIRE_FILE_PIECE (4u << 20)		   /* file bytes per File frame */
+#define KM_WIRE_META_MAX    (1u << 20) /* packed message of one frame */
+#define KM_WIRE_PAYLOAD_MAX KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
+#define KM_WIRE_QUERY_MAX   4096u /* chunk ids per QueryChunks */
+#define KM_WIRE_FILE_PIECE  (4u << 20) /* file bytes per File frame */
 
 enum km_compress {
-	KM_COMPRESS_AUTO = 0, /* when compressing costs less time than it saves */
+	KM_COMPRESS_AUTO = 0, /* whichever measures faster (transport.c) */
 	KM_COMPRESS_ALWAYS,
 	KM_COMPRESS_NEVER,
 };
 
 struct km_client_opts {
 	struct km_tls_opts tls;
-	const char *label;	     /* what is migrated, for the target's log (may be NULL) */
+	const char *label; /* what is migrated, for the target's log (may be NULL) */
 	enum km_compress compress;
-	int zstd_level;		     /* 0: 1 */
+	int zstd_level; /* 0: 1 */
 	unsigned connect_timeout_ms; /* 0: 10 s */
-	unsigned io_timeout_ms;	     /* 0: 600 s (a reply may wait for a join and a restore) */
+	unsigned io_timeout_ms; /* 0: 600 s (a reply may wait for a join and a restore) */
 	/*
 	 * Tests only: flip one byte of the n-th chunk sent (1-based) after it
 	 * was read and hashed, to show that the target catches it. 0: off.
@@ -86,7 +86,7 @@ struct km_target_info {
 	uint32_t max_files;
 	struct km_chunker_params chunker; /* of the target's store; zeros if not told */
 	bool can_materialize;
-	char cipher[96];     /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
+	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
 	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
 };
 
@@ -100,19 +100,19 @@ struct km_send_stats {
 	uint64_t chunks_sent;
 	uint64_t chunks_deduplicated;
 	uint64_t chunks_compressed;
-	uint64_t bytes;		     /* raw bytes of the chunks */
-	uint64_t bytes_sent;	     /* raw bytes of the chunks sent */
+	uint64_t bytes; /* raw bytes of the chunks */
+	uint64_t bytes_sent; /* raw bytes of the chunks sent */
 	uint64_t bytes_deduplicated; /* raw bytes of the chunks not sent */
 	uint64_t files;
-	uint64_t file_bytes;	     /* raw bytes of the image files sent */
-	uint64_t wire_bytes;	     /* frame bytes written (compressed payloads as sent), TLS excluded */
-	uint64_t query_ns;	     /* asking which chunks the target lacks */
-	uint64_t chunks_ns;	     /* sending them until the target confirmed storing them */
-	uint64_t index_ns;	     /* sending the weights index */
-	uint64_t files_ns;	     /* sending the image files */
-	uint64_t commit_ns;	     /* waiting for the join (and restore) */
+	uint64_t file_bytes; /* raw bytes of the image files sent */
+	uint64_t wire_bytes; /* frame bytes written (compressed payloads as sent), TLS excluded */
+	uint64_t query_ns; /* asking which chunks the target lacks */
+	uint64_t chunks_ns; /* sending them until the target confirmed storing them */
+	uint64_t index_ns; /* sending the weights index */
+	uint64_t files_ns; /* sending the image files */
+	uint64_t commit_ns; /* waiting for the join (and restore) */
 	uint64_t total_ns;
-	uint64_t target_store_ns;    /* target: decoding, hashing, storing chunks */
+	uint64_t target_store_ns; /* target: decoding, hashing, storing chunks */
 };
 
 /*
@@ -120,8 +120,8 @@ struct km_send_stats {
  * protocol version.
  */
 struct km_client;
-int km_client_connect(const char *address, const struct km_client_opts *o,
-		      struct km_client **ret, struct km_error *err);
+int km_client_connect(const char *address, const struct km_client_opts *o, struct km_client **ret,
+		      struct km_error *err);
 /* Says Bye if the connection is still sound, closes, frees. NULL is fine. */
 void km_client_free(struct km_client *c);
 /* Valid for the client's lifetime. */
@@ -146,13 +146,13 @@ int km_client_send_weights(struct km_client *c, struct km_store *s, const char *
 			   struct km_send_stats *ret, struct km_error *err);
 
 struct km_remote_weights {
-	char path[4096];      /* of the weights file on the target */
-	struct km_hash id;    /* its SHA-256 */
+	char path[4096]; /* of the weights file on the target */
+	struct km_hash id; /* its SHA-256 */
 	uint64_t size;
-	bool written;	      /* false: the target had it already */
+	bool written; /* false: the target had it already */
 	uint64_t bytes_hashed;
-	uint64_t target_ns;   /* the materialization, on the target */
-	uint64_t ns;	      /* the request, as the sender waited */
+	uint64_t target_ns; /* the materialization, on the target */
+	uint64_t ns; /* the request, as the sender waited */
 };
 
 /* Has the target materialize its weights index 'index_name' (weights.h). */
@@ -161,17 +161,17 @@ int km_client_materialize(struct km_client *c, const char *index_name,
 
 struct km_image_send_opts {
 	const char *label; /* prefix of the target's image directory name (NULL: "image") */
-	bool restore;	   /* run criu restore on the target after the join */
+	bool restore; /* run criu restore on the target after the join */
 };
 
 struct km_image_result {
-	char dir[256];	       /* the image directory's name in the target's image area */
-	uint64_t files;	       /* received by the target */
-	uint64_t bytes;	       /* file bytes received by the target */
+	char dir[256]; /* the image directory's name in the target's image area */
+	uint64_t files; /* received by the target */
+	uint64_t bytes; /* file bytes received by the target */
 	uint64_t bytes_joined; /* bytes the join rebuilt */
-	uint64_t join_ns;      /* target */
-	int restored_pid;      /* restore: the restored tree's root; else 0 */
-	uint64_t restore_ns;   /* target */
+	uint64_t join_ns; /* target */
+	int restored_pid; /* restore: the restored tree's root; else 0 */
+	uint64_t restore_ns; /* target */
 };
 
 /*

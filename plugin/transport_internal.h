@@ -29,7 +29,7 @@ struct km_wire_io {
 };
 
 struct km_wire_limits {
-	uint32_t max_meta;    /* <= KM_WIRE_META_MAX */
+	uint32_t max_meta; /* <= KM_WIRE_META_MAX */
 	uint32_t max_payload; /* <= KM_WIRE_PAYLOAD_MAX */
 };
 
@@ -44,7 +44,7 @@ void km_wire_rx_free(struct km_wire_rx *rx);
 
 struct km_frame {
 	uint32_t type;
-	ProtobufCMessage *msg;	/* the unpacked message; km_frame_clear frees it */
+	ProtobufCMessage *msg; /* the unpacked message; km_frame_clear frees it */
 	const uint8_t *payload; /* in the rx buffer: valid until the next receive */
 	uint32_t payload_len;
 };

@@ -30,9 +30,9 @@ done
 bench_setup
 export KM_KVMOTION="$km" KM_MKMODEL="$build/tests/helpers/mkmodel" KM_MEMPROC="$build/tests/helpers/memproc"
 export KM_LINK_RATE=$rate KM_TEST_NAME=bench-net KM_NEED_CRIU=0
-# shellcheck source=../tests/integration/lib.sh
+# shellcheck source-path=SCRIPTDIR source=../tests/integration/lib.sh
 . "$top/tests/integration/lib.sh"
-# shellcheck source=../tests/integration/netns.sh
+# shellcheck source-path=SCRIPTDIR source=../tests/integration/netns.sh
 . "$top/tests/integration/netns.sh"
 km_init
 work=$(mktemp -d "$base/km-bench-net.XXXXXX")

@@ -25,6 +25,7 @@ CRIU=${KM_CRIU:-$KM_SOURCE_DIR/.deps/bin/criu}
 KM_TEST_NAME=${KM_TEST_NAME:-$(basename "$0" .sh)}
 KM_PIDS=()     # processes started or restored by the test: killed on exit
 KM_CLEANUP_HOOKS=() # functions km_cleanup calls first, last registered first
+# shellcheck disable=SC2034 # read by the tests
 KM_HAVE_CRIU=0
 KM_TMP=""
 KM_STARTED=$SECONDS
@@ -83,6 +84,7 @@ km_init() {
 	fi
 	if [ -x "$CRIU" ]; then
 		if out=$("$CRIU" check 2>&1); then
+			# shellcheck disable=SC2034 # read by the tests
 			KM_HAVE_CRIU=1
 		elif [ "${KM_NEED_CRIU:-1}" = 0 ]; then
 			log "'$CRIU check' fails: the steps that need CRIU are skipped"

@@ -135,9 +135,10 @@ mkca() { # mkca DIR CN: a CA and, signed by it, DIR/NAME.{key,crt} for each NAME
 		fail "openssl cannot make a CA"
 	for name in "$@"; do
 		openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-			-keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "/CN=$name" 2>/dev/null &&
-			openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
-				-CAcreateserial -days 2 -out "$dir/$name.crt" 2>/dev/null ||
+			-keyout "$dir/$name.key" -out "$dir/$name.csr" -subj "/CN=$name" 2>/dev/null ||
+			fail "openssl cannot make a key for $name"
+		openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+			-CAcreateserial -days 2 -out "$dir/$name.crt" 2>/dev/null ||
 			fail "openssl cannot sign $name"
 	done
 }
@@ -318,6 +319,7 @@ pass "quota of 1 MiB: refused with EDQUOT, $(store_bytes "$T/storeB3") bytes sto
 # The full disk: a 6 MiB tmpfs for the store, in the receiver's own mount namespace.
 mkdir -p "$T/small"
 log "\$ [B] unshare -m: tmpfs of 6 MiB on $T/small, kvmotion serve"
+# shellcheck disable=SC2016 # $1.. are the inner shell's
 nsenter --net="/run/netns/$KM_NS_B" -- unshare -m --propagation private sh -c \
 	'mount -t tmpfs -o size=6m kvmotion-test "$1" && exec "$2" serve --listen "$3" --store "$1/store" --images "$1/images" --psk-file "$4" --no-sync' \
 	sh "$T/small" "$KVMOTION" "$KM_ADDR_B:7452" "$T/psk" >/dev/null 2>"$T/serve-small.log" &

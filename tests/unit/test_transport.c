@@ -133,9 +133,10 @@ START_TEST(test_transport_round_trip)
 		bins[i] = (ProtobufCBinaryData){ KM_HASH_SIZE, ids[i] };
 	q.n_ids = KM_WIRE_QUERY_MAX;
 	q.ids = bins;
-	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, NULL,
-				      0, &wire, NULL), 0);
-	put_chunk_frame(&m, big, sizeof(big));	   /* written apart from its header */
+	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base,
+				      NULL, 0, &wire, NULL),
+			 0);
+	put_chunk_frame(&m, big, sizeof(big)); /* written apart from its header */
 	put_chunk_frame(&m, small, sizeof(small)); /* coalesced with it */
 	file.name = "pages-1.img";
 	file.mode = 0600;
@@ -144,14 +145,17 @@ START_TEST(test_transport_round_trip)
 	file.raw_size = 0;
 	file.codec = KVMOTION__WIRE__CODEC__CODEC_ZSTD;
 	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_FILE, &file.base, NULL, 0,
-				      &wire, NULL), 0);
+				      &wire, NULL),
+			 0);
 	done.dir = "image-x";
 	done.has_restored_pid = true;
 	done.restored_pid = 4242;
-	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_DONE, &done.base, NULL,
-				      0, &wire, NULL), 0);
+	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_DONE, &done.base,
+				      NULL, 0, &wire, NULL),
+			 0);
 	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_BYE, &bye.base, NULL, 0,
-				      &wire, NULL), 0);
+				      &wire, NULL),
+			 0);
 
 	ck_assert_int_eq(km_wire_recv(&io, &rx, &full_limits, &f, NULL), 0);
 	ck_assert_uint_eq(f.type, T_HELLO);
@@ -186,7 +190,8 @@ START_TEST(test_transport_round_trip)
 		ck_assert_uint_eq(f.payload_len, n);
 		ck_assert_mem_eq(f.payload, want, n);
 		km_hash_buf(want, n, &id);
-		ck_assert_mem_eq(((const Kvmotion__Wire__Chunk *)f.msg)->id.data, id.b, KM_HASH_SIZE);
+		ck_assert_mem_eq(((const Kvmotion__Wire__Chunk *)f.msg)->id.data, id.b,
+				 KM_HASH_SIZE);
 		ck_assert_uint_eq(((const Kvmotion__Wire__Chunk *)f.msg)->raw_size, n);
 		km_frame_clear(&f);
 	}
@@ -194,7 +199,8 @@ START_TEST(test_transport_round_trip)
 	ck_assert_str_eq(((const Kvmotion__Wire__File *)f.msg)->name, "pages-1.img");
 	ck_assert_uint_eq(((const Kvmotion__Wire__File *)f.msg)->size, 1ull << 40);
 	ck_assert_uint_eq(((const Kvmotion__Wire__File *)f.msg)->offset, 1ull << 39);
-	ck_assert_int_eq(((const Kvmotion__Wire__File *)f.msg)->codec, KVMOTION__WIRE__CODEC__CODEC_ZSTD);
+	ck_assert_int_eq(((const Kvmotion__Wire__File *)f.msg)->codec,
+			 KVMOTION__WIRE__CODEC__CODEC_ZSTD);
 	km_frame_clear(&f);
 	ck_assert_int_eq(km_wire_recv(&io, &rx, &full_limits, &f, NULL), 0);
 	ck_assert(((const Kvmotion__Wire__ImageDone *)f.msg)->has_restored_pid);
@@ -232,7 +238,8 @@ START_TEST(test_transport_truncated)
 		if (cut == 0)
 			ck_assert_ptr_nonnull(strstr(err.msg, "closed"));
 		else
-			ck_assert_msg(strstr(err.msg, "middle of a frame"), "cut %zu: %s", cut, err.msg);
+			ck_assert_msg(strstr(err.msg, "middle of a frame"), "cut %zu: %s", cut,
+				      err.msg);
 	}
 	km_wire_rx_free(&rx);
 	free(whole.buf);
@@ -299,24 +306,29 @@ START_TEST(test_transport_oversized)
 	q.n_ids = 40000;
 	q.ids = bins;
 	m.len = m.pos = 0;
-	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, NULL,
-				      0, NULL, &err), -EMSGSIZE);
+	ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base,
+				      NULL, 0, NULL, &err),
+			 -EMSGSIZE);
 	ck_assert_uint_eq(m.len, 0);
 	ck_assert_int_eq(km_wire_pack(KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, 0, buf,
-				      sizeof(buf), &len), -EMSGSIZE);
+				      sizeof(buf), &len),
+			 -EMSGSIZE);
 	/* A small one into a buffer too small for it. */
 	q.n_ids = 3;
 	ck_assert_int_eq(km_wire_pack(KVMOTION__WIRE__MSG_TYPE__MSG_QUERY_CHUNKS, &q.base, 0, buf,
-				      sizeof(buf), &len), -EMSGSIZE);
+				      sizeof(buf), &len),
+			 -EMSGSIZE);
 	/* A payload above the protocol's limit, and a message of another type. */
 	{
 		Kvmotion__Wire__Chunk c = KVMOTION__WIRE__CHUNK__INIT;
 
 		c.id = (ProtobufCBinaryData){ KM_HASH_SIZE, id };
 		ck_assert_int_eq(km_wire_pack(T_CHUNK, &c.base, KM_WIRE_PAYLOAD_MAX + 1, buf,
-					      sizeof(buf), &len), -EMSGSIZE);
-		ck_assert_int_eq(km_wire_pack(T_CHUNK, &c.base, KM_WIRE_PAYLOAD_MAX, buf, sizeof(buf),
-					      &len), 0);
+					      sizeof(buf), &len),
+				 -EMSGSIZE);
+		ck_assert_int_eq(
+			km_wire_pack(T_CHUNK, &c.base, KM_WIRE_PAYLOAD_MAX, buf, sizeof(buf), &len),
+			0);
 	}
 	ck_assert_int_eq(km_wire_pack(T_CHUNK, &q.base, 0, buf, sizeof(buf), &len), -EINVAL);
 	free(bins);
@@ -379,9 +391,9 @@ END_TEST
 
 START_TEST(test_transport_error_codes)
 {
-	static const int errs[] = { EPROTO, EPROTONOSUPPORT, EDQUOT, EMSGSIZE, EINVAL, EBADMSG,
-				    ENOSPC, ENOENT, EEXIST, ENOSYS, ECHILD, EBUSY, ESHUTDOWN,
-				    ETIMEDOUT, EIO };
+	static const int errs[] = { EPROTO,  EPROTONOSUPPORT, EDQUOT,	 EMSGSIZE,  EINVAL,
+				    EBADMSG, ENOSPC,	      ENOENT,	 EEXIST,    ENOSYS,
+				    ECHILD,  EBUSY,	      ESHUTDOWN, ETIMEDOUT, EIO };
 	struct mem m = { 0 };
 	struct km_wire_io io = mem_io(&m);
 	struct km_wire_rx rx = { 0 };
@@ -389,10 +401,13 @@ START_TEST(test_transport_error_codes)
 	struct km_error err = { { 0 } };
 
 	for (size_t i = 0; i < KM_ARRAY_SIZE(errs); i++) {
-		ck_assert_int_eq(km_wire_errno_from_code(km_wire_code_from_errno(errs[i])), -errs[i]);
-		ck_assert_int_eq(km_wire_errno_from_code(km_wire_code_from_errno(-errs[i])), -errs[i]);
+		ck_assert_int_eq(km_wire_errno_from_code(km_wire_code_from_errno(errs[i])),
+				 -errs[i]);
+		ck_assert_int_eq(km_wire_errno_from_code(km_wire_code_from_errno(-errs[i])),
+				 -errs[i]);
 		for (size_t j = 0; j < i; j++)
-			ck_assert_int_ne(km_wire_code_from_errno(errs[i]), km_wire_code_from_errno(errs[j]));
+			ck_assert_int_ne(km_wire_code_from_errno(errs[i]),
+					 km_wire_code_from_errno(errs[j]));
 	}
 	ck_assert_int_eq(km_wire_errno_from_code(km_wire_code_from_errno(ENOMEM)), -EIO);
 	ck_assert_int_eq(km_wire_errno_from_code(0), -EIO);
@@ -400,8 +415,9 @@ START_TEST(test_transport_error_codes)
 
 	/* An ERROR where a reply was expected becomes its errno and message. */
 	ck_assert_int_eq(km_wire_send_error(&io, -ENOSPC, "line 1\nline 2", "disk full"), 0);
-	ck_assert_int_eq(km_wire_expect(&io, &rx, &full_limits, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY,
-					&f, &err), -ENOSPC);
+	ck_assert_int_eq(km_wire_expect(&io, &rx, &full_limits,
+					KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &f, &err),
+			 -ENOSPC);
 	ck_assert_str_eq(err.msg, "target: disk full\nline 1\nline 2");
 	/* Another type than expected is a protocol error. */
 	ck_assert_int_eq(km_wire_send_error(&io, -EIO, NULL, "x"), 0);
@@ -409,8 +425,9 @@ START_TEST(test_transport_error_codes)
 	{
 		Kvmotion__Wire__Bye bye = KVMOTION__WIRE__BYE__INIT;
 
-		ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_BYE, &bye.base, NULL,
-					      0, NULL, NULL), 0);
+		ck_assert_int_eq(km_wire_send(&io, KVMOTION__WIRE__MSG_TYPE__MSG_BYE, &bye.base,
+					      NULL, 0, NULL, NULL),
+				 0);
 	}
 	ck_assert_int_eq(km_wire_expect(&io, &rx, &full_limits, T_HELLO, &f, &err), -EPROTO);
 	ck_assert_ptr_nonnull(strstr(err.msg, "expected HELLO, got BYE"));
@@ -433,26 +450,33 @@ START_TEST(test_transport_payload_codec)
 	ck_assert_int_ge(sizeof(z), km_wire_compress_bound(sizeof(raw)));
 	ck_assert_int_eq(km_wire_compress(c, 1, raw, sizeof(raw), z, sizeof(z), &zl), 0);
 	ck_assert_uint_lt(zl, sizeof(raw));
-	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl, sizeof(raw), out,
-					sizeof(out), &p, &err), 0);
+	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl, sizeof(raw),
+					out, sizeof(out), &p, &err),
+			 0);
 	ck_assert_ptr_eq(p, out);
 	ck_assert_mem_eq(out, raw, sizeof(raw));
 	/* raw: no copy, but the length must match */
 	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_NONE, raw, sizeof(raw),
-					sizeof(raw), NULL, 0, &p, &err), 0);
+					sizeof(raw), NULL, 0, &p, &err),
+			 0);
 	ck_assert_ptr_eq(p, raw);
-	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_NONE, raw, 100, 101, NULL, 0,
-					&p, &err), -EBADMSG);
+	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_NONE, raw, 100, 101, NULL,
+					0, &p, &err),
+			 -EBADMSG);
 	/* a size that is not the frame's */
-	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl, sizeof(raw) - 1,
-					out, sizeof(out), &p, &err), -EBADMSG);
+	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl,
+					sizeof(raw) - 1, out, sizeof(out), &p, &err),
+			 -EBADMSG);
 	/* damaged compressed bytes (zstd's checksum or structure catches them) */
 	z[zl / 2] ^= 0x55;
-	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl, sizeof(raw), out,
-					sizeof(out), &p, &err), -EBADMSG);
-	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, 3, sizeof(raw), out,
-					sizeof(out), &p, &err), -EBADMSG);
-	ck_assert_int_eq(km_wire_decode(c, 7, z, zl, sizeof(raw), out, sizeof(out), &p, &err), -EPROTO);
+	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, zl, sizeof(raw),
+					out, sizeof(out), &p, &err),
+			 -EBADMSG);
+	ck_assert_int_eq(km_wire_decode(c, KVMOTION__WIRE__CODEC__CODEC_ZSTD, z, 3, sizeof(raw),
+					out, sizeof(out), &p, &err),
+			 -EBADMSG);
+	ck_assert_int_eq(km_wire_decode(c, 7, z, zl, sizeof(raw), out, sizeof(out), &p, &err),
+			 -EPROTO);
 	/* incompressible: the caller sends it raw */
 	fill(raw, sizeof(raw), 9);
 	ck_assert_int_eq(km_wire_compress(c, 1, raw, sizeof(raw), z, sizeof(z), &zl), -EFBIG);
@@ -525,8 +549,10 @@ static void live_start(struct live *l, uint64_t max_bytes)
 	snprintf(l->images, sizeof(l->images), "%s/images", l->dir);
 	snprintf(l->psk, sizeof(l->psk), "%s/psk", l->dir);
 	snprintf(l->psk_wrong, sizeof(l->psk_wrong), "%s/psk-wrong", l->dir);
-	write_text(l->psk, "test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n");
-	write_text(l->psk_wrong, "test:ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n");
+	write_text(l->psk,
+		   "test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n");
+	write_text(l->psk_wrong,
+		   "test:ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n");
 	ck_assert_int_eq(pipe(l->stop), 0);
 	o.listen = "127.0.0.1:0";
 	o.store = l->server_store;
@@ -539,7 +565,8 @@ static void live_start(struct live *l, uint64_t max_bytes)
 	ck_assert_msg(km_serve_new(&o, &l->srv, &err) == 0, "%s", err.msg);
 	snprintf(l->address, sizeof(l->address), "%s", km_serve_address(l->srv));
 	ck_assert_int_eq(pthread_create(&l->thread, NULL, serve_thread, l), 0);
-	ck_assert_int_eq(km_store_open(l->client_store, KM_STORE_CREATE | KM_STORE_NOSYNC, NULL, &l->cs), 0);
+	ck_assert_int_eq(
+		km_store_open(l->client_store, KM_STORE_CREATE | KM_STORE_NOSYNC, NULL, &l->cs), 0);
 }
 
 static int rm_one(const char *path, const struct stat *st, int type, struct FTW *ftw)
@@ -861,8 +888,9 @@ static int try_file_name(struct live *l, const char *name, struct km_error *err)
 
 START_TEST(test_transport_live_path_tricks)
 {
-	static const char *const bad[] = { "../evil", "/tmp/evil", "a/b", "..", ".", "",
-					   ".kvmotion-incomplete", "x\ny" };
+	static const char *const bad[] = {
+		"../evil", "/tmp/evil", "a/b", "..", ".", "", ".kvmotion-incomplete", "x\ny"
+	};
 	struct live l;
 	struct km_error err = { { 0 } };
 	char path[200];
