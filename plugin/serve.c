@@ -14,6 +14,7 @@
 #include <spawn.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -60,6 +61,7 @@ struct km_server {
 	int images_fd;
 	char images_path[PATH_MAX];
 	int listen_fd;
+	int stop_efd; /* readable once the server stops: connections wait on it between frames */
 	char address[128];
 	pthread_mutex_t lock; /* conns, n_conns, each conn's fd_open */
 	struct conn *conns;
@@ -1036,6 +1038,23 @@ static void session(struct conn *c)
 		struct km_frame f = { 0 };
 
 		err.msg[0] = 0;
+		/* Between frames: wait for the next one, the server's stop or the idle timeout. */
+		if (!km_tls_readable(c->tls, 0)) {
+			struct pollfd p[2] = { { .fd = c->fd, .events = POLLIN },
+					       { .fd = s->stop_efd, .events = POLLIN } };
+			int k = poll(p, 2, (int)idle_ms);
+
+			if (k == 0) {
+				km_error_set(&err, "no frame for %u s: idle timeout",
+					     s->o.idle_timeout_s);
+				r = -ETIMEDOUT;
+				break;
+			}
+			if (k > 0 && p[1].revents) {
+				r = -ESHUTDOWN; /* answered below */
+				break;
+			}
+		}
 		r = km_wire_recv(&c->io, &c->rx, &c->lim, &f, &err);
 		if (r < 0)
 			break;
@@ -1043,11 +1062,6 @@ static void session(struct conn *c)
 		km_frame_clear(&f);
 		if (r != 0)
 			break;
-		if (atomic_load(&s->stopping)) {
-			km_error_set(&err, "the receiver is stopping");
-			r = -ESHUTDOWN;
-			break;
-		}
 	}
 	if (r == 1) {
 		image_abort(c); /* an image not committed is not kept */
@@ -1060,7 +1074,11 @@ static void session(struct conn *c)
 		return;
 	}
 fail:
-	if (c->io_failed || atomic_load(&s->stopping)) {
+	if (atomic_load(&s->stopping) && !c->io_failed) {
+		conn_log(c, "cancelled: the receiver is stopping");
+		(void)km_wire_send_error(&c->io, -ESHUTDOWN, NULL, "the receiver is stopping");
+		km_tls_drain(c->tls, DRAIN_MS);
+	} else if (c->io_failed) {
 		conn_log(c, "connection lost: %s", err.msg[0] ? err.msg : strerror(-r));
 	} else {
 		conn_log(c, "error: %s (%s)", err.msg[0] ? err.msg : strerror(-r), strerror(-r));
@@ -1288,6 +1306,12 @@ int km_serve_new(const struct km_serve_opts *o, struct km_server **ret, struct k
 	s->o = *o;
 	s->listen_fd = -1;
 	s->images_fd = -1;
+	s->stop_efd = eventfd(0, EFD_CLOEXEC);
+	if (s->stop_efd < 0) {
+		r = -errno;
+		free(s);
+		return r;
+	}
 	pthread_mutex_init(&s->lock, NULL);
 	if (!s->o.max_bytes)
 		s->o.max_bytes = KM_SERVE_MAX_BYTES_DEFAULT;
@@ -1343,9 +1367,25 @@ const char *km_serve_address(const struct km_server *s)
 	return s->address;
 }
 
+/* Shuts down the sockets of the connections still running (how: SHUT_RD or SHUT_RDWR). */
+static unsigned shutdown_all(struct km_server *s, int how)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&s->lock);
+	for (struct conn *c = s->conns; c; c = c->next)
+		if (c->fd_open && !atomic_load(&c->finished)) {
+			(void)shutdown(c->fd, how);
+			n++;
+		}
+	pthread_mutex_unlock(&s->lock);
+	return n;
+}
+
 int km_serve_run(struct km_server *s, struct km_error *err)
 {
 	unsigned n;
+	int r = 0;
 
 	srv_log(s,
 		"listening on %s (%s), store %s, images %s, quota %llu bytes and %u files per connection%s",
@@ -1358,7 +1398,8 @@ int km_serve_run(struct km_server *s, struct km_error *err)
 		int k = poll(p, s->o.stop_fd >= 0 ? 2 : 1, 1000);
 
 		if (k < 0 && errno != EINTR) {
-			km_error_set(err, "poll: %s", strerror(errno));
+			r = -errno;
+			km_error_set(err, "poll: %s", strerror(-r));
 			break;
 		}
 		reap(s, false);
@@ -1367,17 +1408,27 @@ int km_serve_run(struct km_server *s, struct km_error *err)
 		if (k > 0 && p[0].revents & POLLIN)
 			accept_one(s);
 	}
+	/*
+	 * Connections in progress are cancelled: each sees stop_efd at its next
+	 * frame boundary, tells its sender why (ERROR_SHUTDOWN) and removes its
+	 * image directory. One that does not finish in 2 s (a sender that
+	 * stalls mid-frame) has its socket shut down. A restore under way is
+	 * waited for.
+	 */
 	atomic_store(&s->stopping, true);
-	pthread_mutex_lock(&s->lock);
+	(void)eventfd_write(s->stop_efd, 1);
 	n = s->n_conns;
-	for (struct conn *c = s->conns; c; c = c->next)
-		if (c->fd_open)
-			(void)shutdown(c->fd, SHUT_RDWR);
-	pthread_mutex_unlock(&s->lock);
 	srv_log(s, "stopping: %u connection%s cancelled", n, n == 1 ? "" : "s");
+	for (int i = 0; i < 200; i++) {
+		reap(s, false);
+		if (s->n_conns == 0)
+			break;
+		usleep(10000);
+	}
+	(void)shutdown_all(s, SHUT_RDWR);
 	reap(s, true);
 	srv_log(s, "stopped");
-	return 0;
+	return r;
 }
 
 void km_serve_free(struct km_server *s)
@@ -1389,6 +1440,8 @@ void km_serve_free(struct km_server *s)
 		close(s->listen_fd);
 	if (s->images_fd >= 0)
 		close(s->images_fd);
+	if (s->stop_efd >= 0)
+		close(s->stop_efd);
 	km_tls_free(s->tls);
 	pthread_mutex_destroy(&s->lock);
 	free(s);

@@ -388,6 +388,10 @@ static int io_error(struct km_tls_conn *c, int ret, int saved_errno, const char 
 			km_error_set(err, "%s: connection lost (the peer went away)", what);
 			return -ECONNRESET;
 		}
+		if (saved_errno == EPIPE) {
+			km_error_set(err, "%s: connection lost (the peer closed it)", what);
+			return -EPIPE;
+		}
 		km_error_set(err, "%s: %s", what, strerror(saved_errno));
 		return -saved_errno;
 	default:

@@ -304,6 +304,34 @@ expect_err "$T/killed.json.err" "\[(ECONNRESET|EPIPE)\]" "receiver killed"
 assert_lt "ms the sender needed to notice" "$ms" 5000
 has_index "$T/storeB5" m3 && fail "index m3 stored by a transfer that was cut"
 pass "receiver killed mid-transfer: the sender says '$(head -n1 "$T/killed.json.err")' after $ms ms"
+
+# SIGTERM mid-transfer: the receiver stops at once and tells the sender why.
+start_server term 7454 "$T/storeB8" "$T/imagesB8" --psk-file "$T/psk"
+(
+	send "$T/term.json" term send-weights m3 --store "$storeA" --json --compress never
+	exit "$SEND_RC"
+) &
+spid=$!
+for _ in $(seq 1 200); do
+	grep -q "hello from" "${SLOG[term]}" && break
+	sleep 0.01
+done
+sleep 0.3
+t0=$(date +%s%N)
+kill -TERM "${SPID[term]}"
+rc=0
+wait "${SPID[term]}" || rc=$?
+ms=$((($(date +%s%N) - t0) / 1000000))
+unset 'SPID[term]'
+assert_eq "exit status of serve stopped mid-transfer" "$rc" 0
+assert_lt "ms serve needed to stop" "$ms" 5000
+grep -q "cancelled: the receiver is stopping" "${SLOG[term]}" || fail "no cancellation in the receiver's log"
+rc=0
+wait "$spid" || rc=$?
+[ "$rc" != 0 ] || fail "the sender succeeded although the receiver stopped"
+expect_err "$T/term.json.err" "receiver is stopping|connection lost" "receiver stopped"
+has_index "$T/storeB8" m3 && fail "index m3 stored by a cancelled transfer"
+pass "SIGTERM mid-transfer: serve exits 0 after $ms ms, the sender says '$(head -n1 "$T/term.json.err")'"
 km_link_rate "$KM_LINK_RATE"
 
 # --- limits: quota and a full disk -----------------------------------------
