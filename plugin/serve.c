@@ -1062,6 +1062,11 @@ static void session(struct conn *c)
 		km_frame_clear(&f);
 		if (r != 0)
 			break;
+		/* A sender streaming chunks never leaves the socket idle: ask here too. */
+		if (atomic_load(&s->stopping)) {
+			r = -ESHUTDOWN;
+			break;
+		}
 	}
 	if (r == 1) {
 		image_abort(c); /* an image not committed is not kept */
