@@ -536,7 +536,8 @@ static void *serve_thread(void *arg)
 	return NULL;
 }
 
-static void live_start(struct live *l, uint64_t max_bytes)
+static void live_start_with(struct live *l, uint64_t max_bytes, unsigned max_connections,
+			    unsigned idle_timeout_s)
 {
 	struct km_serve_opts o = { 0 };
 	struct km_error err = { { 0 } };
@@ -560,13 +561,19 @@ static void live_start(struct live *l, uint64_t max_bytes)
 	o.tls.psk_file = l->psk;
 	o.max_bytes = max_bytes;
 	o.max_files = 3;
-	o.idle_timeout_s = 30;
+	o.max_connections = max_connections;
+	o.idle_timeout_s = idle_timeout_s;
 	o.stop_fd = l->stop[0];
 	ck_assert_msg(km_serve_new(&o, &l->srv, &err) == 0, "%s", err.msg);
 	snprintf(l->address, sizeof(l->address), "%s", km_serve_address(l->srv));
 	ck_assert_int_eq(pthread_create(&l->thread, NULL, serve_thread, l), 0);
 	ck_assert_int_eq(
 		km_store_open(l->client_store, KM_STORE_CREATE | KM_STORE_NOSYNC, NULL, &l->cs), 0);
+}
+
+static void live_start(struct live *l, uint64_t max_bytes)
+{
+	live_start_with(l, max_bytes, 0, 30);
 }
 
 static int rm_one(const char *path, const struct stat *st, int type, struct FTW *ftw)
@@ -971,6 +978,192 @@ START_TEST(test_transport_live_quota)
 }
 END_TEST
 
+START_TEST(test_transport_live_busy_and_idle)
+{
+	struct live l;
+	struct km_client *a = NULL, *b = NULL;
+	struct km_client_opts o;
+	struct km_error err = { { 0 } };
+	struct raw r;
+
+	live_start_with(&l, 0, 1, 1);
+	o = client_opts(&l, NULL);
+	ck_assert_msg(km_client_connect(l.address, &o, &a, &err) == 0, "%s", err.msg);
+	ck_assert_int_eq(km_client_connect(l.address, &o, &b, &err), -EBUSY);
+	ck_assert_ptr_nonnull(strstr(err.msg, "busy"));
+	km_client_free(a);
+	/* a sender silent for longer than the idle timeout (1 s) is dropped, and told */
+	for (int i = 0; i < 100; i++) {
+		/* the first connection's slot frees once its thread is reaped */
+		if (km_client_connect(l.address, &o, &b, &err) == 0)
+			break;
+		usleep(20000);
+	}
+	ck_assert_ptr_nonnull(b);
+	km_client_free(b);
+	raw_connect(&r, &l);
+	for (int i = 0; i < 100; i++) {
+		Kvmotion__Wire__Hello h = KVMOTION__WIRE__HELLO__INIT;
+		int k;
+
+		h.major = KM_WIRE_MAJOR;
+		raw_send(&r, T_HELLO, &h.base, NULL, 0);
+		k = raw_expect(&r, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &err);
+		if (k == 0)
+			break;
+		/* still busy with the one before: try again */
+		ck_assert_int_eq(k, -EBUSY);
+		raw_close(&r);
+		usleep(20000);
+		raw_connect(&r, &l);
+	}
+	sleep(2);
+	ck_assert_int_eq(raw_expect(&r, KVMOTION__WIRE__MSG_TYPE__MSG_SYNC_REPLY, &err),
+			 -ETIMEDOUT);
+	ck_assert_ptr_nonnull(strstr(err.msg, "idle"));
+	raw_close(&r);
+	live_stop(&l);
+}
+END_TEST
+
+/* Sends files[] as one image and commits; returns the answer to the commit or first refusal. */
+static int send_files(struct live *l, const char *const *names, size_t n, bool complete)
+{
+	Kvmotion__Wire__ImageBegin b = KVMOTION__WIRE__IMAGE_BEGIN__INIT;
+	Kvmotion__Wire__ImageCommit cm = KVMOTION__WIRE__IMAGE_COMMIT__INIT;
+	struct km_error err = { { 0 } };
+	struct raw r;
+	int k;
+
+	raw_connect(&r, l);
+	raw_hello(&r);
+	raw_send(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &b.base, NULL, 0);
+	ck_assert_int_eq(raw_expect(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, NULL), 0);
+	for (size_t i = 0; i < n; i++) {
+		Kvmotion__Wire__File fm = KVMOTION__WIRE__FILE__INIT;
+
+		fm.name = (char *)names[i];
+		fm.mode = 0600;
+		fm.size = complete ? 4 : 8;
+		fm.raw_size = 4;
+		fm.codec = KVMOTION__WIRE__CODEC__CODEC_NONE;
+		raw_send(&r, KVMOTION__WIRE__MSG_TYPE__MSG_FILE, &fm.base, "data", 4);
+	}
+	raw_send(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_COMMIT, &cm.base, NULL, 0);
+	k = raw_expect(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_DONE, &err);
+	raw_close(&r);
+	for (int i = 0; i < 500 && count_dir(l->images) != 0; i++)
+		usleep(10000);
+	return k;
+}
+
+START_TEST(test_transport_live_file_rules)
+{
+	static const char *const four[] = { "a.img", "b.img", "c.img", "d.img" };
+	static const char *const twice[] = { "a.img", "a.img" };
+	struct live l;
+
+	live_start(&l, 0);
+	/* the receiver's limit is 3 files per connection */
+	ck_assert_int_eq(send_files(&l, four, 4, true), -EDQUOT);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	ck_assert_int_eq(send_files(&l, twice, 2, true), -EEXIST);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	/* a commit with a file half sent */
+	ck_assert_int_eq(send_files(&l, four, 1, false), -EPROTO);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	/* no manifest: the join refuses, and the directory goes */
+	ck_assert_int_eq(send_files(&l, four, 1, true), -ENOENT);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	live_stop(&l);
+}
+END_TEST
+
+static void write_bytes(const char *path, const uint8_t *p, size_t n)
+{
+	FILE *f = fopen(path, "w");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fwrite(p, 1, n, f), n);
+	ck_assert_int_eq(fclose(f), 0);
+}
+
+static void assert_same_file(const char *a, const char *b)
+{
+	void *pa = NULL, *pb = NULL;
+	size_t na, nb;
+
+	ck_assert_int_eq(km_read_file_at(AT_FDCWD, a, 64u << 20, &pa, &na), 0);
+	ck_assert_int_eq(km_read_file_at(AT_FDCWD, b, 64u << 20, &pb, &nb), 0);
+	ck_assert_uint_eq(na, nb);
+	ck_assert_mem_eq(pa, pb, na);
+	free(pa);
+	free(pb);
+}
+
+START_TEST(test_transport_live_image)
+{
+	struct live l;
+	struct km_client *c = NULL;
+	struct km_client_opts o;
+	struct km_send_stats st;
+	struct km_image_result res;
+	struct km_image_send_opts io = { .label = "unit", .restore = false };
+	struct km_split_opts so = { .add_chunks = true, .threads = 1 };
+	struct km_split_stats ss;
+	struct km_error err = { { 0 } };
+	static uint8_t pages[3 << 20], core[5000];
+	char img[160], orig[160], path[400], path2[400], tail[256];
+	struct stat sb;
+	int dirfd;
+
+	live_start(&l, 0);
+	snprintf(img, sizeof(img), "%s/img", l.dir);
+	snprintf(orig, sizeof(orig), "%s/orig", l.dir);
+	ck_assert_int_eq(mkdir(img, 0700), 0);
+	ck_assert_int_eq(mkdir(orig, 0700), 0);
+	fill(pages, sizeof(pages), 31);
+	memset(pages + (1 << 20), 0, 1 << 20);
+	fill(core, sizeof(core), 32);
+	snprintf(path, sizeof(path), "%s/pages-1.img", img);
+	write_bytes(path, pages, sizeof(pages));
+	snprintf(path, sizeof(path), "%s/pages-1.img", orig);
+	write_bytes(path, pages, sizeof(pages));
+	snprintf(path, sizeof(path), "%s/core-1.img", img);
+	write_bytes(path, core, sizeof(core));
+	snprintf(path, sizeof(path), "%s/dump.log", img);
+	write_text(path, "CRIU's log stays home\n");
+	dirfd = open(img, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ck_assert_int_ge(dirfd, 0);
+	ck_assert_msg(km_image_split(dirfd, l.cs, &so, &ss, &err) == 0, "%s", err.msg);
+
+	o = client_opts(&l, NULL);
+	ck_assert_msg(km_client_connect(l.address, &o, &c, &err) == 0, "%s", err.msg);
+	ck_assert_msg(
+		km_client_send_image(c, dirfd, l.cs, &io, &st, &res, tail, sizeof(tail), &err) == 0,
+		"%s", err.msg);
+	km_client_free(c);
+	close(dirfd);
+	ck_assert_uint_eq(st.files, 3); /* core-1.img, kvmotion.manifest, kvmotion.delta */
+	ck_assert_uint_eq(st.bytes_sent, ss.bytes_added);
+	ck_assert_uint_eq(res.bytes_joined, sizeof(pages));
+	ck_assert_int_eq(res.restored_pid, 0);
+	ck_assert_ptr_nonnull(strstr(res.dir, "unit-"));
+	/* the target holds the original image, joined, and nothing else */
+	snprintf(path, sizeof(path), "%s/%s/pages-1.img", l.images, res.dir);
+	snprintf(path2, sizeof(path2), "%s/pages-1.img", orig);
+	assert_same_file(path, path2);
+	snprintf(path, sizeof(path), "%s/%s/core-1.img", l.images, res.dir);
+	snprintf(path2, sizeof(path2), "%s/core-1.img", img);
+	assert_same_file(path, path2);
+	snprintf(path, sizeof(path), "%s/%s", l.images, res.dir);
+	ck_assert_int_eq(count_dir(path), 2);
+	snprintf(path, sizeof(path), "%s/%s/dump.log", l.images, res.dir);
+	ck_assert_int_ne(stat(path, &sb), 0);
+	live_stop(&l);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("transport");
@@ -995,6 +1188,9 @@ int main(void)
 	tcase_add_test(live, test_transport_live_path_tricks);
 	tcase_add_test(live, test_transport_live_corrupt_chunk);
 	tcase_add_test(live, test_transport_live_quota);
+	tcase_add_test(live, test_transport_live_busy_and_idle);
+	tcase_add_test(live, test_transport_live_file_rules);
+	tcase_add_test(live, test_transport_live_image);
 	suite_add_tcase(s, live);
 	return km_check_run(s);
 }
