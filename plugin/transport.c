@@ -35,9 +35,9 @@
  * again. Compression must win by PREFER_RAW_MARGIN to be chosen: it costs
  * CPU on both sides.
  */
-#define SEGMENT_BYTES	  (8ull << 20)
+#define SEGMENT_BYTES	  (16ull << 20)
 #define EXPLOIT_SEGMENTS  8u
-#define PREFER_RAW_MARGIN 1.05
+#define PREFER_RAW_MARGIN 1.10
 
 static uint64_t now_ns(void)
 {
