@@ -22,8 +22,9 @@
  *
  * Every chunk sent is read through the sender's store (hashed on read); the
  * target hashes it again before storing it. Chunks travel zstd-compressed
- * when that is faster than sending them raw (KM_COMPRESS_AUTO: measured per
- * chunk, see transport.c) or always/never as asked.
+ * when that is faster than sending them raw (KM_COMPRESS_AUTO: a raw and a
+ * compressed segment of the stream are timed, see transport.c) or
+ * always/never as asked.
  *
  * Errors are negative errnos with err naming what failed; those the target
  * reported start with "target: ". Fixed meanings: -EACCES authentication
