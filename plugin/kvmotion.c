@@ -7,16 +7,21 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
+#include "serve.h"
 #include "store.h"
+#include "transport.h"
 #include "util.h"
 #include "weights.h"
 
@@ -41,6 +46,22 @@ struct cli {
 	pid_t pid;
 	uint32_t timeout_ms;
 	bool restored;
+	/* network */
+	const char *listen;
+	const char *images;
+	const char *to;
+	const char *label;
+	struct km_tls_opts tls;
+	uint64_t max_bytes;
+	uint32_t max_files;
+	uint32_t max_message;
+	unsigned max_connections;
+	unsigned idle_timeout_s;
+	bool restore;
+	bool materialize;
+	enum km_compress compress;
+	struct km_restore_opts restore_opts;
+	const char *restore_args[64];
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -63,6 +84,16 @@ static int fail_with(const char *what, int r, const struct km_error *err)
 	return fail("%s: %s", what, strerror(-r));
 }
 
+/* The same with the errno's name, for the network commands ("[ENOSPC]"). */
+static int fail_net(const char *what, int r, const struct km_error *err)
+{
+	const char *name = strerrorname_np(-r);
+
+	if (err && err->msg[0])
+		return fail("%s: %s [%s]", what, err->msg, name ? name : "?");
+	return fail("%s: %s [%s]", what, strerror(-r), name ? name : "?");
+}
+
 static void usage(FILE *f)
 {
 	fputs("Usage:\n"
@@ -79,6 +110,14 @@ static void usage(FILE *f)
 	      "  kvmotion weights resolve REF [--store S]         REF = index:NAME or a model file: its weights file\n"
 	      "  kvmotion engine status|quiesce|resume|probe --pid PID [--timeout-ms N] [--restored]\n"
 	      "                                                  talk to a cooperative engine (libkvmotion-engine)\n"
+	      "  kvmotion serve --listen ADDR:PORT --store S --images DIR AUTH [--max-bytes N]\n"
+	      "                [--restore-cmd CRIU] [--restore-libdir DIR] [--restore-arg ARG]...\n"
+	      "                                                   receive migrations (foreground; SIGTERM stops)\n"
+	      "  kvmotion send-weights INDEX --store S --to HOST:PORT AUTH [--json]\n"
+	      "                                                   pre-copy a weights index, materialize it there\n"
+	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
+	      "                                                   send a split image, join (and restore) it there\n"
+	      "  AUTH: --psk-file F (TLS 1.3 pre-shared key) or --cert C --key K --ca CA (mutual TLS)\n"
 	      "\n"
 	      "Options:\n"
 	      "  --store S            chunk store (default $KVMOTION_STORE, else " DEFAULT_STORE ")\n"
@@ -97,10 +136,26 @@ static void usage(FILE *f)
 	      "  --chunk-min/--chunk-avg/--chunk-max N   store init: chunker sizes\n"
 	      "  --extents            inspect: list every extent\n"
 	      "  -o, --output FILE    store get: write the chunk to FILE\n"
-	      "  --weights-dir D      weights: where weights files live (default STORE/weights)\n"
+	      "  --weights-dir D      weights, serve: where weights files live (default STORE/weights)\n"
 	      "  --pid PID            engine: the engine's process (as this namespace sees it)\n"
 	      "  --timeout-ms N       engine: how long to wait for the answer (default 10000)\n"
-	      "  --restored           engine resume: tell the engine it was restored\n",
+	      "  --restored           engine resume: tell the engine it was restored\n"
+	      "  --psk-file F         a file of one line '[IDENTITY:]HEX' (16 to 64 bytes of key)\n"
+	      "  --cert C --key K --ca CA   PEM certificate, key and CA (both ends verify)\n"
+	      "  --server-name NAME   send-*: the name the target's certificate must carry\n"
+	      "  --max-bytes N        serve: bytes one connection may write (default 256G)\n"
+	      "  --max-files N        serve: image files one connection may send (default 4096)\n"
+	      "  --max-message N      serve: largest payload of one frame (default and most 64M)\n"
+	      "  --max-connections N  serve: migrations at once (default 16)\n"
+	      "  --idle-timeout S     serve: drop a sender silent for S seconds (default 300)\n"
+	      "  --restore-cmd CRIU   serve: CRIU or a wrapper taking its arguments (default criu)\n"
+	      "  --restore-libdir D   serve: CRIU plugin directory, passed as -L\n"
+	      "  --restore-arg ARG    serve: extra argument for criu restore (repeatable)\n"
+	      "  --restore-timeout S  serve: kill a restore running longer (default 300)\n"
+	      "  --compress MODE      send-*: zstd on the wire auto|always|never (default auto)\n"
+	      "  --label NAME         send-*: name the migration in the target's log and image dir\n"
+	      "  --restore            send-image: run criu restore on the target after the join\n"
+	      "  --no-materialize     send-weights: do not write the weights file on the target\n",
 	      f);
 }
 
@@ -757,6 +812,263 @@ static int cmd_engine(struct cli *c, int argc, char **argv)
 	return fail("engine: unknown subcommand '%s'", sub);
 }
 
+/* ------------------------------------------------------------ network */
+
+static void serve_log(void *userdata, const char *line)
+{
+	struct timespec ts;
+	struct tm tm;
+	char stamp[32];
+
+	(void)userdata;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	gmtime_r(&ts.tv_sec, &tm);
+	strftime(stamp, sizeof(stamp), "%H:%M:%S", &tm);
+	/* One fprintf per event: stdio's lock keeps lines of threads apart. */
+	fprintf(stderr, "kvmotion serve %s.%03ld: %s\n", stamp, ts.tv_nsec / 1000000, line);
+}
+
+static int cmd_serve(struct cli *c, int argc, char **argv)
+{
+	struct km_serve_opts o = {
+		.listen = c->listen,
+		.store = c->store_path,
+		.images = c->images,
+		.weights_dir = c->weights_dir,
+		.tls = c->tls,
+		.max_bytes = c->max_bytes,
+		.max_files = c->max_files,
+		.max_payload = c->max_message,
+		.max_connections = c->max_connections,
+		.idle_timeout_s = c->idle_timeout_s,
+		.sync = c->sync,
+		.restore = c->restore_opts,
+		.log = serve_log,
+	};
+	struct km_error err = { { 0 } };
+	struct km_server *s = NULL;
+	_cleanup_close_ int sfd = -1;
+	sigset_t stop;
+	int r;
+
+	if (argc != 0)
+		return fail("serve: unexpected argument '%s'", argv[0]);
+	if (!c->listen || !c->images)
+		return fail("serve: --listen ADDR:PORT and --images DIR are required");
+	/*
+	 * SIGTERM and SIGINT arrive through a signalfd that the server polls:
+	 * blocked here, before any thread exists, so that every thread has
+	 * them blocked.
+	 */
+	sigemptyset(&stop);
+	sigaddset(&stop, SIGTERM);
+	sigaddset(&stop, SIGINT);
+	sigprocmask(SIG_BLOCK, &stop, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	sfd = signalfd(-1, &stop, SFD_CLOEXEC);
+	if (sfd < 0)
+		return fail("serve: signalfd: %s", strerror(errno));
+	o.stop_fd = sfd;
+	r = km_serve_new(&o, &s, &err);
+	if (r < 0)
+		return fail_net("serve", r, &err);
+	r = km_serve_run(s, &err);
+	km_serve_free(s);
+	if (r < 0)
+		return fail_net("serve", r, &err);
+	return EXIT_SUCCESS;
+}
+
+static int client_connect(struct cli *c, const char *what, struct km_client **ret)
+{
+	struct km_client_opts o = {
+		.tls = c->tls,
+		.label = c->label,
+		.compress = c->compress,
+	};
+	struct km_error err = { { 0 } };
+	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	int r;
+
+	if (!c->to)
+		return fail("%s: --to HOST:PORT is required", what);
+	/* Tests only: damage the n-th chunk after hashing it (see transport.h). */
+	if (corrupt && corrupt[0])
+		o.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	r = km_client_connect(c->to, &o, ret, &err);
+	if (r < 0)
+		fail_net(what, r, &err); /* err names the address */
+	return r;
+}
+
+static double secs(uint64_t ns)
+{
+	return (double)ns / 1e9;
+}
+
+static const char *compress_name(enum km_compress m)
+{
+	return m == KM_COMPRESS_ALWAYS ? "always" : m == KM_COMPRESS_NEVER ? "never" : "auto";
+}
+
+static void print_send_stats_json(const struct km_send_stats *st)
+{
+	printf("\"chunks\":%" PRIu64 ",\"chunks_sent\":%" PRIu64 ",\"chunks_deduplicated\":%" PRIu64
+	       ",\"chunks_compressed\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"bytes_sent\":%" PRIu64
+	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64,
+	       st->chunks, st->chunks_sent, st->chunks_deduplicated, st->chunks_compressed,
+	       st->bytes, st->bytes_sent, st->bytes_deduplicated, st->wire_bytes);
+}
+
+static int cmd_send_weights(struct cli *c, int argc, char **argv)
+{
+	const struct km_target_info *ti;
+	struct km_send_stats st;
+	struct km_remote_weights rw;
+	struct km_error err = { { 0 } };
+	struct km_client *cl = NULL;
+	struct km_store *s = NULL;
+	const char *skipped = NULL;
+	char hex[KM_HASH_HEX_SIZE], b1[32], b2[32];
+	bool materialized = false;
+	int r, ret = EXIT_FAILURE;
+
+	if (argc != 1)
+		return fail("send-weights: expected one weights index name");
+	memset(&rw, 0, sizeof(rw));
+	if (open_store(c, 0, &s) < 0)
+		return EXIT_FAILURE;
+	if (client_connect(c, "send-weights", &cl) < 0)
+		goto out;
+	ti = km_client_target(cl);
+	r = km_client_send_weights(cl, s, argv[0], &st, &err);
+	if (r < 0) {
+		fail_net("send-weights", r, &err);
+		goto out;
+	}
+	if (!c->materialize) {
+		skipped = "--no-materialize";
+	} else if (!ti->can_materialize) {
+		skipped = "the target cannot materialize weights (built without weights.c)";
+		fprintf(stderr, "kvmotion: send-weights: warning: %s\n", skipped);
+	} else {
+		r = km_client_materialize(cl, argv[0], &rw, &err);
+		if (r < 0) {
+			fail_net("send-weights: materialize", r, &err);
+			goto out;
+		}
+		materialized = true;
+	}
+	if (c->json) {
+		printf("{\"index\":");
+		json_string(argv[0]);
+		printf(",\"target\":");
+		json_string(c->to);
+		printf(",\"cipher\":");
+		json_string(ti->cipher);
+		printf(",\"compress\":\"%s\",", compress_name(c->compress));
+		print_send_stats_json(&st);
+		printf(",\"seconds\":{\"connect\":%.6f,\"query\":%.6f,\"chunks\":%.6f,\"index\":%.6f,\"materialize\":%.6f,\"total\":%.6f}",
+		       secs(ti->connect_ns), secs(st.query_ns), secs(st.chunks_ns), secs(st.index_ns),
+		       secs(rw.ns), secs(ti->connect_ns + st.total_ns + rw.ns));
+		printf(",\"target_seconds\":{\"store\":%.6f,\"materialize\":%.6f}",
+		       secs(st.target_store_ns), secs(rw.target_ns));
+		if (materialized) {
+			printf(",\"weights\":{\"path\":");
+			json_string(rw.path);
+			printf(",\"id\":\"%s\",\"size\":%" PRIu64 ",\"written\":%s}",
+			       km_hash_to_hex(&rw.id, hex), rw.size, rw.written ? "true" : "false");
+		} else {
+			printf(",\"weights\":null,\"materialize_skipped\":");
+			json_string(skipped);
+		}
+		printf("}\n");
+	} else {
+		printf("sent weights index %s to %s (%s)\n", argv[0], c->to, ti->cipher);
+		print_bytes_line("chunk bytes", st.bytes);
+		print_bytes_line("sent", st.bytes_sent);
+		print_bytes_line("deduplicated (target had)", st.bytes_deduplicated);
+		print_bytes_line("on the wire", st.wire_bytes);
+		printf("  %-28s %15" PRIu64 " of %" PRIu64 " (%" PRIu64 " compressed)\n", "chunks sent",
+		       st.chunks_sent, st.chunks, st.chunks_compressed);
+		printf("  %-28s %15.3f s (%s/s)\n", "chunk transfer", secs(st.chunks_ns),
+		       km_format_bytes(st.chunks_ns ? (uint64_t)((double)st.bytes_sent / secs(st.chunks_ns)) : 0, b1));
+		if (materialized)
+			printf("  weights file %s (%s, %s)\n", rw.path, km_format_bytes(rw.size, b2),
+			       rw.written ? "written" : "already there");
+		else
+			printf("  weights file not materialized: %s\n", skipped);
+	}
+	ret = EXIT_SUCCESS;
+out:
+	km_client_free(cl);
+	km_store_free(s);
+	return ret;
+}
+
+static int cmd_send_image(struct cli *c, int argc, char **argv)
+{
+	struct km_image_send_opts o = { .label = c->label, .restore = c->restore };
+	const struct km_target_info *ti;
+	struct km_send_stats st;
+	struct km_image_result res;
+	struct km_error err = { { 0 } };
+	struct km_client *cl = NULL;
+	struct km_store *s = NULL;
+	_cleanup_close_ int dirfd = -1;
+	char tail[4096] = "";
+	int r, ret = EXIT_FAILURE;
+
+	if (argc != 1)
+		return fail("send-image: expected one image directory");
+	dirfd = open_dir(argv[0]);
+	if (dirfd < 0)
+		return EXIT_FAILURE;
+	if (open_store(c, 0, &s) < 0)
+		return EXIT_FAILURE;
+	if (client_connect(c, "send-image", &cl) < 0)
+		goto out;
+	ti = km_client_target(cl);
+	r = km_client_send_image(cl, dirfd, s, &o, &st, &res, tail, sizeof(tail), &err);
+	if (r < 0) {
+		fail_net("send-image", r, &err);
+		if (tail[0])
+			fprintf(stderr, "kvmotion: criu's restore.log on the target ends with:\n%s\n", tail);
+		goto out;
+	}
+	if (c->json) {
+		printf("{\"dir\":");
+		json_string(res.dir);
+		printf(",\"target\":");
+		json_string(c->to);
+		printf(",\"compress\":\"%s\",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 ",",
+		       compress_name(c->compress), st.files, st.file_bytes);
+		print_send_stats_json(&st);
+		printf(",\"bytes_joined\":%" PRIu64 ",\"restored_pid\":%d", res.bytes_joined,
+		       res.restored_pid);
+		printf(",\"seconds\":{\"connect\":%.6f,\"query\":%.6f,\"chunks\":%.6f,\"files\":%.6f,\"commit\":%.6f,\"total\":%.6f}",
+		       secs(ti->connect_ns), secs(st.query_ns), secs(st.chunks_ns), secs(st.files_ns),
+		       secs(st.commit_ns), secs(ti->connect_ns + st.total_ns));
+		printf(",\"target_seconds\":{\"store\":%.6f,\"join\":%.6f,\"restore\":%.6f}}\n",
+		       secs(st.target_store_ns), secs(res.join_ns), secs(res.restore_ns));
+	} else {
+		printf("sent image %s to %s: directory %s\n", argv[0], c->to, res.dir);
+		printf("  %-28s %15" PRIu64 "\n", "files", st.files);
+		print_bytes_line("file bytes", st.file_bytes);
+		print_bytes_line("chunk bytes sent", st.bytes_sent);
+		print_bytes_line("deduplicated (target had)", st.bytes_deduplicated);
+		print_bytes_line("on the wire", st.wire_bytes);
+		printf("  %-28s %15.3f s\n", "join on the target", secs(res.join_ns));
+		if (res.restored_pid)
+			printf("  restored as pid %d in %.3f s\n", res.restored_pid, secs(res.restore_ns));
+	}
+	ret = EXIT_SUCCESS;
+out:
+	km_client_free(cl);
+	km_store_free(s);
+	return ret;
+}
+
 enum {
 	OPT_STORE = 256,
 	OPT_NAME,
@@ -778,6 +1090,27 @@ enum {
 	OPT_PID,
 	OPT_TIMEOUT_MS,
 	OPT_RESTORED,
+	OPT_LISTEN,
+	OPT_IMAGES,
+	OPT_TO,
+	OPT_PSK,
+	OPT_CERT,
+	OPT_KEY,
+	OPT_CA,
+	OPT_SERVER_NAME,
+	OPT_MAX_BYTES,
+	OPT_MAX_FILES,
+	OPT_MAX_MESSAGE,
+	OPT_MAX_CONNS,
+	OPT_IDLE,
+	OPT_RESTORE,
+	OPT_RESTORE_CMD,
+	OPT_RESTORE_LIBDIR,
+	OPT_RESTORE_ARG,
+	OPT_RESTORE_TIMEOUT,
+	OPT_COMPRESS,
+	OPT_LABEL,
+	OPT_NO_MATERIALIZE,
 };
 
 int main(int argc, char **argv)
@@ -804,6 +1137,27 @@ int main(int argc, char **argv)
 		{ "restored", no_argument, NULL, OPT_RESTORED },
 		{ "output", required_argument, NULL, 'o' },
 		{ "weights-dir", required_argument, NULL, OPT_WEIGHTS_DIR },
+		{ "listen", required_argument, NULL, OPT_LISTEN },
+		{ "images", required_argument, NULL, OPT_IMAGES },
+		{ "to", required_argument, NULL, OPT_TO },
+		{ "psk-file", required_argument, NULL, OPT_PSK },
+		{ "cert", required_argument, NULL, OPT_CERT },
+		{ "key", required_argument, NULL, OPT_KEY },
+		{ "ca", required_argument, NULL, OPT_CA },
+		{ "server-name", required_argument, NULL, OPT_SERVER_NAME },
+		{ "max-bytes", required_argument, NULL, OPT_MAX_BYTES },
+		{ "max-files", required_argument, NULL, OPT_MAX_FILES },
+		{ "max-message", required_argument, NULL, OPT_MAX_MESSAGE },
+		{ "max-connections", required_argument, NULL, OPT_MAX_CONNS },
+		{ "idle-timeout", required_argument, NULL, OPT_IDLE },
+		{ "restore", no_argument, NULL, OPT_RESTORE },
+		{ "restore-cmd", required_argument, NULL, OPT_RESTORE_CMD },
+		{ "restore-libdir", required_argument, NULL, OPT_RESTORE_LIBDIR },
+		{ "restore-arg", required_argument, NULL, OPT_RESTORE_ARG },
+		{ "restore-timeout", required_argument, NULL, OPT_RESTORE_TIMEOUT },
+		{ "compress", required_argument, NULL, OPT_COMPRESS },
+		{ "label", required_argument, NULL, OPT_LABEL },
+		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{}
@@ -813,6 +1167,7 @@ int main(int argc, char **argv)
 		.sync = true,
 		.chunker = KM_CHUNKER_PARAMS_DEFAULT,
 		.timeout_ms = 10000,
+		.materialize = true,
 	};
 	const char *cmd;
 	uint64_t v;
@@ -832,6 +1187,60 @@ int main(int argc, char **argv)
 		case 'o': c.output = optarg; break;
 		case OPT_WEIGHTS_DIR: c.weights_dir = optarg; break;
 		case OPT_RESTORED: c.restored = true; break;
+		case OPT_LISTEN: c.listen = optarg; break;
+		case OPT_IMAGES: c.images = optarg; break;
+		case OPT_TO: c.to = optarg; break;
+		case OPT_PSK: c.tls.psk_file = optarg; break;
+		case OPT_CERT: c.tls.cert = optarg; break;
+		case OPT_KEY: c.tls.key = optarg; break;
+		case OPT_CA: c.tls.ca = optarg; break;
+		case OPT_SERVER_NAME: c.tls.server_name = optarg; break;
+		case OPT_RESTORE: c.restore = true; break;
+		case OPT_RESTORE_CMD: c.restore_opts.criu = optarg; break;
+		case OPT_RESTORE_LIBDIR: c.restore_opts.libdir = optarg; break;
+		case OPT_RESTORE_ARG:
+			if (c.restore_opts.n_args == KM_ARRAY_SIZE(c.restore_args))
+				return fail("--restore-arg: at most %zu", KM_ARRAY_SIZE(c.restore_args));
+			c.restore_args[c.restore_opts.n_args++] = optarg;
+			c.restore_opts.args = c.restore_args;
+			break;
+		case OPT_LABEL: c.label = optarg; break;
+		case OPT_NO_MATERIALIZE: c.materialize = false; break;
+		case OPT_COMPRESS:
+			if (strcmp(optarg, "auto") == 0)
+				c.compress = KM_COMPRESS_AUTO;
+			else if (strcmp(optarg, "always") == 0)
+				c.compress = KM_COMPRESS_ALWAYS;
+			else if (strcmp(optarg, "never") == 0)
+				c.compress = KM_COMPRESS_NEVER;
+			else
+				return fail("--compress: expected auto, always or never, not '%s'", optarg);
+			break;
+		case OPT_MAX_BYTES:
+			if (parse_u64(optarg, &v) < 0 || v == 0)
+				return fail("--max-bytes: '%s' is not a valid size", optarg);
+			c.max_bytes = v;
+			break;
+		case OPT_MAX_MESSAGE:
+			if (parse_u64(optarg, &v) < 0 || v < 4096 || v > KM_WIRE_PAYLOAD_MAX)
+				return fail("--max-message: '%s' is not a size from 4K to 64M", optarg);
+			c.max_message = (uint32_t)v;
+			break;
+		case OPT_MAX_FILES:
+		case OPT_MAX_CONNS:
+		case OPT_IDLE:
+		case OPT_RESTORE_TIMEOUT:
+			if (parse_u64(optarg, &v) < 0 || v == 0 || v > UINT32_MAX)
+				return fail("%s: '%s' is not a valid number", argv[optind - 1], optarg);
+			if (opt == OPT_MAX_FILES)
+				c.max_files = (uint32_t)v;
+			else if (opt == OPT_MAX_CONNS)
+				c.max_connections = (unsigned)v;
+			else if (opt == OPT_IDLE)
+				c.idle_timeout_s = (unsigned)v;
+			else
+				c.restore_opts.timeout_s = (unsigned)v;
+			break;
 		case OPT_FILTER:
 			if (strcmp(optarg, "auto") == 0)
 				c.delta.filter = KM_DELTA_FILTER_AUTO;
@@ -905,6 +1314,12 @@ int main(int argc, char **argv)
 		return cmd_weights(&c, argc, argv);
 	if (strcmp(cmd, "engine") == 0)
 		return cmd_engine(&c, argc, argv);
+	if (strcmp(cmd, "serve") == 0)
+		return cmd_serve(&c, argc, argv);
+	if (strcmp(cmd, "send-weights") == 0)
+		return cmd_send_weights(&c, argc, argv);
+	if (strcmp(cmd, "send-image") == 0)
+		return cmd_send_image(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;

@@ -1,0 +1,201 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_TRANSPORT_H
+#define KM_TRANSPORT_H
+
+/*
+ * The sender's side of a live migration: a client of `kvmotion serve`
+ * (serve.h) over one authenticated TLS connection (tls.h), speaking the
+ * protocol of proto/wire.proto (docs/formats.md, "Migration wire protocol").
+ *
+ * A migration uses one connection for both of its phases:
+ *
+ *   km_client_connect          TCP, TLS handshake, Hello (version check)
+ *   -- pre-copy, while the engine keeps serving --
+ *   km_client_send_weights     the chunks of a weights index that the target
+ *                              lacks (query, then send), then the index
+ *   km_client_materialize      the target writes the weights file
+ *   -- stop: dump and split the process, then --
+ *   km_client_send_image       the split image: the manifest's chunks that the
+ *                              target lacks, every file, then join and
+ *                              (optionally) criu restore on the target
+ *   km_client_free             Bye, close
+ *
+ * Every chunk sent is read through the sender's store (hashed on read); the
+ * target hashes it again before storing it. Chunks travel zstd-compressed
+ * when that is faster than sending them raw (KM_COMPRESS_AUTO: a raw and a
+ * compressed segment of the stream are timed, see transport.c) or
+ * always/never as asked.
+ *
+ * Errors are negative errnos with err naming what failed; those the target
+ * reported start with "target: ". Fixed meanings: -EACCES authentication
+ * failed, -EPROTONOSUPPORT the target speaks another major version,
+ * -ECONNRESET/-EPIPE the connection was lost, -ETIMEDOUT, -EDQUOT the
+ * target's per-connection quota, -EMSGSIZE a frame above the limits,
+ * -EBADMSG corrupt data (a chunk that does not hash to its id), -ENOSPC the
+ * target's disk is full, -ENOENT a chunk or index missing, -ENOSYS the
+ * target cannot do this, -ECHILD criu restore failed on the target.
+ * After any error the client is unusable: free it.
+ *
+ * A client is used by one thread at a time; km_client_abort may be called
+ * from any thread.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chunker.h"
+#include "hash.h"
+#include "store.h"
+#include "tls.h"
+#include "util.h"
+
+#define KM_WIRE_MAJOR	    1
+#define KM_WIRE_MINOR	    0
+#define KM_WIRE_HEADER_SIZE 12
+#define KM_WIRE_META_MAX    (1u << 20) /* packed message of one frame */
+#define KM_WIRE_PAYLOAD_MAX KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
+#define KM_WIRE_QUERY_MAX   4096u /* chunk ids per QueryChunks */
+#define KM_WIRE_FILE_PIECE  (4u << 20) /* file bytes per File frame */
+
+enum km_compress {
+	KM_COMPRESS_AUTO = 0, /* whichever measures faster (transport.c) */
+	KM_COMPRESS_ALWAYS,
+	KM_COMPRESS_NEVER,
+};
+
+struct km_client_opts {
+	struct km_tls_opts tls;
+	const char *label; /* what is migrated, for the target's log (may be NULL) */
+	enum km_compress compress;
+	int zstd_level; /* 0: 1 */
+	unsigned connect_timeout_ms; /* 0: 10 s */
+	unsigned io_timeout_ms; /* 0: 600 s (a reply may wait for a join and a restore) */
+	/*
+	 * Tests only: flip one byte of the n-th chunk sent (1-based) after it
+	 * was read and hashed, to show that the target catches it. 0: off.
+	 */
+	unsigned test_corrupt_chunk;
+};
+
+/* What the target said in its HelloReply, and the connection's set-up. */
+struct km_target_info {
+	uint32_t major, minor;
+	char software[64];
+	uint32_t max_payload;
+	uint64_t quota_bytes; /* 0: no limit */
+	uint32_t max_files;
+	struct km_chunker_params chunker; /* of the target's store; zeros if not told */
+	bool can_materialize;
+	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
+	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
+};
+
+/*
+ * What one call sent. Chunk counts are of distinct chunks; "deduplicated"
+ * chunks are those the target already had. Times are nanoseconds of the
+ * sender's wall clock, but target_store_ns, which the target measured.
+ */
+struct km_send_stats {
+	uint64_t chunks;
+	uint64_t chunks_sent;
+	uint64_t chunks_deduplicated;
+	uint64_t chunks_compressed;
+	uint64_t bytes; /* raw bytes of the chunks */
+	uint64_t bytes_sent; /* raw bytes of the chunks sent */
+	uint64_t bytes_deduplicated; /* raw bytes of the chunks not sent */
+	uint64_t files;
+	uint64_t file_bytes; /* raw bytes of the image files sent */
+	uint64_t wire_bytes; /* frame bytes written (compressed payloads as sent), TLS excluded */
+	uint64_t query_ns; /* asking which chunks the target lacks */
+	uint64_t chunks_ns; /* sending them until the target confirmed storing them */
+	uint64_t index_ns; /* sending the weights index */
+	uint64_t files_ns; /* sending the image files */
+	uint64_t commit_ns; /* waiting for the join (and restore) */
+	uint64_t total_ns;
+	uint64_t target_store_ns; /* target: decoding, hashing, storing chunks */
+};
+
+/*
+ * Connects to "HOST:PORT" ("[V6ADDR]:PORT"), authenticates and checks the
+ * protocol version.
+ */
+struct km_client;
+int km_client_connect(const char *address, const struct km_client_opts *o, struct km_client **ret,
+		      struct km_error *err);
+/* Says Bye if the connection is still sound, closes, frees. NULL is fine. */
+void km_client_free(struct km_client *c);
+/* Valid for the client's lifetime. */
+const struct km_target_info *km_client_target(const struct km_client *c);
+/* Makes a blocked call of another thread fail (-ECONNRESET) and the client unusable. */
+void km_client_abort(struct km_client *c);
+
+/*
+ * Sends the chunks among ids[0..n) (any order, repeats allowed) that the
+ * target lacks, read from store s, and waits until the target has stored
+ * them all. A building block of the two calls below.
+ */
+int km_client_send_chunks(struct km_client *c, struct km_store *s, const struct km_hash *ids,
+			  size_t n, struct km_send_stats *ret, struct km_error *err);
+
+/*
+ * Pre-copy of weights index 'index_name' of store s: its chunks that the
+ * target lacks, then the index itself, stored on the target under the same
+ * name once all its chunks are there.
+ */
+int km_client_send_weights(struct km_client *c, struct km_store *s, const char *index_name,
+			   struct km_send_stats *ret, struct km_error *err);
+
+struct km_remote_weights {
+	char path[4096]; /* of the weights file on the target */
+	struct km_hash id; /* its SHA-256 */
+	uint64_t size;
+	bool written; /* false: the target had it already */
+	uint64_t bytes_hashed;
+	uint64_t target_ns; /* the materialization, on the target */
+	uint64_t ns; /* the request, as the sender waited */
+};
+
+/* Has the target materialize its weights index 'index_name' (weights.h). */
+int km_client_materialize(struct km_client *c, const char *index_name,
+			  struct km_remote_weights *ret, struct km_error *err);
+
+struct km_image_send_opts {
+	const char *label; /* prefix of the target's image directory name (NULL: "image") */
+	bool restore; /* run criu restore on the target after the join */
+};
+
+struct km_image_result {
+	char dir[256]; /* the image directory's name in the target's image area */
+	uint64_t files; /* received by the target */
+	uint64_t bytes; /* file bytes received by the target */
+	uint64_t bytes_joined; /* bytes the join rebuilt */
+	uint64_t join_ns; /* target */
+	int restored_pid; /* restore: the restored tree's root; else 0 */
+	uint64_t restore_ns; /* target */
+};
+
+/*
+ * The stop phase: sends split image directory dirfd (kvmotion.manifest,
+ * kvmotion.delta and the small CRIU images; CRIU's *.log files stay home)
+ * with the chunks its manifest refers to that the target lacks, read from
+ * store s. The target writes the files into a new directory of its image
+ * area, joins them with its store and, with o->restore, runs criu restore
+ * there. On failure the target removes that directory; for -ECHILD (restore
+ * failed) err holds the first line of CRIU's complaint and, if log_tail is
+ * not NULL, log_tail gets the tail of CRIU's log (log_tail_size bytes at
+ * most, NUL-terminated).
+ */
+int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
+			 const struct km_image_send_opts *o, struct km_send_stats *ret,
+			 struct km_image_result *ret_result, char *log_tail, size_t log_tail_size,
+			 struct km_error *err);
+
+/*
+ * Splits "HOST:PORT" or "[V6]:PORT" (host may be empty: any address) into
+ * its parts. -EINVAL for anything else.
+ */
+int km_split_address(const char *address, char *host, size_t host_size, char *port,
+		     size_t port_size);
+
+#endif
