@@ -1166,7 +1166,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		.to = c->to,
 		.client = { .tls = c->tls, .label = c->label, .compress = c->compress },
 		.store = c->store_path,
-		.weights_dir = c->weights_dir,
+		/* the plugin's setting: both must agree on where weights files are */
+		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
 		.weights_index = c->weights_index,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
