@@ -188,23 +188,28 @@ toA=$KM_ADDR_A:7461
 
 # --- cooperative: A -> B, then back B -> A while it generates -----------------
 
-start_engine coop "$KM_NS_A" "$T/coop.safetensors" --coop
+# slower steps: the engine must still be generating for the way back
+start_engine coop "$KM_NS_A" "$T/coop.safetensors" --coop --step-delay-ms 60
 pid=$ENGINE_PID
 migrate_ok "$T/m1.json" "$KM_NS_A" "$storeA" "$pid" "$toB"
+rpid=$(json_get "$T/m1.json" restored_pid)
+gen=$(json_get "$T/coop.json" tokens_generated)
+kill -0 "$rpid" 2>/dev/null || fail "the engine restored on B is gone (or ended) before the way back"
+migrate_ok "$T/m2.json" "$KM_NS_B" "$storeB" "$rpid" "$toA"
+rpid2=$(json_get "$T/m2.json" restored_pid)
+
 assert_eq "mode" "$(json_get "$T/m1.json" mode)" cooperative
 assert_ge "weights bytes sent before the stop" "$(json_get "$T/m1.json" bytes_sent_before_stop)" $((model_bytes * 9 / 10))
-assert_lt "bytes sent during the stop (no weights)" "$(json_get "$T/m1.json" bytes_sent_during_stop)" $((model_bytes / 2))
-rpid=$(json_get "$T/m1.json" restored_pid)
+assert_lt "bytes sent during the stop (no weights)" "$(json_get "$T/m1.json" bytes_sent_during_stop)" $((model_bytes / 4))
 wait_pid_gone "$pid" 5
-[ "$(stat -L -c %i "/proc/$rpid/ns/net")" = "$(stat -L -c %i "/run/netns/$KM_NS_B")" ] ||
-	fail "the restored engine is not in host B's network namespace"
 pass "cooperative A -> B: pid $pid -> $rpid on B; $(json_get "$T/m1.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m1.json" bytes_sent_during_stop) B during; $(phases "$T/m1.json")"
 
-gen=$(json_get "$T/coop.json" tokens_generated)
-migrate_ok "$T/m2.json" "$KM_NS_B" "$storeB" "$rpid" "$toA"
+assert_eq "mode (way back)" "$(json_get "$T/m2.json" mode)" cooperative
 assert_lt "weights bytes sent before the stop, back to A" "$(json_get "$T/m2.json" bytes_sent_before_stop)" 4096
 assert_ge "bytes the target had" "$(json_get "$T/m2.json" bytes_deduplicated)" $((model_bytes * 9 / 10))
-rpid2=$(json_get "$T/m2.json" restored_pid)
+wait_pid_gone "$rpid" 5
+[ "$(stat -L -c %i "/proc/$rpid2/ns/net")" = "$(stat -L -c %i "/run/netns/$KM_NS_A")" ] ||
+	fail "the engine restored on A is not in host A's network namespace"
 finish coop "$rpid2" "$T/ref-coop.out"
 assert_eq "restores seen by the engine" "$(json_get "$T/coop.json" restores)" 2
 pass "cooperative B -> A (at token $gen): $(json_get "$T/m2.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m2.json" bytes_deduplicated) deduplicated; $(phases "$T/m2.json"); tokens identical, no extra prefill"
