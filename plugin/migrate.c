@@ -524,6 +524,18 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	q = km_engine_probe(o->pid);
 	r->cooperative = q == 1;
 	if (o->weights_index) {
+		_cleanup_free_ void *buf = NULL;
+		char root[300];
+		size_t n;
+
+		/* refuse a missing index now, before the target is even asked */
+		snprintf(root, sizeof(root), "%s%s", o->weights_index, INDEX_SUFFIX);
+		ret = km_store_root_read(s, "indexes", root, &buf, &n);
+		if (ret < 0) {
+			km_error_set(err, "weights index %s: %s in store %s", o->weights_index,
+				     strerror(-ret), o->store);
+			goto out;
+		}
 		snprintf(r->weights_index[0], sizeof(r->weights_index[0]), "%s", o->weights_index);
 		r->n_weights = 1;
 	} else {
