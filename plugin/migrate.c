@@ -24,7 +24,7 @@
 #include "store.h"
 #include "weights.h"
 
-#define MAX_TREE 4096
+#define MAX_TREE     4096
 #define INDEX_SUFFIX ".kmidx"
 
 static uint64_t now_ns(void)
@@ -38,11 +38,16 @@ static uint64_t now_ns(void)
 const char *km_migrate_phase_name(enum km_migrate_phase p)
 {
 	switch (p) {
-	case KM_MIGRATE_PRECOPY: return "pre-copy";
-	case KM_MIGRATE_DUMP: return "dump";
-	case KM_MIGRATE_SEND: return "send";
-	case KM_MIGRATE_RESUME: return "resume";
-	case KM_MIGRATE_DONE: return "done";
+	case KM_MIGRATE_PRECOPY:
+		return "pre-copy";
+	case KM_MIGRATE_DUMP:
+		return "dump";
+	case KM_MIGRATE_SEND:
+		return "send";
+	case KM_MIGRATE_RESUME:
+		return "resume";
+	case KM_MIGRATE_DONE:
+		return "done";
 	}
 	return "unknown";
 }
@@ -191,16 +196,16 @@ static int mapped_weights(pid_t pid, struct km_store *s, const char *weights_dir
 		int q = km_store_root_foreach(s, "indexes", find_index_fn, &fi);
 
 		if (q < 0 && q != -ENOENT) {
-			km_error_set(err, "cannot list the indexes of store %s: %s", km_store_path(s),
-				     strerror(-q));
+			km_error_set(err, "cannot list the indexes of store %s: %s",
+				     km_store_path(s), strerror(-q));
 			return q;
 		}
 		if (!fi.found) {
 			km_error_set(err,
 				     "pid %d maps weights file %s/%s%s, but no index of store %s "
 				     "records it (pass --weights INDEX)",
-				     (int)pid, wdir, km_hash_to_hex(&ids[i], hex), KM_WEIGHTS_SUFFIX,
-				     km_store_path(s));
+				     (int)pid, wdir, km_hash_to_hex(&ids[i], hex),
+				     KM_WEIGHTS_SUFFIX, km_store_path(s));
 			return -ENOENT;
 		}
 		snprintf(r->weights_index[r->n_weights++], sizeof(r->weights_index[0]), "%s",
@@ -354,7 +359,8 @@ int km_migrate_parse_dump_log(int fd, uint64_t total_ns, struct km_migrate_repor
 			sp += v;
 		} else if (t >= 0 && !tasks && strncmp(text, "Dumping processes (pid:", 23) == 0) {
 			t_begin = t;
-		} else if (t >= 0 && !tasks && t_begin >= 0 && strncmp(text, "Collected ", 10) == 0) {
+		} else if (t >= 0 && !tasks && t_begin >= 0 &&
+			   strncmp(text, "Collected ", 10) == 0) {
 			t_frozen = t;
 		} else if (t >= 0 && strncmp(text, "Dumping task (pid:", 18) == 0) {
 			tasks = true;
@@ -566,10 +572,11 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 			if (ret < 0)
 				goto out;
 			if (strncmp(rw.path, wdir, strlen(wdir)) != 0) {
-				km_error_set(err,
-					     "the target materialized %s outside %s: the engine would "
-					     "not find it (use the same weights directory on both)",
-					     rw.path, wdir);
+				km_error_set(
+					err,
+					"the target materialized %s outside %s: the engine would "
+					"not find it (use the same weights directory on both)",
+					rw.path, wdir);
 				ret = -EXDEV;
 				goto out;
 			}
@@ -600,8 +607,8 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	r->join_ns = res.join_ns;
 	r->restore_ns = res.restore_ns;
 	r->commit_wait_ns = r->stop.commit_ns;
-	r->transfer_ns = r->stop.total_ns > r->stop.commit_ns ? r->stop.total_ns - r->stop.commit_ns
-							      : 0;
+	r->transfer_ns =
+		r->stop.total_ns > r->stop.commit_ns ? r->stop.total_ns - r->stop.commit_ns : 0;
 	r->restored_pid = res.restored_pid;
 	snprintf(r->target_dir, sizeof(r->target_dir), "%s", res.dir);
 	if (res.restored_pid <= 0) {

@@ -129,6 +129,10 @@ migrate_ok() {
 	if [ "$MIG_RC" != 0 ]; then
 		cat "$1.err"
 		km_criu_log_tail "$1.work/img/dump.log" 2>/dev/null || true
+		for name in "${!SLOG[@]}"; do
+			echo "--- ${SLOG[$name]}"
+			tail -n 5 "${SLOG[$name]}"
+		done
 		fail "kvmotion migrate failed (status $MIG_RC)"
 	fi
 	json_check "$1" restored_pid bytes_sent_before_stop bytes_sent_during_stop bytes_deduplicated
@@ -259,6 +263,7 @@ finish fail2 "$pid" "$T/ref-nopre.out"
 pass "chunk corrupted in flight: '$(json_get "$T/f2.json" error | cut -c1-100)'; engine resumed, tokens identical"
 
 # The receiver dies during the stop (its restore command kills it).
+# shellcheck disable=SC2016 # $PPID is the wrapper's
 printf '#!/bin/sh\nkill -KILL $PPID\nsleep 5\n' >"$T/kill-serve"
 chmod +x "$T/kill-serve"
 start_server victim "$KM_NS_B" "$KM_ADDR_B" 7463 "$storeB" --restore-cmd "$T/kill-serve"
