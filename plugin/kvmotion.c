@@ -19,6 +19,7 @@
 #include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
+#include "migrate.h"
 #include "serve.h"
 #include "store.h"
 #include "transport.h"
@@ -62,6 +63,11 @@ struct cli {
 	enum km_compress compress;
 	struct km_restore_opts restore_opts;
 	const char *restore_args[64];
+	/* migrate */
+	const char *weights_index;
+	const char *work;
+	const char *criu;
+	const char *plugin_dir;
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -117,6 +123,9 @@ static void usage(FILE *f)
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
 	      "                                                   send a split image, join (and restore) it there\n"
+	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--store S] [--work DIR]\n"
+	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
+	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
 	      "  AUTH: --psk-file F (TLS 1.3 pre-shared key) or --cert C --key K --ca CA (mutual TLS)\n"
 	      "\n"
 	      "Options:\n"
@@ -155,7 +164,12 @@ static void usage(FILE *f)
 	      "  --compress MODE      send-*: zstd on the wire auto|always|never (default auto)\n"
 	      "  --label NAME         send-*: name the migration in the target's log and image dir\n"
 	      "  --restore            send-image: run criu restore on the target after the join\n"
-	      "  --no-materialize     send-weights: do not write the weights file on the target\n",
+	      "  --no-materialize     send-weights: do not write the weights file on the target\n"
+	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
+	      "                       files the process maps)\n"
+	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
+	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
+	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n",
 	      f);
 }
 
@@ -1069,6 +1083,145 @@ out:
 	return ret;
 }
 
+static void print_phases_json(const struct km_migrate_report *r)
+{
+	printf("\"stop_seconds\":{\"quiesce\":%.6f,\"freeze\":%.6f,\"gpu_checkpoint\":%.6f,"
+	       "\"dump\":%.6f,\"split\":%.6f,\"transfer\":%.6f,\"join\":%.6f,\"restore\":%.6f,"
+	       "\"commit_wait\":%.6f,\"gpu_restore\":%.6f,\"resume\":%.6f,\"kill\":%.6f,\"total\":%.6f}",
+	       secs(r->quiesce_ns), secs(r->freeze_ns), secs(r->gpu_checkpoint_ns), secs(r->dump_ns),
+	       secs(r->split_ns), secs(r->transfer_ns), secs(r->join_ns), secs(r->restore_ns),
+	       secs(r->commit_wait_ns), secs(r->gpu_restore_ns), secs(r->resume_ns),
+	       secs(r->kill_ns), secs(r->stop_ns));
+}
+
+static void print_migrate_json(const struct cli *c, const struct km_migrate_report *r, int rc,
+			       const struct km_error *err)
+{
+	const char *name = rc < 0 ? strerrorname_np(-rc) : NULL;
+
+	printf("{\"ok\":%s,\"pid\":%d,\"target\":", rc == 0 ? "true" : "false", (int)r->pid);
+	json_string(c->to);
+	printf(",\"mode\":\"%s\",\"weights\":[", r->cooperative ? "cooperative" : "transparent");
+	for (size_t i = 0; i < r->n_weights; i++) {
+		if (i)
+			putchar(',');
+		json_string(r->weights_index[i]);
+	}
+	printf("],\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
+	       r->resumed ? "true" : "false");
+	if (rc < 0) {
+		json_string(err->msg[0] ? err->msg : strerror(-rc));
+		printf(",\"errno\":\"%s\"", name ? name : "?");
+	} else {
+		printf("null");
+	}
+	printf(",\"image_dir\":");
+	json_string(r->image_dir);
+	printf(",\"target_dir\":");
+	json_string(r->target_dir);
+	printf(",\"image_bytes\":%" PRIu64, r->image_bytes);
+	printf(",\"bytes_sent_before_stop\":%" PRIu64 ",\"bytes_sent_during_stop\":%" PRIu64
+	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes_before_stop\":%" PRIu64
+	       ",\"wire_bytes_during_stop\":%" PRIu64,
+	       r->precopy.bytes_sent, r->stop.bytes_sent + r->stop.file_bytes,
+	       r->precopy.bytes_deduplicated + r->stop.bytes_deduplicated, r->precopy.wire_bytes,
+	       r->stop.wire_bytes);
+	printf(",\"precopy\":{");
+	print_send_stats_json(&r->precopy);
+	printf(",\"seconds\":%.6f},\"stop\":{", secs(r->precopy_ns));
+	print_send_stats_json(&r->stop);
+	printf(",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 "},", r->stop.files,
+	       r->stop.file_bytes);
+	print_phases_json(r);
+	printf(",\"total_seconds\":%.6f}\n", secs(r->total_ns));
+}
+
+static void migrate_progress(void *userdata, enum km_migrate_phase phase,
+			     const struct km_migrate_report *r)
+{
+	char b[32];
+
+	(void)userdata;
+	if (phase == KM_MIGRATE_DUMP)
+		fprintf(stderr, "\rkvmotion migrate: pre-copy done (%s sent), stopping pid %d...   ",
+			km_format_bytes(r->precopy.bytes_sent, b), (int)r->pid);
+	else if (phase == KM_MIGRATE_SEND)
+		fprintf(stderr, "\rkvmotion migrate: dumped (%s), sending and restoring...        ",
+			km_format_bytes(r->image_bytes, b));
+	else if (phase == KM_MIGRATE_RESUME)
+		fprintf(stderr, "\rkvmotion migrate: failed (%s), resuming the source...\n", r->why);
+	else if (phase == KM_MIGRATE_DONE)
+		fprintf(stderr, "\rkvmotion migrate: restored as pid %d, stop %.3f s              \n",
+			r->restored_pid, secs(r->stop_ns));
+	else
+		fprintf(stderr, "\rkvmotion migrate: pre-copy of pid %d's weights...   ",
+			(int)r->pid);
+	fflush(stderr);
+}
+
+static int cmd_migrate(struct cli *c, int argc, char **argv)
+{
+	struct km_migrate_opts o = {
+		.pid = c->pid,
+		.to = c->to,
+		.client = { .tls = c->tls, .label = c->label, .compress = c->compress },
+		.store = c->store_path,
+		/* the plugin's setting: both must agree on where weights files are */
+		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
+		.weights_index = c->weights_index,
+		.work = c->work,
+		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
+		.plugin_dir = c->plugin_dir,
+		.libcuda = getenv("KVMOTION_LIBCUDA"),
+		.engine_timeout_ms = c->timeout_ms,
+	};
+	struct km_migrate_report rep;
+	struct km_error err = { { 0 } };
+	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
+	int r;
+
+	if (argc != 0)
+		return fail("migrate: unexpected argument '%s'", argv[0]);
+	if (c->pid <= 0 || !c->to)
+		return fail("migrate: --pid PID and --to HOST:PORT are required");
+	if (!o.work) {
+		if (!mkdtemp(work))
+			return fail("migrate: cannot create a work directory: %s", strerror(errno));
+		o.work = work;
+	}
+	if (corrupt && corrupt[0])
+		o.client.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	if (!c->json && isatty(STDERR_FILENO))
+		o.progress = migrate_progress;
+	signal(SIGPIPE, SIG_IGN);
+	r = km_migrate(&o, &rep, &err);
+	if (c->json) {
+		print_migrate_json(c, &rep, r, &err);
+	} else if (r == 0) {
+		char b1[32], b2[32], b3[32];
+
+		printf("migrated pid %d to %s: restored as pid %d (%s mode)\n", (int)rep.pid, c->to,
+		       rep.restored_pid, rep.cooperative ? "cooperative" : "transparent");
+		printf("  stop %.3f s: quiesce %.3f, freeze %.3f, GPU checkpoint %.3f, dump %.3f, "
+		       "split %.3f, transfer %.3f, join %.3f, restore %.3f\n",
+		       secs(rep.stop_ns), secs(rep.quiesce_ns), secs(rep.freeze_ns),
+		       secs(rep.gpu_checkpoint_ns), secs(rep.dump_ns), secs(rep.split_ns),
+		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns));
+		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
+		       km_format_bytes(rep.precopy.bytes_sent, b1),
+		       km_format_bytes(rep.stop.bytes_sent + rep.stop.file_bytes, b2),
+		       km_format_bytes(rep.precopy.bytes_deduplicated + rep.stop.bytes_deduplicated, b3));
+	}
+	if (r < 0) {
+		fail_net("migrate", r, &err);
+		if (rep.resumed)
+			fprintf(stderr, "kvmotion: migrate: the source (pid %d) was resumed\n", (int)rep.pid);
+		return EXIT_FAILURE;
+	}
+	return EXIT_SUCCESS;
+}
+
 enum {
 	OPT_STORE = 256,
 	OPT_NAME,
@@ -1111,6 +1264,10 @@ enum {
 	OPT_COMPRESS,
 	OPT_LABEL,
 	OPT_NO_MATERIALIZE,
+	OPT_WEIGHTS,
+	OPT_WORK,
+	OPT_CRIU,
+	OPT_PLUGIN_DIR,
 };
 
 int main(int argc, char **argv)
@@ -1158,6 +1315,10 @@ int main(int argc, char **argv)
 		{ "compress", required_argument, NULL, OPT_COMPRESS },
 		{ "label", required_argument, NULL, OPT_LABEL },
 		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
+		{ "weights", required_argument, NULL, OPT_WEIGHTS },
+		{ "work", required_argument, NULL, OPT_WORK },
+		{ "criu", required_argument, NULL, OPT_CRIU },
+		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{}
@@ -1206,6 +1367,10 @@ int main(int argc, char **argv)
 			break;
 		case OPT_LABEL: c.label = optarg; break;
 		case OPT_NO_MATERIALIZE: c.materialize = false; break;
+		case OPT_WEIGHTS: c.weights_index = optarg; break;
+		case OPT_WORK: c.work = optarg; break;
+		case OPT_CRIU: c.criu = optarg; break;
+		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
 		case OPT_COMPRESS:
 			if (strcmp(optarg, "auto") == 0)
 				c.compress = KM_COMPRESS_AUTO;
@@ -1320,6 +1485,8 @@ int main(int argc, char **argv)
 		return cmd_send_weights(&c, argc, argv);
 	if (strcmp(cmd, "send-image") == 0)
 		return cmd_send_image(&c, argc, argv);
+	if (strcmp(cmd, "migrate") == 0)
+		return cmd_migrate(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;

@@ -1,0 +1,651 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Live migration: pre-copy, stop, and the way back on failure (migrate.h).
+ * The library never prints: progress goes through opts->progress, the
+ * outcome through the report and err.
+ */
+#include "migrate.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+
+#include "engine_ctl.h"
+#include "format.h"
+#include "gpu.h"
+#include "store.h"
+#include "weights.h"
+
+#define MAX_TREE     4096
+#define INDEX_SUFFIX ".kmidx"
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+const char *km_migrate_phase_name(enum km_migrate_phase p)
+{
+	switch (p) {
+	case KM_MIGRATE_PRECOPY:
+		return "pre-copy";
+	case KM_MIGRATE_DUMP:
+		return "dump";
+	case KM_MIGRATE_SEND:
+		return "send";
+	case KM_MIGRATE_RESUME:
+		return "resume";
+	case KM_MIGRATE_DONE:
+		return "done";
+	}
+	return "unknown";
+}
+
+static void progress(const struct km_migrate_opts *o, enum km_migrate_phase p,
+		     const struct km_migrate_report *r)
+{
+	if (o->progress)
+		o->progress(o->userdata, p, r);
+}
+
+/* --- the process tree ------------------------------------------------------ */
+
+/* pid and its descendants (through every thread's children list), pid first. */
+static size_t tree_pids(pid_t pid, pid_t *out, size_t max)
+{
+	size_t n = 0, i;
+
+	out[n++] = pid;
+	for (i = 0; i < n && n < max; i++) {
+		char path[64];
+		DIR *d;
+		struct dirent *de;
+
+		snprintf(path, sizeof(path), "/proc/%d/task", (int)out[i]);
+		d = opendir(path);
+		if (!d)
+			continue;
+		while ((de = readdir(d)) && n < max) {
+			char cpath[sizeof(path) + 300], buf[4096], *p, *end;
+			_cleanup_close_ int fd = -1;
+			ssize_t len;
+
+			if (de->d_name[0] == '.')
+				continue;
+			snprintf(cpath, sizeof(cpath), "%s/%s/children", path, de->d_name);
+			fd = open(cpath, O_RDONLY | O_CLOEXEC);
+			if (fd < 0)
+				continue;
+			len = km_read_full(fd, buf, sizeof(buf) - 1);
+			if (len <= 0)
+				continue;
+			buf[len] = 0;
+			for (p = buf; n < max; p = end) {
+				long c = strtol(p, &end, 10);
+
+				if (end == p)
+					break;
+				if (c > 0)
+					out[n++] = (pid_t)c;
+			}
+		}
+		closedir(d);
+	}
+	return n;
+}
+
+static void signal_tree(const pid_t *pids, size_t n, int sig)
+{
+	/* children first for SIGKILL so that none is re-parented while running */
+	for (size_t i = n; i-- > 0;)
+		kill(pids[i], sig);
+}
+
+/* --- weights ---------------------------------------------------------------- */
+
+struct find_index {
+	struct km_store *s;
+	struct km_hash id;
+	char name[256];
+	bool found;
+};
+
+static int find_index_fn(const char *root, void *userdata)
+{
+	struct find_index *f = userdata;
+	_cleanup_free_ void *buf = NULL;
+	struct km_weights_index *idx = NULL;
+	struct km_error err = { { 0 } };
+	size_t n, len = strlen(root), sl = strlen(INDEX_SUFFIX);
+
+	if (f->found || len <= sl || strcmp(root + len - sl, INDEX_SUFFIX) != 0)
+		return 0;
+	if (km_store_root_read(f->s, "indexes", root, &buf, &n) < 0)
+		return 0;
+	if (km_weights_index_decode(buf, n, &idx, &err) < 0)
+		return 0; /* a foreign root is not ours to judge here */
+	if (memcmp(&idx->weights_id, &f->id, sizeof(f->id)) == 0 && len - sl < sizeof(f->name)) {
+		memcpy(f->name, root, len - sl);
+		f->name[len - sl] = 0;
+		f->found = true;
+	}
+	km_weights_index_free(idx);
+	return 0;
+}
+
+/*
+ * The weights files pid maps that live in weights_dir, each turned into the
+ * name of the store's index that records its id.
+ */
+static int mapped_weights(pid_t pid, struct km_store *s, const char *weights_dir,
+			  struct km_migrate_report *r, struct km_error *err)
+{
+	char path[64], line[4096 + 256], wdir[PATH_MAX];
+	struct km_hash ids[KM_MIGRATE_MAX_WEIGHTS];
+	size_t n_ids = 0;
+	_cleanup_fclose_ FILE *f = NULL;
+
+	if (!realpath(weights_dir, wdir))
+		return 0; /* no weights dir: nothing can be mapped from it */
+	snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+	f = fopen(path, "re");
+	if (!f) {
+		km_error_set(err, "cannot read %s: %s", path, strerror(errno));
+		return -errno;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char *file = strchr(line, '/'), *slash, dir[PATH_MAX];
+		struct km_hash id;
+		size_t i;
+
+		if (!file)
+			continue;
+		file[strcspn(file, "\n")] = 0;
+		if (km_weights_id_from_path(file, &id) < 0)
+			continue;
+		slash = strrchr(file, '/');
+		*slash = 0;
+		if (!realpath(file[0] ? file : "/", dir) || strcmp(dir, wdir) != 0)
+			continue;
+		for (i = 0; i < n_ids; i++)
+			if (memcmp(&ids[i], &id, sizeof(id)) == 0)
+				break;
+		if (i < n_ids)
+			continue;
+		if (n_ids == KM_MIGRATE_MAX_WEIGHTS) {
+			km_error_set(err, "pid %d maps more than %d weights files", (int)pid,
+				     KM_MIGRATE_MAX_WEIGHTS);
+			return -E2BIG;
+		}
+		ids[n_ids++] = id;
+	}
+	for (size_t i = 0; i < n_ids; i++) {
+		struct find_index fi = { .s = s, .id = ids[i] };
+		char hex[KM_HASH_HEX_SIZE];
+		int q = km_store_root_foreach(s, "indexes", find_index_fn, &fi);
+
+		if (q < 0 && q != -ENOENT) {
+			km_error_set(err, "cannot list the indexes of store %s: %s",
+				     km_store_path(s), strerror(-q));
+			return q;
+		}
+		if (!fi.found) {
+			km_error_set(err,
+				     "pid %d maps weights file %s/%s%s, but no index of store %s "
+				     "records it (pass --weights INDEX)",
+				     (int)pid, wdir, km_hash_to_hex(&ids[i], hex),
+				     KM_WEIGHTS_SUFFIX, km_store_path(s));
+			return -ENOENT;
+		}
+		snprintf(r->weights_index[r->n_weights++], sizeof(r->weights_index[0]), "%s",
+			 fi.name);
+	}
+	return 0;
+}
+
+static void add_stats(struct km_send_stats *a, const struct km_send_stats *b)
+{
+	a->chunks += b->chunks;
+	a->chunks_sent += b->chunks_sent;
+	a->chunks_deduplicated += b->chunks_deduplicated;
+	a->chunks_compressed += b->chunks_compressed;
+	a->bytes += b->bytes;
+	a->bytes_sent += b->bytes_sent;
+	a->bytes_deduplicated += b->bytes_deduplicated;
+	a->files += b->files;
+	a->file_bytes += b->file_bytes;
+	a->wire_bytes += b->wire_bytes;
+	a->query_ns += b->query_ns;
+	a->chunks_ns += b->chunks_ns;
+	a->index_ns += b->index_ns;
+	a->files_ns += b->files_ns;
+	a->commit_ns += b->commit_ns;
+	a->total_ns += b->total_ns;
+	a->target_store_ns += b->target_store_ns;
+}
+
+/* --- criu dump -------------------------------------------------------------- */
+
+static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_error *err)
+{
+	const char *argv[32 + 64];
+	char pidbuf[16];
+	size_t n = 0;
+	int status;
+	pid_t child;
+
+	if (o->n_criu_args > 64) {
+		km_error_set(err, "at most 64 extra criu arguments");
+		return -E2BIG;
+	}
+	snprintf(pidbuf, sizeof(pidbuf), "%d", (int)o->pid);
+	argv[n++] = o->criu ? o->criu : "criu";
+	argv[n++] = "dump";
+	argv[n++] = "-t";
+	argv[n++] = pidbuf;
+	argv[n++] = "-D";
+	argv[n++] = img;
+	argv[n++] = "-o";
+	argv[n++] = "dump.log";
+	argv[n++] = "-v4";
+	argv[n++] = "--leave-stopped";
+	if (o->plugin_dir) {
+		argv[n++] = "-L";
+		argv[n++] = o->plugin_dir;
+	}
+	for (size_t i = 0; i < o->n_criu_args; i++)
+		argv[n++] = o->criu_args[i];
+	argv[n] = NULL;
+
+	child = fork();
+	if (child < 0) {
+		km_error_set(err, "fork: %s", strerror(errno));
+		return -errno;
+	}
+	if (child == 0) {
+		int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+		/*
+		 * The plugin reads its settings from the environment: the
+		 * image must be split against our store (the transport sends
+		 * split images only), cooperative dumps too.
+		 */
+		setenv("KVMOTION_STORE", o->store, 1);
+		setenv("KVMOTION_SPLIT", "yes", 1);
+		setenv("KVMOTION_SPLIT_ENGINES", "yes", 1);
+		setenv("KVMOTION_LEAVE_RUNNING", "no", 1);
+		if (o->weights_dir)
+			setenv("KVMOTION_WEIGHTS_DIR", o->weights_dir, 1);
+		if (nul >= 0) {
+			dup2(nul, STDIN_FILENO);
+			dup2(nul, STDOUT_FILENO);
+			dup2(nul, STDERR_FILENO);
+		}
+		execvp(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	while (waitpid(child, &status, 0) < 0)
+		if (errno != EINTR) {
+			km_error_set(err, "waitpid: %s", strerror(errno));
+			return -errno;
+		}
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+		return 0;
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
+		km_error_set(err, "cannot run %s", argv[0]);
+	else
+		km_error_set(err, "criu dump failed (%s %d)",
+			     WIFEXITED(status) ? "status" : "signal",
+			     WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+	return -ECHILD;
+}
+
+/* "(SS.uuuuuu) text": seconds since criu started, -1 if the line has none. */
+static double log_ts(const char *line, const char **text)
+{
+	char *end;
+	double t;
+
+	if (line[0] != '(')
+		return -1;
+	t = strtod(line + 1, &end);
+	if (end == line + 1 || *end != ')')
+		return -1;
+	*text = end + 1 + (end[1] == ' ');
+	return t;
+}
+
+int km_migrate_parse_dump_log(int fd, uint64_t total_ns, struct km_migrate_report *r)
+{
+	_cleanup_fclose_ FILE *f = NULL;
+	char line[4096];
+	double t_begin = -1, t_frozen = -1, t_quiesced = -1, q = 0, g = 0, sp = 0;
+	bool tasks = false;
+	uint64_t rest;
+	int nfd = dup(fd);
+
+	if (nfd < 0)
+		return -errno;
+	f = fdopen(nfd, "r");
+	if (!f) {
+		close(nfd);
+		return -errno;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		const char *text = line, *k;
+		double t = log_ts(line, &text), v;
+		int pid;
+
+		k = strstr(text, "kvmotion: ");
+		if (k && sscanf(k, "kvmotion: engine in pid %d quiesced in %lf s", &pid, &v) == 2) {
+			q += v;
+			t_quiesced = t;
+		} else if (k && sscanf(k, "kvmotion: GPU state of %d checkpointed in %lf s", &pid,
+				       &v) == 2) {
+			g += v;
+		} else if (k && strncmp(k, "kvmotion: split ", 16) == 0 &&
+			   (k = strstr(k, " files in ")) && sscanf(k, " files in %lf s", &v) == 1) {
+			sp += v;
+		} else if (t >= 0 && !tasks && strncmp(text, "Dumping processes (pid:", 23) == 0) {
+			t_begin = t;
+		} else if (t >= 0 && !tasks && t_begin >= 0 &&
+			   strncmp(text, "Collected ", 10) == 0) {
+			t_frozen = t;
+		} else if (t >= 0 && strncmp(text, "Dumping task (pid:", 18) == 0) {
+			tasks = true;
+		}
+	}
+	r->quiesce_ns = (uint64_t)(q * 1e9);
+	r->gpu_checkpoint_ns = (uint64_t)(g * 1e9);
+	r->split_ns = (uint64_t)(sp * 1e9);
+	r->freeze_ns = 0;
+	if (t_begin >= 0 && t_frozen > t_begin) {
+		double fr = t_frozen - t_begin;
+
+		/* the plugin quiesces the engine inside CRIU's seize */
+		if (t_quiesced >= t_begin && t_quiesced <= t_frozen)
+			fr -= q;
+		r->freeze_ns = fr > 0 ? (uint64_t)(fr * 1e9) : 0;
+	}
+	rest = r->quiesce_ns + r->freeze_ns + r->gpu_checkpoint_ns + r->split_ns;
+	r->dump_ns = total_ns > rest ? total_ns - rest : 0;
+	return 0;
+}
+
+static uint64_t dir_bytes(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *de;
+	uint64_t n = 0;
+
+	if (!d)
+		return 0;
+	while ((de = readdir(d))) {
+		struct stat st;
+
+		if (de->d_name[0] != '.' && fstatat(dirfd(d), de->d_name, &st, 0) == 0 &&
+		    S_ISREG(st.st_mode) && !strstr(de->d_name, ".log"))
+			n += (uint64_t)st.st_size;
+	}
+	closedir(d);
+	return n;
+}
+
+/* --- the way back ------------------------------------------------------------ */
+
+/*
+ * The tree is stopped (--leave-stopped) or, after a failed dump, running
+ * already (CRIU and the plugin resumed it). SIGCONT first: the driver's
+ * restore runs in the process and a locked process makes no CUDA call,
+ * then the GPU, then the engine, whose resume maps device memory again.
+ */
+static int resume_source(const struct km_migrate_opts *o, const pid_t *pids, size_t n,
+			 struct km_migrate_report *r, struct km_error *err)
+{
+	struct km_gpu *g = NULL;
+	uint64_t t0 = now_ns(), t1;
+	int ret = 0, q;
+
+	signal_tree(pids, n, SIGCONT);
+	t1 = now_ns();
+	q = km_gpu_open(o->libcuda, &g, err);
+	if (q < 0) {
+		km_error_prefix(err, "GPU resume: ");
+		ret = q;
+	} else if (km_gpu_available(g)) {
+		for (size_t i = 0; i < n; i++) {
+			enum km_gpu_state st = KM_GPU_NONE;
+			struct km_error e = { { 0 } };
+
+			if (km_gpu_get_state(g, pids[i], &st, &e) < 0 || st != KM_GPU_CHECKPOINTED)
+				continue;
+			q = km_gpu_resume(g, pids[i], NULL, 0, &e);
+			if (q < 0 && ret == 0) {
+				*err = e;
+				km_error_prefix(err, "GPU resume of pid %d: ", (int)pids[i]);
+				ret = q;
+			}
+		}
+	}
+	km_gpu_close(g);
+	r->gpu_restore_ns = now_ns() - t1;
+	if (r->cooperative) {
+		struct km_error e = { { 0 } };
+
+		/* an engine that is not quiesced answers at once */
+		q = km_engine_resume(o->pid, false,
+				     o->engine_timeout_ms ? o->engine_timeout_ms : 10000, &e);
+		if (q < 0 && ret == 0) {
+			*err = e;
+			km_error_prefix(err, "engine resume: ");
+			ret = q;
+		}
+	}
+	r->resume_ns = now_ns() - t0 - r->gpu_restore_ns;
+	r->resumed = ret == 0;
+	return ret;
+}
+
+/* --- the migration ---------------------------------------------------------- */
+
+int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, struct km_error *err)
+{
+	struct km_client *c = NULL;
+	struct km_store *s = NULL;
+	_cleanup_free_ pid_t *pids = NULL;
+	_cleanup_close_ int dirfd = -1;
+	char wdir[PATH_MAX], tail[2048] = "";
+	size_t n_pids;
+	uint64_t t_all = now_ns(), t_stop = 0, t;
+	struct km_image_result res = { 0 };
+	struct km_image_send_opts so = { .label = "migrate", .restore = true };
+	int q, ret;
+
+	memset(r, 0, sizeof(*r));
+	r->pid = o->pid;
+	if (!o->to || !o->store || !o->work || o->pid <= 0) {
+		km_error_set(err, "pid, target, store and work directory are required");
+		return -EINVAL;
+	}
+	if (kill(o->pid, 0) < 0) {
+		km_error_set(err, "pid %d: %s", (int)o->pid, strerror(errno));
+		return -errno;
+	}
+	pids = calloc(MAX_TREE, sizeof(*pids));
+	if (!pids)
+		return -ENOMEM;
+	snprintf(r->image_dir, sizeof(r->image_dir), "%s/img", o->work);
+	if (mkdir(o->work, 0700) < 0 && errno != EEXIST) {
+		km_error_set(err, "cannot create %s: %s", o->work, strerror(errno));
+		return -errno;
+	}
+	if (mkdir(r->image_dir, 0700) < 0 && errno != EEXIST) {
+		km_error_set(err, "cannot create %s: %s", r->image_dir, strerror(errno));
+		return -errno;
+	}
+	dirfd = open(r->image_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dirfd < 0) {
+		km_error_set(err, "cannot open %s: %s", r->image_dir, strerror(errno));
+		return -errno;
+	}
+	{
+		DIR *d = opendir(r->image_dir);
+		struct dirent *de;
+		bool empty = true;
+
+		while (d && (de = readdir(d)))
+			if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+				empty = false;
+		if (d)
+			closedir(d);
+		if (!empty) {
+			km_error_set(err, "image directory %s is not empty", r->image_dir);
+			return -EEXIST;
+		}
+	}
+
+	/* --- pre-copy, while the process serves --- */
+	progress(o, KM_MIGRATE_PRECOPY, r);
+	ret = km_store_open(o->store, 0, NULL, &s);
+	if (ret < 0) {
+		km_error_set(err, "cannot open store %s: %s", o->store, strerror(-ret));
+		goto out;
+	}
+	ret = km_weights_dir(s, o->weights_dir, wdir, sizeof(wdir));
+	if (ret < 0) {
+		km_error_set(err, "weights directory: %s", strerror(-ret));
+		goto out;
+	}
+	q = km_engine_probe(o->pid);
+	r->cooperative = q == 1;
+	if (o->weights_index) {
+		_cleanup_free_ void *buf = NULL;
+		char root[300];
+		size_t n;
+
+		/* refuse a missing index now, before the target is even asked */
+		snprintf(root, sizeof(root), "%s%s", o->weights_index, INDEX_SUFFIX);
+		ret = km_store_root_read(s, "indexes", root, &buf, &n);
+		if (ret < 0) {
+			km_error_set(err, "weights index %s: %s in store %s", o->weights_index,
+				     strerror(-ret), o->store);
+			goto out;
+		}
+		snprintf(r->weights_index[0], sizeof(r->weights_index[0]), "%s", o->weights_index);
+		r->n_weights = 1;
+	} else {
+		ret = mapped_weights(o->pid, s, wdir, r, err);
+		if (ret < 0)
+			goto out;
+	}
+	ret = km_client_connect(o->to, &o->client, &c, err);
+	if (ret < 0)
+		goto out;
+	t = now_ns();
+	for (size_t i = 0; i < r->n_weights; i++) {
+		struct km_send_stats st;
+		struct km_remote_weights rw;
+
+		ret = km_client_send_weights(c, s, r->weights_index[i], &st, err);
+		if (ret < 0)
+			goto out;
+		add_stats(&r->precopy, &st);
+		/* a plain process needs only the chunks; an engine maps the file */
+		if (r->cooperative) {
+			if (!km_client_target(c)->can_materialize) {
+				km_error_set(err, "the target cannot materialize weights files");
+				ret = -ENOSYS;
+				goto out;
+			}
+			ret = km_client_materialize(c, r->weights_index[i], &rw, err);
+			if (ret < 0)
+				goto out;
+			if (strncmp(rw.path, wdir, strlen(wdir)) != 0) {
+				km_error_set(
+					err,
+					"the target materialized %s outside %s: the engine would "
+					"not find it (use the same weights directory on both)",
+					rw.path, wdir);
+				ret = -EXDEV;
+				goto out;
+			}
+		}
+	}
+	r->precopy_ns = now_ns() - t;
+
+	/* --- stop --- */
+	n_pids = tree_pids(o->pid, pids, MAX_TREE);
+	progress(o, KM_MIGRATE_DUMP, r);
+	t_stop = now_ns();
+	ret = run_dump(o, r->image_dir, err);
+	t = now_ns() - t_stop;
+	{
+		_cleanup_close_ int lfd = openat(dirfd, "dump.log", O_RDONLY | O_CLOEXEC);
+
+		if (lfd >= 0)
+			km_migrate_parse_dump_log(lfd, t, r);
+	}
+	if (ret < 0)
+		goto fail;
+	r->image_bytes = dir_bytes(r->image_dir);
+	progress(o, KM_MIGRATE_SEND, r);
+	t = now_ns();
+	ret = km_client_send_image(c, dirfd, s, &so, &r->stop, &res, tail, sizeof(tail), err);
+	if (ret < 0)
+		goto fail;
+	r->join_ns = res.join_ns;
+	r->restore_ns = res.restore_ns;
+	r->commit_wait_ns = r->stop.commit_ns;
+	r->transfer_ns =
+		r->stop.total_ns > r->stop.commit_ns ? r->stop.total_ns - r->stop.commit_ns : 0;
+	r->restored_pid = res.restored_pid;
+	snprintf(r->target_dir, sizeof(r->target_dir), "%s", res.dir);
+	if (res.restored_pid <= 0) {
+		km_error_set(err, "the target reported no restored pid");
+		ret = -EPROTO;
+		goto fail;
+	}
+	t = now_ns();
+	signal_tree(pids, n_pids, SIGKILL);
+	r->kill_ns = now_ns() - t;
+	r->stop_ns = now_ns() - t_stop;
+	progress(o, KM_MIGRATE_DONE, r);
+	ret = 0;
+	goto out;
+
+fail:
+	snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
+	if (tail[0]) {
+		size_t l = strlen(r->why);
+
+		snprintf(r->why + l, sizeof(r->why) - l, " (criu restore on the target failed)");
+	}
+	progress(o, KM_MIGRATE_RESUME, r);
+	{
+		struct km_error rerr = { { 0 } };
+
+		q = resume_source(o, pids, n_pids, r, &rerr);
+		if (q < 0)
+			km_error_set(err, "%s; and the source could not be resumed: %s", r->why,
+				     rerr.msg[0] ? rerr.msg : strerror(-q));
+	}
+	r->stop_ns = now_ns() - t_stop;
+out:
+	if (ret < 0 && !r->why[0])
+		snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
+	km_client_free(c);
+	km_store_free(s);
+	r->total_ns = now_ns() - t_all;
+	return ret;
+}

@@ -1,0 +1,109 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+#ifndef KM_MIGRATE_H
+#define KM_MIGRATE_H
+
+/*
+ * Live migration of a process tree to a `kvmotion serve` target
+ * (`kvmotion migrate`, docs/migrate.md), in three phases over one
+ * connection (transport.h):
+ *
+ *   pre-copy  while the process serves: the weights files it maps (a
+ *             cooperative engine; their index found in the store by the
+ *             weights id its name carries) or the weights index given, sent
+ *             as chunks the target lacks; weights files materialized there
+ *   stop      criu dump --leave-stopped with kvmotion's plugin (quiesce,
+ *             freeze, GPU checkpoint, dump, split into the store), the split
+ *             image sent with the chunks still missing, joined and restored
+ *             on the target; the stopped source is killed only once the
+ *             target reports the restored pid
+ *   failure   after the stop began: the source is resumed where it was
+ *             (SIGCONT to the tree, GPU restored and unlocked, a quiesced
+ *             engine told to resume) and the error says why
+ *
+ * Errors: transport.h's, plus -ESRCH no such process, -ECHILD criu dump or
+ * restore failed, -EEXIST the image directory is not empty, -ENOENT a mapped
+ * weights file that no index of the store records. report->resumed tells
+ * whether the source was resumed after a failure of the stop.
+ */
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "transport.h"
+#include "util.h"
+
+enum km_migrate_phase {
+	KM_MIGRATE_PRECOPY,
+	KM_MIGRATE_DUMP,
+	KM_MIGRATE_SEND,
+	KM_MIGRATE_RESUME, /* a failure: the source is being resumed */
+	KM_MIGRATE_DONE,
+};
+const char *km_migrate_phase_name(enum km_migrate_phase p);
+
+struct km_migrate_report;
+/* Called at the start of each phase, in the caller's thread. */
+typedef void (*km_migrate_progress_fn)(void *userdata, enum km_migrate_phase phase,
+				       const struct km_migrate_report *r);
+
+/* Strings are borrowed for the call. */
+struct km_migrate_opts {
+	pid_t pid; /* root of the tree (for a pid namespace: its init, as the host sees it) */
+	const char *to; /* "HOST:PORT" of kvmotion serve */
+	struct km_client_opts client;
+	const char *store; /* the source's chunk store */
+	const char *weights_dir; /* NULL: STORE/weights */
+	const char *weights_index; /* NULL: found from the weights files pid maps */
+	const char *work; /* work directory: the image goes to WORK/img */
+	const char *criu; /* NULL: "criu" in PATH */
+	const char *plugin_dir; /* -L of criu dump (kvmotion.so); NULL: CRIU's default */
+	const char *const *criu_args; /* extra arguments of criu dump */
+	size_t n_criu_args;
+	const char *libcuda; /* for the GPU resume after a failure; NULL: libcuda.so.1 */
+	uint32_t engine_timeout_ms; /* the engine's resume after a failure; 0: 10 s */
+	km_migrate_progress_fn progress;
+	void *userdata;
+};
+
+#define KM_MIGRATE_MAX_WEIGHTS 8
+
+struct km_migrate_report {
+	pid_t pid;
+	bool cooperative; /* an engine answered on its control socket */
+	size_t n_weights;
+	char weights_index[KM_MIGRATE_MAX_WEIGHTS][256]; /* indexes sent ahead */
+	char image_dir[4096]; /* WORK/img */
+	char target_dir[256]; /* the image's directory on the target */
+	int restored_pid; /* on the target; 0 unless it succeeded */
+	bool resumed; /* a failure after the stop began: the source runs again */
+	char why[512]; /* the failure, "" on success */
+	/* bytes */
+	struct km_send_stats precopy; /* the weights (sum over indexes) */
+	struct km_send_stats stop; /* the image and its missing chunks */
+	uint64_t image_bytes; /* bytes of the split image directory (its files) */
+	/* nanoseconds; the stop's phases (dump.log, the target's reply, ours) */
+	uint64_t precopy_ns;
+	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns;
+	uint64_t transfer_ns, join_ns, restore_ns, commit_wait_ns;
+	uint64_t gpu_restore_ns, resume_ns, kill_ns;
+	uint64_t stop_ns; /* dump start to the restored pid (or to the source resumed) */
+	uint64_t total_ns;
+};
+
+/*
+ * Migrates opts->pid to opts->to. The report is filled as far as the
+ * migration got, on failure too. 0: the tree runs on the target as
+ * report->restored_pid and the source tree is gone.
+ */
+int km_migrate(const struct km_migrate_opts *opts, struct km_migrate_report *report,
+	       struct km_error *err);
+
+/*
+ * Parses the plugin's and CRIU's lines of a dump.log (criu -v4) into the
+ * report's quiesce, freeze, GPU checkpoint and split times; total_ns is
+ * the criu dump's wall time, of which dump_ns gets what is left. For tests.
+ */
+int km_migrate_parse_dump_log(int fd, uint64_t total_ns, struct km_migrate_report *r);
+
+#endif

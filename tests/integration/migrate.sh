@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# `kvmotion migrate` between the two test hosts of netns.sh, on the real CRIU
+# with kvmotion's plugin: the test engine migrated mid-generation, and its
+# token stream compared with a run never stopped.
+#
+#   - cooperative engine A -> B: its weights file sent ahead (found from its
+#     mappings), no weights in the stop; then B -> A while it still
+#     generates: almost nothing sent before the stop (A has the weights);
+#   - plain engine (transparent mode) A -> B with --weights: the chunks go
+#     ahead, the stop sends only what the split did not find;
+#   - failures after the stop began, each leaving the engine generating on A
+#     with the same tokens and the report saying why: the target's restore
+#     fails (with the libcuda test double: the GPU state is restored and
+#     unlocked by migrate, a process other than the one that checkpointed
+#     it), a chunk corrupted in flight, the receiver killed during the stop.
+#
+# Same host, shared filesystem: each engine runs as the init of its own pid
+# namespace (unshare --pid --fork setsid), so that CRIU restores it into a
+# new one on the target while the stopped source still exists (no pid
+# clash); both hosts use one weights directory, so that the restored engine
+# finds its weights file at the path it mapped.
+#
+#   KM_LINK_RATE (10gbit)
+set -euo pipefail
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=netns.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+km_init
+command -v openssl >/dev/null 2>&1 || skip "no openssl command (keys)"
+command -v unshare >/dev/null 2>&1 || skip "no unshare (util-linux)"
+ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
+PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
+[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
+[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+km_netns_setup
+
+T=$KM_TMP
+storeA=$T/storeA
+storeB=$T/storeB
+wdir=$T/weights # one weights directory for both hosts (same path everywhere)
+export KVMOTION_SYNC=no KVMOTION_CONFIG=/dev/null KVMOTION_WEIGHTS_DIR=$wdir
+openssl rand -hex 32 >"$T/psk"
+chmod 600 "$T/psk"
+declare -A SPID SLOG
+
+stop_servers() {
+	local name
+	for name in "${!SPID[@]}"; do
+		kill -KILL "${SPID[$name]}" 2>/dev/null || true
+	done
+}
+KM_CLEANUP_HOOKS+=(stop_servers)
+
+# start_server NAME NS ADDR PORT STORE [SERVE OPTIONS...]: kvmotion serve on a host
+start_server() {
+	local name=$1 ns=$2 addr=$3 port=$4 store=$5 log=$T/serve-$1.log
+	shift 5
+	log "\$ [$ns] kvmotion serve --listen $addr:$port --store $store $*"
+	KVMOTION_STORE=$store nsenter --net="/run/netns/$ns" -- "$KVMOTION" serve \
+		--listen "$addr:$port" --store "$store" --images "$T/images-$name" \
+		--weights-dir "$wdir" --psk-file "$T/psk" --no-sync "$@" >/dev/null 2>"$log" &
+	SPID[$name]=$!
+	SLOG[$name]=$log
+	for _ in $(seq 1 200); do
+		grep -q "listening on" "$log" && return 0
+		kill -0 "${SPID[$name]}" 2>/dev/null || {
+			cat "$log"
+			fail "server $name exited at start"
+		}
+		sleep 0.02
+	done
+	fail "server $name is not listening"
+}
+
+# Engine runs: long enough to be caught mid-generation, short for the suite.
+args=(--seqs 2 --total-seqs 12 --prompt-len 8 --max-new 24 --kv-mib 16 --kv-fill-mib 8 --seed 3
+	--step-delay-ms 30)
+
+# start_engine NAME NS MODEL [ARGS...]: the engine as the init of a new pid
+# namespace on host NS; ENGINE_PID is its host pid
+start_engine() {
+	local name=$1 ns=$2 model=$3 u
+	shift 3
+	rm -f "$T/$name.out" "$T/$name.json"
+	KVMOTION_STORE=$storeA nsenter --net="/run/netns/$ns" -- unshare --pid --fork setsid \
+		"$ENGINE" --model "$model" "${args[@]}" --out "$T/$name.out" \
+		--status-file "$T/$name.json" "$@" </dev/null >"$T/$name.log" 2>&1 &
+	u=$!
+	for _ in $(seq 200); do
+		ENGINE_PID=$(pgrep -P "$u" || true)
+		[ -n "$ENGINE_PID" ] && grep -qs "^engine$" "/proc/$ENGINE_PID/comm" && break
+		sleep 0.01
+	done
+	[ -n "$ENGINE_PID" ] || fail "engine $name did not start"
+	KM_PIDS+=("$ENGINE_PID")
+	for _ in $(seq 400); do
+		[ -s "$T/$name.json" ] && [ "$(json_get "$T/$name.json" tokens_generated)" -ge 6 ] && return 0
+		kill -0 "$ENGINE_PID" 2>/dev/null || break
+		sleep 0.02
+	done
+	cat "$T/$name.log" >&2
+	fail "engine $name did not get going"
+}
+
+# migrate OUT NS STORE PID PORT [ARGS...]: kvmotion migrate from host NS;
+# status in MIG_RC, the JSON report in OUT, stderr in OUT.err
+migrate() {
+	local out=$1 ns=$2 store=$3 pid=$4 to=$5
+	shift 5
+	rm -rf "$out.work"
+	log "\$ [$ns] kvmotion migrate --pid $pid --to $to --store $store $*"
+	MIG_RC=0
+	nsenter --net="/run/netns/$ns" -- "$KVMOTION" migrate --pid "$pid" --to "$to" \
+		--psk-file "$T/psk" --store "$store" --work "$out.work" --criu "$CRIU" \
+		--plugin-dir "$PLUGIN_DIR" --json "$@" >"$out" 2>"$out.err" || MIG_RC=$?
+	python3 -m json.tool "$out" >/dev/null 2>&1 || {
+		cat "$out.err"
+		fail "migrate printed no JSON report: $(head -c 300 "$out")"
+	}
+	log "report: $(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(json.dumps({k: v[k] for k in ("ok","mode","restored_pid","resumed","error","bytes_sent_before_stop","bytes_sent_during_stop","bytes_deduplicated","stop_seconds")}))' "$out")"
+}
+
+migrate_ok() {
+	migrate "$@"
+	if [ "$MIG_RC" != 0 ]; then
+		cat "$1.err"
+		km_criu_log_tail "$1.work/img/dump.log" 2>/dev/null || true
+		for name in "${!SLOG[@]}"; do
+			echo "--- ${SLOG[$name]}"
+			tail -n 5 "${SLOG[$name]}"
+		done
+		fail "kvmotion migrate failed (status $MIG_RC)"
+	fi
+	json_check "$1" restored_pid bytes_sent_before_stop bytes_sent_during_stop bytes_deduplicated
+	KM_PIDS+=("$(json_get "$1" restored_pid)")
+}
+
+# migrate_fails OUT NS STORE PID TO REGEX [ARGS...]: must fail, resume the
+# source and name the cause
+migrate_fails() {
+	local out=$1 re=$6 pid=$4
+	migrate "$1" "$2" "$3" "$4" "$5" "${@:7}"
+	[ "$MIG_RC" != 0 ] || fail "migrate succeeded where it must fail"
+	assert_eq "ok in the report" "$(json_get "$out" ok)" False
+	assert_eq "resumed in the report" "$(json_get "$out" resumed)" True
+	json_get "$out" error | grep -qE "$re" || fail "the report's error '$(json_get "$out" error)' does not match /$re/"
+	grep -q "was resumed" "$out.err" || fail "stderr does not say the source was resumed"
+	kill -0 "$pid" 2>/dev/null || fail "the source engine is gone"
+	grep -q "State:.*[RS]" "/proc/$pid/status" || fail "the source is not running: $(grep State "/proc/$pid/status")"
+}
+
+# finish NAME PID REF: the engine (host pid PID) runs to its end with REF's tokens
+finish() {
+	local name=$1 pid=$2 ref=$3
+	wait_pid_gone "$pid" 60
+	cmp "$ref" "$T/$name.out" || fail "$name: the token stream differs from the run never stopped"
+	assert_eq "$name: prefill steps (no recomputation)" "$(json_get "$T/$name.json" prefill_steps)" \
+		"$(json_get "${ref%.out}.json" prefill_steps)"
+}
+
+sec() { json_get "$1" "stop_seconds.$2"; }
+phases() {
+	printf 'stop %s s (quiesce %s, freeze %s, GPU checkpoint %s, dump %s, split %s, transfer %s, join %s, restore %s, GPU restore %s, resume %s)' \
+		"$(sec "$1" total)" "$(sec "$1" quiesce)" "$(sec "$1" freeze)" "$(sec "$1" gpu_checkpoint)" \
+		"$(sec "$1" dump)" "$(sec "$1" split)" "$(sec "$1" transfer)" "$(sec "$1" join)" \
+		"$(sec "$1" restore)" "$(sec "$1" gpu_restore)" "$(sec "$1" resume)"
+}
+
+# --- models, references, receivers -------------------------------------------
+
+run "$MKMODEL" "$T/coop.safetensors" --size 64M --seed 5 --dim 256 --layers 4
+run "$MKMODEL" "$T/plain.safetensors" --size 48M --seed 6 --dim 256 --layers 4
+run "$MKMODEL" "$T/nopre.safetensors" --size 16M --seed 7 --dim 256 --layers 4
+run "$KVMOTION" store init --store "$storeA" --no-sync
+for m in plain nopre; do
+	kvm "$T/seed-$m.json" seed "$T/$m.safetensors" --store "$storeA" --name "$m" --no-sync --json
+done
+for m in coop plain nopre; do
+	run "$ENGINE" --model "$T/$m.safetensors" "${args[@]}" --step-delay-ms 0 \
+		--out "$T/ref-$m.out" --status-file "$T/ref-$m.json" --quiet
+done
+model_bytes=$(file_size "$T/coop.safetensors")
+
+start_server B "$KM_NS_B" "$KM_ADDR_B" 7460 "$storeB" --restore-cmd "$CRIU" --restore-libdir "$PLUGIN_DIR"
+start_server A "$KM_NS_A" "$KM_ADDR_A" 7461 "$storeA" --restore-cmd "$CRIU" --restore-libdir "$PLUGIN_DIR"
+toB=$KM_ADDR_B:7460
+toA=$KM_ADDR_A:7461
+
+# --- cooperative: A -> B, then back B -> A while it generates -----------------
+
+# slower steps: the engine must still be generating for the way back
+start_engine coop "$KM_NS_A" "$T/coop.safetensors" --coop --step-delay-ms 60
+pid=$ENGINE_PID
+migrate_ok "$T/m1.json" "$KM_NS_A" "$storeA" "$pid" "$toB"
+rpid=$(json_get "$T/m1.json" restored_pid)
+gen=$(json_get "$T/coop.json" tokens_generated)
+kill -0 "$rpid" 2>/dev/null || fail "the engine restored on B is gone (or ended) before the way back"
+migrate_ok "$T/m2.json" "$KM_NS_B" "$storeB" "$rpid" "$toA"
+rpid2=$(json_get "$T/m2.json" restored_pid)
+
+assert_eq "mode" "$(json_get "$T/m1.json" mode)" cooperative
+assert_ge "weights bytes sent before the stop" "$(json_get "$T/m1.json" bytes_sent_before_stop)" $((model_bytes * 9 / 10))
+assert_lt "bytes sent during the stop (no weights)" "$(json_get "$T/m1.json" bytes_sent_during_stop)" $((model_bytes / 4))
+wait_pid_gone "$pid" 5
+pass "cooperative A -> B: pid $pid -> $rpid on B; $(json_get "$T/m1.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m1.json" bytes_sent_during_stop) B during; $(phases "$T/m1.json")"
+
+assert_eq "mode (way back)" "$(json_get "$T/m2.json" mode)" cooperative
+assert_lt "weights bytes sent before the stop, back to A" "$(json_get "$T/m2.json" bytes_sent_before_stop)" 4096
+assert_ge "bytes the target had" "$(json_get "$T/m2.json" bytes_deduplicated)" $((model_bytes * 9 / 10))
+wait_pid_gone "$rpid" 5
+[ "$(stat -L -c %i "/proc/$rpid2/ns/net")" = "$(stat -L -c %i "/run/netns/$KM_NS_A")" ] ||
+	fail "the engine restored on A is not in host A's network namespace"
+finish coop "$rpid2" "$T/ref-coop.out"
+assert_eq "restores seen by the engine" "$(json_get "$T/coop.json" restores)" 2
+pass "cooperative B -> A (at token $gen): $(json_get "$T/m2.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m2.json" bytes_deduplicated) deduplicated; $(phases "$T/m2.json"); tokens identical, no extra prefill"
+
+# --- transparent: a plain engine, its weights index sent ahead ----------------
+
+start_engine plain "$KM_NS_A" "$T/plain.safetensors"
+pid=$ENGINE_PID
+migrate_ok "$T/m3.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --weights plain
+plain_bytes=$(json_get "$T/seed-plain.json" bytes_added)
+assert_eq "mode" "$(json_get "$T/m3.json" mode)" transparent
+assert_eq "weights bytes sent before the stop" "$(json_get "$T/m3.json" bytes_sent_before_stop)" "$plain_bytes"
+assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m3.json" stop.bytes_sent)" $((plain_bytes / 10))
+assert_ge "bytes of the stop the target had" "$(json_get "$T/m3.json" stop.bytes_deduplicated)" $((plain_bytes * 9 / 10))
+finish plain "$(json_get "$T/m3.json" restored_pid)" "$T/ref-plain.out"
+pass "transparent A -> B: $plain_bytes B of weights before the stop, $(json_get "$T/m3.json" stop.bytes_sent) chunk bytes during it; $(phases "$T/m3.json"); tokens identical"
+
+# --- failures: the engine goes on on A ----------------------------------------
+
+# The target's restore fails; the engine's "GPU" is the test double's: the
+# plugin locks and checkpoints it in the dump, migrate restores and unlocks it.
+start_server bad "$KM_NS_B" "$KM_ADDR_B" 7462 "$storeB" --restore-cmd false
+start_engine fail1 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+if [ -n "${KM_CUDA_DOUBLE:-}" ] && [ -f "$KM_CUDA_DOUBLE" ]; then
+	mkdir -p "$T/cuda"
+	echo running >"$T/cuda/$pid"
+	export KVMOTION_LIBCUDA=$KM_CUDA_DOUBLE KM_CUDA_DOUBLE_DIR=$T/cuda
+fi
+migrate_fails "$T/f1.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7462" "restore failed"
+if [ -n "${KVMOTION_LIBCUDA:-}" ]; then
+	grep -q "GPU state of $pid checkpointed" "$T/f1.json.work/img/dump.log" ||
+		fail "the plugin did not checkpoint the double's GPU state"
+	assert_eq "GPU state after the failed migration" "$(cat "$T/cuda/$pid")" running
+	unset KVMOTION_LIBCUDA KM_CUDA_DOUBLE_DIR
+	gpu_note="GPU (test double) restored and unlocked, "
+fi
+finish fail1 "$pid" "$T/ref-coop.out"
+pass "target restore fails: '$(json_get "$T/f1.json" error | cut -c1-100)'; ${gpu_note:-}engine resumed, tokens identical; $(phases "$T/f1.json")"
+
+# A chunk damaged in flight: no pre-copy, so the stop carries the weights.
+start_engine fail2 "$KM_NS_A" "$T/nopre.safetensors"
+pid=$ENGINE_PID
+KVMOTION_TEST_CORRUPT_SEND=2 migrate_fails "$T/f2.json" "$KM_NS_A" "$storeA" "$pid" "$toB" "corrupt"
+grep -q "EBADMSG" "$T/f2.json" || fail "the report does not say EBADMSG"
+finish fail2 "$pid" "$T/ref-nopre.out"
+pass "chunk corrupted in flight: '$(json_get "$T/f2.json" error | cut -c1-100)'; engine resumed, tokens identical"
+
+# The receiver dies during the stop (its restore command kills it).
+# shellcheck disable=SC2016 # $PPID is the wrapper's
+printf '#!/bin/sh\nkill -KILL $PPID\nsleep 5\n' >"$T/kill-serve"
+chmod +x "$T/kill-serve"
+start_server victim "$KM_NS_B" "$KM_ADDR_B" 7463 "$storeB" --restore-cmd "$T/kill-serve"
+start_engine fail3 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+migrate_fails "$T/f3.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7463" "connection|reset|closed"
+kill -0 "${SPID[victim]}" 2>/dev/null && fail "the receiver was not killed"
+finish fail3 "$pid" "$T/ref-coop.out"
+pass "receiver killed during the stop: '$(json_get "$T/f3.json" error | cut -c1-100)'; engine resumed, tokens identical; $(phases "$T/f3.json")"
