@@ -17,7 +17,11 @@
 # which includes its re-upload of the weights from the mapping, also
 # reported on its own).
 #
-#   scripts/bench-coop.sh [--sizes "512 1024 2048 4096"] [--kv-mib N] [--dir D] [--json FILE]
+#   scripts/bench-coop.sh [--sizes "512 1024 2048 4096"] [--kv-mib N] [--rounds N]
+#                         [--dir D] [--json FILE]
+#
+# Each mode dumps and restores the same engine --rounds times (default 3):
+# medians.
 #
 # Images, store and weights files on tmpfs (--dir, default /dev/shm): about
 # 3x the largest size must fit in memory.
@@ -27,15 +31,17 @@ set -euo pipefail
 . "$(dirname "$0")/bench-lib.sh"
 sizes="512 1024 2048 4096"
 kv_mib=256
+rounds=3
 base=/dev/shm
 json_out=
 while [ $# -gt 0 ]; do
 	case $1 in
 	--sizes) sizes=$2; shift 2 ;;
 	--kv-mib) kv_mib=$2; shift 2 ;;
+	--rounds) rounds=$2; shift 2 ;;
 	--dir) base=$2; shift 2 ;;
 	--json) json_out=$2; shift 2 ;;
-	*) echo "usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--dir D] [--json FILE]" >&2; exit 2 ;;
+	*) echo "usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rounds N] [--dir D] [--json FILE]" >&2; exit 2 ;;
 	esac
 done
 
@@ -75,8 +81,8 @@ start_engine() { # model, extra args
 	disown "$pid"
 	wait_steps ""
 }
-# measure MODE LIBDIR: dump, restore, image bytes; the engine runs on after
-measure() {
+# once MODE LIBDIR: dump, restore, image bytes; the restored engine runs on
+once() {
 	local mode=$1 libdir=$2 img="$work/img-$1" t0 t1 t2 steps upload=0
 	mkdir -p "$img"
 	t0=$(now)
@@ -92,10 +98,19 @@ measure() {
 	t3=$(now)
 	wait_steps "$steps"
 	[ "$mode" = coop ] && upload=$(python3 -c 'import sys; print(float(sys.argv[1]) / 1e3)' "$(status upload_ms)")
-	kill "$pid"
-	wait_gone "$pid"
 	rm -rf "$img"
 	echo "$(elapsed "$t0" "$t1") $(elapsed "$t2" "$t3") $bytes $upload"
+}
+# measure MODE LIBDIR: --rounds dumps and restores of the same engine, medians
+measure() {
+	local d=() r=() b u
+	for _ in $(seq "$rounds"); do
+		read -r dd rr b u < <(once "$1" "$2")
+		d+=("$dd") r+=("$rr")
+	done
+	kill "$pid"
+	wait_gone "$pid"
+	echo "$(median "${d[@]}") $(median "${r[@]}") $b $u"
 }
 
 export KVMOTION_STORE="$work/store" KVMOTION_SYNC=0 KVMOTION_CONFIG=/dev/null

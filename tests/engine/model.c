@@ -207,6 +207,8 @@ static void matmul_rows(float *restrict out, const uint16_t *restrict w, const f
 struct matmul_job {
 	const float *xp; /* de-interleaved input, nb rows of cols */
 	unsigned nb, cols, n;
+	const int *cancel; /* model_opts.cancel */
+	int stopped;	   /* some part gave up: the outputs are incomplete */
 	struct {
 		float *out;
 		const uint16_t *w;
@@ -220,15 +222,27 @@ static void range(unsigned n, unsigned part, unsigned parts, unsigned *r0, unsig
 	*r1 = (unsigned)((uint64_t)n * (part + 1) / parts);
 }
 
+/* Rows between two looks at the cancel flag: a quiesce waits for at most this. */
+#define CANCEL_ROWS 256u
+
 static void matmul_part(void *arg, unsigned part, unsigned parts)
 {
-	const struct matmul_job *j = arg;
+	struct matmul_job *j = arg;
 
 	for (unsigned i = 0; i < j->n; i++) {
 		unsigned r0, r1;
 
 		range(j->p[i].rows, part, parts, &r0, &r1);
-		matmul_rows(j->p[i].out, j->p[i].w, j->xp, j->p[i].rows, j->cols, j->nb, r0, r1);
+		for (unsigned r = r0; r < r1; r += CANCEL_ROWS) {
+			unsigned end = r1 - r > CANCEL_ROWS ? r + CANCEL_ROWS : r1;
+
+			if (j->cancel && __atomic_load_n(j->cancel, __ATOMIC_RELAXED)) {
+				__atomic_store_n(&j->stopped, 1, __ATOMIC_RELAXED);
+				return;
+			}
+			matmul_rows(j->p[i].out, j->p[i].w, j->xp, j->p[i].rows, j->cols, j->nb, r,
+				    end);
+		}
 	}
 }
 
@@ -237,7 +251,7 @@ static void job_init(struct matmul_job *j, struct cpu_model *cm, const float *x,
 {
 	for (unsigned b = 0; b < nb; b++)
 		deinterleave(cm->xp + (size_t)b * cols, x + (size_t)b * cols, cols);
-	*j = (struct matmul_job){ .xp = cm->xp, .nb = nb, .cols = cols };
+	*j = (struct matmul_job){ .xp = cm->xp, .nb = nb, .cols = cols, .cancel = cm->o.cancel };
 }
 
 static void job_add(struct matmul_job *j, float *out, const uint16_t *w, unsigned rows)
@@ -618,6 +632,8 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		job_add(&j, cm->k, w[W_K], c->kv_dim);
 		job_add(&j, cm->v, w[W_V], c->kv_dim);
 		pool_run(cm->pool, matmul_part, &j);
+		if (j.stopped)
+			goto cancelled;
 
 		/* Rotate, then store this layer's K and V of every token first. */
 		for (unsigned b = 0; b < n; b++) {
@@ -639,6 +655,8 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		job_init(&j, cm, cm->att, n, c->dim);
 		job_add(&j, cm->xb, w[W_O], c->dim);
 		pool_run(cm->pool, matmul_part, &j);
+		if (j.stopped)
+			goto cancelled;
 		for (size_t i = 0; i < (size_t)n * c->dim; i++)
 			cm->x[i] += cm->xb[i];
 
@@ -649,6 +667,8 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		job_add(&j, cm->hb, w[W_GATE], c->ffn);
 		job_add(&j, cm->hb2, w[W_UP], c->ffn);
 		pool_run(cm->pool, matmul_part, &j);
+		if (j.stopped)
+			goto cancelled;
 		for (size_t i = 0; i < (size_t)n * c->ffn; i++) {
 			float g = cm->hb[i];
 
@@ -657,6 +677,8 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		job_init(&j, cm, cm->hb, n, c->ffn);
 		job_add(&j, cm->xb, w[W_DOWN], c->dim);
 		pool_run(cm->pool, matmul_part, &j);
+		if (j.stopped)
+			goto cancelled;
 		for (size_t i = 0; i < (size_t)n * c->dim; i++)
 			cm->x[i] += cm->xb[i];
 	}
@@ -674,10 +696,16 @@ int model_forward(struct model *m, struct kv_pool *kv, struct model_tok *toks, u
 		job_init(&j, cm, cm->xo, n_out, c->dim);
 		job_add(&j, cm->logits, cm->lm_head, c->vocab);
 		pool_run(cm->pool, matmul_part, &j);
+		if (j.stopped)
+			goto cancelled;
 	}
 	n_out = 0;
 	for (unsigned b = 0; b < n; b++)
 		if (toks[b].want_next)
 			toks[b].next = argmax(cm->logits + (size_t)n_out++ * c->vocab, c->vocab);
 	return 0;
+
+cancelled:
+	snprintf(err, MODEL_ERR_SIZE, "step cancelled");
+	return -ECANCELED;
 }

@@ -48,10 +48,11 @@ struct model_opts {
 	 */
 	bool in_place;
 	/*
-	 * When it reads nonzero, model_forward gives up between two layers with
-	 * -ECANCELED: the KV slots it wrote are written again, identically, when
-	 * the step runs again, and nothing else changed. A cooperative engine
-	 * quiesces in one layer's time, not one step's. NULL: never; the CUDA
+	 * When it reads nonzero, model_forward gives up (within a few hundred
+	 * rows of a matrix product) with -ECANCELED: the KV slots it wrote are
+	 * written again, identically, when the step runs again, and nothing else
+	 * changed. A cooperative engine quiesces in well under a step's time, as
+	 * a GPU engine, whose steps take milliseconds, would. NULL: never; the CUDA
 	 * build ignores it (its steps are short).
 	 */
 	const int *cancel; /* read with __atomic_load_n */
