@@ -248,6 +248,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	};
 	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
 	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct km_known *known = NULL;
 	struct km_delta_writer *delta = NULL;
 	struct km_delta_summary ds;
 	struct km_delta_params delta_params;
@@ -284,6 +285,14 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		r = km_workpool_new(1, 4, &hash_pool);
 	if (r < 0)
 		goto out;
+	/* Adding chunks hashes every one anyway: then look them up by id. */
+	if (!o->add_chunks) {
+		r = km_known_load(s, &m.chunker, &known, err);
+		if (r < 0) {
+			km_error_prefix(err, "reading the store's weights indexes");
+			goto out;
+		}
+	}
 	delta_params = o->delta;
 	if (getrandom(delta_params.image_id.b, KM_HASH_SIZE, 0) != KM_HASH_SIZE) {
 		r = -EIO;
@@ -307,6 +316,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 			.pool = pool,
 			.file_hash_pool = hash_pool,
 			.store = s,
+			.known = known,
 			.put = o->add_chunks,
 		};
 
@@ -422,6 +432,7 @@ out:
 	km_delta_writer_free(delta);
 	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
+	km_known_free(known);
 	free_names(names, n_names);
 	m.delta.name = NULL;
 	m.created_by = NULL;

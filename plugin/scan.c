@@ -9,6 +9,13 @@
 #define SCAN_WINDOW (64u * 1024 * 1024)
 /* Bytes of chunks per pool job. */
 #define SCAN_JOB_BYTES (4u * 1024 * 1024)
+/* Chunks handed to emit at once by the comparing scan. */
+#define KNOWN_BATCH 1024
+/*
+ * Known chunks of one length compared before hashing the chunk instead: a
+ * compare that fails costs an open and a map, a hash ~0.2 ms per 256 KiB.
+ */
+#define KNOWN_MAX_CANDIDATES 4
 
 struct classify_job {
 	const struct km_scanner *sc;
@@ -70,6 +77,128 @@ static int file_hash_update(void *arg)
 	return 0;
 }
 
+/*
+ * Classifies the non-zero chunk c (offset, length set) without hashing it
+ * unless it has too many candidates. *ret_next gets the known chunk that
+ * should follow it, KM_KNOWN_NONE if none.
+ */
+static int classify_known(const struct km_scanner *sc, const uint8_t *p, struct km_scan_chunk *c,
+			  uint32_t *ret_next)
+{
+	uint32_t i = km_known_find(sc->known, c->length);
+	int r;
+
+	for (unsigned tries = 0; i != KM_KNOWN_NONE; tries++) {
+		const struct km_known_chunk *k = km_known_get(sc->known, i);
+
+		if (tries == KNOWN_MAX_CANDIDATES) {
+			/* Many chunks of this length: look it up by its SHA-256. */
+			km_hash_buf(p, c->length, &c->id);
+			r = km_store_has(sc->store, &c->id);
+			if (r < 0)
+				return r;
+			c->kind = r ? KM_SCAN_STORED : KM_SCAN_NOT_STORED;
+			i = r ? km_known_find_id(sc->known, &c->id) : KM_KNOWN_NONE;
+			*ret_next = i == KM_KNOWN_NONE ? KM_KNOWN_NONE : km_known_get(sc->known, i)->next;
+			return 0;
+		}
+		/* A chunk the index names but the store lost is no match. */
+		r = km_store_compare(sc->store, &k->id, p, c->length);
+		if (r < 0 && r != -ENOENT) {
+			c->id = k->id;
+			return r;
+		}
+		if (r == 1) {
+			c->kind = KM_SCAN_STORED;
+			c->id = k->id;
+			*ret_next = k->next;
+			return 0;
+		}
+		i = k->same_length;
+	}
+	c->kind = KM_SCAN_NOT_STORED;
+	*ret_next = KM_KNOWN_NONE;
+	return 0;
+}
+
+/* The comparing scan (see scan.h), on the calling thread. */
+static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t size,
+		      const char *what, km_scan_emit_fn emit, void *userdata, struct km_error *err)
+{
+	_cleanup_free_ struct km_scan_chunk *chunks = calloc(KNOWN_BATCH, sizeof(*chunks));
+	uint32_t next = KM_KNOWN_NONE;
+	struct km_chunker ch;
+	uint64_t pos = 0;
+	size_t n = 0;
+	int r;
+
+	if (!chunks)
+		return -ENOMEM;
+	r = km_chunker_init(&ch, sc->params);
+	if (r < 0)
+		return r;
+	while (pos < size) {
+		struct km_scan_chunk *c = &chunks[n];
+		const uint8_t *p = base + pos;
+
+		*c = (struct km_scan_chunk){ .offset = pos };
+		if (next != KM_KNOWN_NONE) {
+			/* The run of weights goes on if the bytes are the next chunk's. */
+			const struct km_known_chunk *k = km_known_get(sc->known, next);
+
+			r = k->length <= size - pos ? km_store_compare(sc->store, &k->id, p, k->length)
+						    : 0;
+			if (r < 0 && r != -ENOENT) {
+				c->id = k->id;
+				goto fail;
+			}
+			if (r == 1) {
+				c->length = k->length;
+				c->kind = KM_SCAN_STORED;
+				c->id = k->id;
+				next = k->next;
+				goto add;
+			}
+			/* The chunker state is a fresh one at every cut: resume it here. */
+		}
+		{
+			size_t k = km_chunker_scan(&ch, p, size - pos);
+
+			if (k == KM_CHUNKER_NO_BOUNDARY) {
+				k = (size_t)(size - pos);
+				km_chunker_reset(&ch);
+			}
+			c->length = (uint32_t)k;
+		}
+		if (km_is_zero(p, c->length)) {
+			c->kind = KM_SCAN_ZERO;
+			next = KM_KNOWN_NONE;
+		} else {
+			r = classify_known(sc, p, c, &next);
+			if (r < 0)
+				goto fail;
+		}
+add:
+		pos += c->length;
+		if (++n == KNOWN_BATCH || pos == size) {
+			r = emit(userdata, base, chunks, n);
+			if (r < 0)
+				return r;
+			n = 0;
+		}
+	}
+	return 0;
+fail:
+	{
+		char hex[KM_HASH_HEX_SIZE];
+		const struct km_scan_chunk *c = &chunks[n];
+
+		km_error_set(err, "%s: chunk %s at offset %llu: %s", what, km_hash_to_hex(&c->id, hex),
+			     (unsigned long long)c->offset, strerror(-r));
+	}
+	return r;
+}
+
 int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
 	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
 	    struct km_error *err)
@@ -95,6 +224,18 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 	if (!chunks || !jobs || !hash_jobs || !hasher) {
 		km_hasher_free(hasher);
 		return -ENOMEM;
+	}
+
+	if (sc->known && !sc->put) {
+		/*
+		 * The whole-file hash is the longest serial task of a split:
+		 * it gets all the file at once and never waits for the scan.
+		 */
+		hash_jobs[0] = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
+		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[0]);
+		if (r == 0)
+			r = scan_known(sc, base, size, what, emit, userdata, err);
+		goto out;
 	}
 
 	while (pos < size) {
