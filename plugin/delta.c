@@ -527,7 +527,8 @@ int km_delta_writer_new(int fd, const struct km_delta_params *p, struct km_delta
 		r = -ENOMEM;
 		goto fail;
 	}
-	r = km_workpool_new(threads, w->n_slots, &w->pool);
+	/* Behind the split's serial file hash: see workpool.h. */
+	r = km_workpool_new_background(threads, w->n_slots, &w->pool);
 	if (r < 0)
 		goto fail;
 	r = writer_write_header(w);
@@ -990,76 +991,106 @@ static bool zstd_has_checksum(const uint8_t *p, size_t n)
 	return n >= 5 && get_le32(p) == ZSTD_MAGICNUMBER && (p[4] & 0x04);
 }
 
-static void decode_frame(struct decode *d, struct dctx *c, size_t i)
+/* Decodes frame i into c->raw, checking it; err names the frame on failure. */
+static int frame_decode(const struct km_delta_reader *r, struct dctx *c, size_t i,
+			struct km_error *err)
 {
-	const struct frame_entry *f = &d->r->frames[i];
+	const struct frame_entry *f = &r->frames[i];
 	uint8_t *dst = f->filtered ? c->scratch : c->raw;
 	unsigned long long content;
 	ssize_t n;
 	size_t z;
-	int r;
 
-	n = km_pread_full(d->r->fd, c->in, f->compressed_size, (off_t)f->file_offset);
+	n = km_pread_full(r->fd, c->in, f->compressed_size, (off_t)f->file_offset);
 	if (n < 0) {
-		decode_fail(d, (int)n, "delta frame %zu (raw offset %" PRIu64 "): reading: %s", i,
-			    f->raw_offset, strerror((int)-n));
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64 "): reading: %s", i,
+			     f->raw_offset, strerror((int)-n));
+		return (int)n;
 	}
 	if ((size_t)n != f->compressed_size) {
-		decode_fail(d, -EBADMSG, "delta frame %zu (raw offset %" PRIu64 "): truncated", i,
-			    f->raw_offset);
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64 "): truncated", i,
+			     f->raw_offset);
+		return -EBADMSG;
 	}
 	if (!zstd_has_checksum(c->in, f->compressed_size)) {
-		decode_fail(d, -EBADMSG,
-			    "delta frame %zu (raw offset %" PRIu64 "): not a checksummed zstd frame",
-			    i, f->raw_offset);
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64
+			     "): not a checksummed zstd frame", i, f->raw_offset);
+		return -EBADMSG;
 	}
 	z = ZSTD_findFrameCompressedSize(c->in, f->compressed_size);
 	if (ZSTD_isError(z) || z != f->compressed_size) {
-		decode_fail(d, -EBADMSG, "delta frame %zu (raw offset %" PRIu64 "): %s", i,
-			    f->raw_offset,
-			    ZSTD_isError(z) ? ZSTD_getErrorName(z) : "not exactly one zstd frame");
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64 "): %s", i, f->raw_offset,
+			     ZSTD_isError(z) ? ZSTD_getErrorName(z) : "not exactly one zstd frame");
+		return -EBADMSG;
 	}
 	content = ZSTD_getFrameContentSize(c->in, f->compressed_size);
 	if (content != f->raw_size) {
-		decode_fail(d, -EBADMSG, "delta frame %zu (raw offset %" PRIu64
-			    "): zstd content size %s, expected %" PRIu32, i, f->raw_offset,
-			    content == ZSTD_CONTENTSIZE_UNKNOWN ? "unknown" :
-			    content == ZSTD_CONTENTSIZE_ERROR	? "unreadable" :
-								  "different",
-			    f->raw_size);
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64
+			     "): zstd content size %s, expected %" PRIu32, i, f->raw_offset,
+			     content == ZSTD_CONTENTSIZE_UNKNOWN ? "unknown" :
+			     content == ZSTD_CONTENTSIZE_ERROR	 ? "unreadable" :
+								   "different",
+			     f->raw_size);
+		return -EBADMSG;
 	}
 	z = ZSTD_decompressDCtx(c->zd, dst, f->raw_size, c->in, f->compressed_size);
 	if (ZSTD_isError(z) || z != f->raw_size) {
-		decode_fail(d, -EBADMSG, "delta frame %zu (raw offset %" PRIu64 "): %s", i,
-			    f->raw_offset,
-			    ZSTD_isError(z) ? ZSTD_getErrorName(z) : "short decompressed size");
-		return;
+		km_error_set(err, "delta frame %zu (raw offset %" PRIu64 "): %s", i, f->raw_offset,
+			     ZSTD_isError(z) ? ZSTD_getErrorName(z) : "short decompressed size");
+		return -EBADMSG;
 	}
 	if (f->filtered)
 		byteplane_merge(c->raw, c->scratch, f->raw_size);
+	return 0;
+}
+
+static void decode_frame(struct decode *d, struct dctx *c, size_t i)
+{
+	const struct frame_entry *f = &d->r->frames[i];
+	struct km_error err = { { 0 } };
+	int r;
+
+	r = frame_decode(d->r, c, i, &err);
+	if (r < 0) {
+		decode_fail(d, r, "%s", err.msg);
+		return;
+	}
 	r = d->sink(d->userdata, f->raw_offset, c->raw, f->raw_size);
 	if (r != 0)
 		decode_fail(d, r, "delta frame %zu (raw offset %" PRIu64 "): sink returned %d", i,
 			    f->raw_offset, r);
 }
 
+/* Buffers for decoding any frame of r; 0 or -ENOMEM. */
+static int dctx_init(struct dctx *c, const struct km_delta_reader *r)
+{
+	*c = (struct dctx){ 0 };
+	c->zd = ZSTD_createDCtx();
+	c->in = malloc(r->max_compressed ? r->max_compressed : 1);
+	c->raw = malloc(r->max_raw ? r->max_raw : 1);
+	if (r->any_filtered)
+		c->scratch = malloc(r->max_raw);
+	if (!c->zd || !c->in || !c->raw || (r->any_filtered && !c->scratch))
+		return -ENOMEM;
+	return 0;
+}
+
+static void dctx_clear(struct dctx *c)
+{
+	ZSTD_freeDCtx(c->zd);
+	free(c->in);
+	free(c->raw);
+	free(c->scratch);
+	*c = (struct dctx){ 0 };
+}
+
 static int decode_job(void *arg)
 {
 	struct decode *d = arg;
 	const struct km_delta_reader *r = d->r;
-	struct dctx c = { 0 };
+	struct dctx c;
 
-	c.zd = ZSTD_createDCtx();
-	c.in = malloc(r->max_compressed);
-	c.raw = malloc(r->max_raw);
-	if (r->any_filtered)
-		c.scratch = malloc(r->max_raw);
-	if (!c.zd || !c.in || !c.raw || (r->any_filtered && !c.scratch)) {
+	if (dctx_init(&c, r) < 0) {
 		decode_fail(d, -ENOMEM, "decoding the delta: out of memory");
 		goto out;
 	}
@@ -1071,10 +1102,7 @@ static int decode_job(void *arg)
 		decode_frame(d, &c, i);
 	}
 out:
-	ZSTD_freeDCtx(c.zd);
-	free(c.in);
-	free(c.raw);
-	free(c.scratch);
+	dctx_clear(&c);
 	/* The result travels in d: a positive sink return is no job error. */
 	return 0;
 }
@@ -1117,4 +1145,64 @@ int km_delta_reader_decode(struct km_delta_reader *r, unsigned threads, km_delta
 out:
 	pthread_mutex_destroy(&d.lock);
 	return rv;
+}
+
+/* ---- cursor ---- */
+
+struct km_delta_cursor {
+	const struct km_delta_reader *r;
+	struct dctx c;
+	size_t frame; /* decoded in c.raw; SIZE_MAX: none */
+};
+
+int km_delta_cursor_new(const struct km_delta_reader *r, struct km_delta_cursor **ret)
+{
+	struct km_delta_cursor *cur = calloc(1, sizeof(*cur));
+
+	if (!cur)
+		return -ENOMEM;
+	cur->r = r;
+	cur->frame = SIZE_MAX;
+	if (dctx_init(&cur->c, r) < 0) {
+		km_delta_cursor_free(cur);
+		return -ENOMEM;
+	}
+	*ret = cur;
+	return 0;
+}
+
+void km_delta_cursor_free(struct km_delta_cursor *cur)
+{
+	if (!cur)
+		return;
+	dctx_clear(&cur->c);
+	free(cur);
+}
+
+int km_delta_cursor_get(struct km_delta_cursor *cur, uint64_t off, const uint8_t **ret,
+			size_t *ret_n, struct km_error *err)
+{
+	const struct km_delta_reader *r = cur->r;
+	const struct frame_entry *f;
+	size_t i;
+	int k;
+
+	if (off >= r->raw_size) {
+		km_error_set(err, "delta offset %" PRIu64 " beyond its %" PRIu64 " bytes", off,
+			     r->raw_size);
+		return -EBADMSG;
+	}
+	/* Every frame but the last holds frame_size bytes (checked at open). */
+	i = (size_t)(off / r->frame_size);
+	f = &r->frames[i];
+	if (i != cur->frame) {
+		cur->frame = SIZE_MAX;
+		k = frame_decode(r, &cur->c, i, err);
+		if (k < 0)
+			return k;
+		cur->frame = i;
+	}
+	*ret = cur->c.raw + (off - f->raw_offset);
+	*ret_n = (size_t)(f->raw_offset + f->raw_size - off);
+	return 0;
 }

@@ -542,6 +542,53 @@ START_TEST(test_image_small_chunks_round_trip)
 }
 END_TEST
 
+/*
+ * A file larger than join's windows: a delta run and a zero run each span
+ * several windows. The rebuilt file is byte-identical and its zero run stays
+ * a hole (reading it back for the hash allocates nothing).
+ */
+START_TEST(test_image_join_spans_windows)
+{
+	const size_t head = (40u << 20) + 4097, zeros = 36u << 20, tail = 3000;
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	uint8_t *model;
+	size_t n;
+	struct stat sb;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	model = read_all(AT_FDCWD, f.model_path, &n);
+	ck_assert_uint_eq(n, MODEL_SIZE);
+	free(f.pages);
+	f.pages_size = head + zeros + MODEL_SIZE + tail;
+	f.pages = calloc(1, f.pages_size);
+	fill_random(f.pages, head, 31);
+	memcpy(f.pages + head + zeros, model, MODEL_SIZE);
+	fill_random(f.pages + head + zeros + MODEL_SIZE, tail, 32);
+	free(model);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+
+	split(&f, false, &st);
+	assert_extents_as_by_hash(&f, km_store_chunker_params(f.store));
+	ck_assert_uint_ge(st.bytes_zero, zeros - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_uint_ge(st.bytes_delta, head);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, &js, &err), 0);
+	ck_assert_uint_eq(js.bytes_zero, st.bytes_zero);
+	ck_assert_uint_eq(js.bytes_from_delta, st.bytes_delta);
+	ck_assert_uint_eq(js.chunks_read, st.chunks_referenced);
+	assert_pages_intact(&f);
+	ck_assert_int_eq(fstatat(f.dirfd, "pages-1.img", &sb, 0), 0);
+	ck_assert_uint_le((uint64_t)sb.st_blocks * 512,
+			  f.pages_size - st.bytes_zero + (1u << 20));
+	fixture_teardown(&f);
+}
+END_TEST
+
 /* Bytes of the model changed in the image: the run of weights breaks there and resumes. */
 START_TEST(test_image_split_changed_model_bytes)
 {
@@ -573,32 +620,46 @@ END_TEST
 START_TEST(test_image_split_skips_corrupt_store_chunk)
 {
 	struct fixture f;
-	struct first_chunk fc = { .f = &f };
 	struct km_split_stats st, clean;
 	struct km_join_opts jo = { .threads = 2 };
 	struct km_error err = { { 0 } };
-	struct stat sb;
+	struct km_manifest *m = NULL;
+	struct km_hash victim = { { 0 } };
+	char hex[KM_HASH_HEX_SIZE], path[512];
+	uint64_t length = 0;
 	uint8_t b;
 	int fd;
 
 	fixture_setup(&f, NULL);
 	seed_model(&f);
 	split(&f, false, &clean);
+	/* A chunk the image refers to: the third of pages-1.img. */
+	ck_assert_int_eq(km_image_read_manifest(f.dirfd, &m, &err), 0);
+	for (size_t i = 0, seen = 0; i < m->n_files; i++)
+		for (size_t j = 0; strcmp(m->files[i].name, "pages-1.img") == 0 &&
+				   j < m->files[i].n_extents;
+		     j++)
+			if (m->files[i].extents[j].kind == KM_EXTENT_CHUNK && ++seen == 3) {
+				victim = m->files[i].extents[j].id;
+				length = m->files[i].extents[j].length;
+			}
+	km_manifest_free(m);
+	ck_assert_uint_gt(length, 0);
 	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
 
-	ck_assert_int_eq(km_store_foreach(f.store, find_first_chunk, &fc), 1);
-	fd = open(fc.path, O_RDWR);
+	km_hash_to_hex(&victim, hex);
+	snprintf(path, sizeof(path), "%s/chunks/%.2s/%s", f.store_path, hex, hex);
+	fd = open(path, O_RDWR);
 	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(fstat(fd, &sb), 0);
-	ck_assert_int_eq(pread(fd, &b, 1, sb.st_size - 1), 1);
+	ck_assert_int_eq(pread(fd, &b, 1, (off_t)length - 1), 1);
 	b ^= 0x01;
-	ck_assert_int_eq(pwrite(fd, &b, 1, sb.st_size - 1), 1);
+	ck_assert_int_eq(pwrite(fd, &b, 1, (off_t)length - 1), 1);
 	close(fd);
 
 	split(&f, false, &st);
 	ck_assert_uint_eq(st.chunks_referenced, clean.chunks_referenced - 1);
-	ck_assert_uint_eq(st.bytes_referenced, clean.bytes_referenced - (uint64_t)sb.st_size);
-	ck_assert_uint_eq(st.bytes_delta, clean.bytes_delta + (uint64_t)sb.st_size);
+	ck_assert_uint_eq(st.bytes_referenced, clean.bytes_referenced - length);
+	ck_assert_uint_eq(st.bytes_delta, clean.bytes_delta + length);
 	/* Nothing refers to the corrupt chunk, so the image joins. */
 	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
 	assert_pages_intact(&f);
@@ -624,6 +685,7 @@ int main(void)
 	tcase_add_test(tc, test_image_join_foreign_delta);
 	tcase_add_test(tc, test_image_gc_keeps_referenced);
 	tcase_add_test(tc, test_image_small_chunks_round_trip);
+	tcase_add_test(tc, test_image_join_spans_windows);
 	tcase_add_test(tc, test_image_split_changed_model_bytes);
 	tcase_add_test(tc, test_image_split_skips_corrupt_store_chunk);
 	suite_add_tcase(s, tc);
