@@ -278,8 +278,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		r = -ENOMEM;
 		goto out;
 	}
-	/* Chunk hashing yields to the serial file hash (see workpool.h). */
-	r = km_workpool_new_background(o->threads, 0, &pool);
+	r = km_workpool_new(o->threads, 0, &pool);
 	if (r == 0)
 		r = km_workpool_new(1, 4, &hash_pool);
 	if (r < 0)

@@ -211,9 +211,8 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 	size_t max_jobs = SCAN_WINDOW / SCAN_JOB_BYTES + max_chunks / 64 + 2;
 	_cleanup_free_ struct km_scan_chunk *chunks = NULL;
 	_cleanup_free_ struct classify_job *jobs = NULL;
-	_cleanup_free_ struct file_hash_job *hash_jobs = NULL;
+	struct file_hash_job hash_job;
 	struct km_hasher *hasher = NULL;
-	size_t n_hash_jobs = size / SCAN_WINDOW + 2, hash_job = 0;
 	struct km_chunker ch;
 	uint64_t pos = 0;
 	int r;
@@ -223,35 +222,31 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		return r;
 	chunks = calloc(max_chunks, sizeof(*chunks));
 	jobs = calloc(max_jobs, sizeof(*jobs));
-	hash_jobs = calloc(n_hash_jobs, sizeof(*hash_jobs));
 	hasher = km_hasher_new();
-	if (!chunks || !jobs || !hash_jobs || !hasher) {
+	if (!chunks || !jobs || !hasher) {
 		km_hasher_free(hasher);
 		return -ENOMEM;
 	}
 
+	/*
+	 * The whole-file hash is the longest serial task of a split: it gets
+	 * all the file at once and never waits for the scan.
+	 */
+	hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
+	r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
+	if (r < 0)
+		goto out;
+	/* Its page faults taken here, ahead of it (~5% of its time). */
+	km_prefault(base, size);
 	if (sc->known && !sc->put) {
-		/*
-		 * The whole-file hash is the longest serial task of a split:
-		 * it gets all the file at once and never waits for the scan.
-		 */
-		hash_jobs[0] = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
-		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[0]);
-		/*
-		 * Its page faults taken here, ahead of it (~5% of its time);
-		 * it reads every page of the mapping anyway.
-		 */
-		if (r == 0)
-			km_prefault(base, size);
-		if (r == 0)
-			r = scan_known(sc, base, size, what, emit, userdata, err);
+		r = scan_known(sc, base, size, what, emit, userdata, err);
 		goto out;
 	}
 
 	while (pos < size) {
 		uint64_t window_end = KM_MIN(size, pos + SCAN_WINDOW);
 		size_t n = 0, n_jobs = 0, job_start = 0;
-		uint64_t job_bytes = 0, start = pos;
+		uint64_t job_bytes = 0;
 
 		/*
 		 * Cut until the window is covered; the last chunk of a window
@@ -285,28 +280,6 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 							      .n = n - job_start };
 			n_jobs++;
 		}
-
-		if (hash_job == n_hash_jobs) {
-			/* Windows end early only at max_chunks: grow. */
-			struct file_hash_job *x;
-
-			r = km_workpool_wait(sc->file_hash_pool);
-			if (r < 0)
-				goto out;
-			x = realloc(hash_jobs, 2 * n_hash_jobs * sizeof(*x));
-			if (!x) {
-				r = -ENOMEM;
-				goto out;
-			}
-			hash_jobs = x;
-			n_hash_jobs *= 2;
-		}
-		hash_jobs[hash_job] = (struct file_hash_job){ .hasher = hasher, .p = base + start,
-							      .n = pos - start };
-		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[hash_job]);
-		if (r < 0)
-			goto out;
-		hash_job++;
 
 		for (size_t i = 0; i < n_jobs; i++) {
 			r = km_workpool_submit(sc->pool, classify, &jobs[i]);

@@ -114,8 +114,7 @@ int km_seed(struct km_store *s, const char *name, const char *const *paths, size
 	idx.files = calloc(n_paths ? n_paths : 1, sizeof(*idx.files));
 	if (!idx.files)
 		return -ENOMEM;
-	/* Chunk hashing yields to the serial file hash (see workpool.h). */
-	r = km_workpool_new_background(threads, 0, &pool);
+	r = km_workpool_new(threads, 0, &pool);
 	if (r == 0)
 		r = km_workpool_new(1, 4, &hash_pool);
 	if (r < 0)
