@@ -19,7 +19,7 @@
 # one run on one machine state; new and baseline take turns going first.
 #
 #   scripts/bench-criu.sh [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE]
-#                         [--baseline BUILD]
+#                         [--baseline BUILD] [--rounds N]
 #
 # Images on tmpfs (--dir, default /dev/shm), store seeded with the weights.
 set -euo pipefail
@@ -31,6 +31,7 @@ kv_mib=256
 base=/dev/shm
 json_out=
 baseline=
+rounds=3
 while [ $# -gt 0 ]; do
 	case $1 in
 	--weights-mib) weights_mib=$2; shift 2 ;;
@@ -38,7 +39,8 @@ while [ $# -gt 0 ]; do
 	--dir) base=$2; shift 2 ;;
 	--json) json_out=$2; shift 2 ;;
 	--baseline) baseline=$(cd "$2" && pwd); shift 2 ;;
-	*) echo "usage: $0 [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE] [--baseline BUILD]" >&2; exit 2 ;;
+	--rounds) rounds=$2; shift 2 ;;
+	*) echo "usage: $0 [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE] [--baseline BUILD] [--rounds N]" >&2; exit 2 ;;
 	esac
 done
 
@@ -153,10 +155,10 @@ both() { # $1 function; new and baseline take turns going first
 	fi
 }
 
-# Three rounds on the same process lineage; medians. The CLI runs while the
-# process is dumped (not running), on copies of the plain image.
+# Rounds (default 3) on the same process lineage; medians. The CLI runs while
+# the process is dumped (not running), on copies of the plain image.
 pd=() pr=() kd=() kr=() ks=() kj=() bd=() br=() bs=() bj=()
-for round in 1 2 3; do
+for round in $(seq "$rounds"); do
 	pd+=("$(dump "$work/plain" "$empty_dir")")
 	plain_bytes=$(dir_bytes "$work/plain")
 	echo "round $round: plain dump ${pd[-1]} s"
@@ -180,7 +182,7 @@ kill "$pid"
 
 python3 - "$plain_dump_s" "$plain_restore_s" "$plain_bytes" "$plugin_dump_s" "$plugin_restore_s" \
 	"$plugin_bytes" "$plugin_json" "$weights_mib" "$kv_mib" "$rss" "${json_out:-}" \
-	"$split_s" "$join_s" "$base_row" <<'EOF'
+	"$split_s" "$join_s" "$base_row" "$rounds" <<'EOF'
 import json, sys
 pd, pr = float(sys.argv[1]), float(sys.argv[2])
 pb = int(sys.argv[3])
@@ -190,11 +192,12 @@ ins = json.loads(sys.argv[7])
 wmib, kvmib, rss, out = int(sys.argv[8]), int(sys.argv[9]), int(sys.argv[10]), sys.argv[11]
 ks, kj = float(sys.argv[12]), float(sys.argv[13])
 base = [float(x) for x in sys.argv[14].split()] if sys.argv[14] else None
+rounds = int(sys.argv[15])
 # Bytes not in the weights image: everything the plugin's image holds itself.
 not_weights = kb
 live = kvmib * 2**20
 r = {
-    "weights_mib": wmib, "kv_mib": kvmib, "rss_bytes": rss,
+    "weights_mib": wmib, "kv_mib": kvmib, "rss_bytes": rss, "rounds": rounds,
     "plain": {"dump_s": pd, "restore_s": pr, "image_bytes": pb, "bytes_not_in_weights": pb},
     "plugin": {"dump_s": kd, "restore_s": kr, "split_alone_s": ks, "join_alone_s": kj,
                "image_bytes": kb, "bytes_not_in_weights": not_weights,
@@ -207,7 +210,7 @@ if base:
                      "join_alone_s": base[3]}
 mib = lambda b: f"{b / 2**20:.1f} MiB"
 print(f"engine: {wmib} MiB weights + {kvmib} MiB live KV, RSS {mib(rss)}")
-print("medians of 3 rounds")
+print(f"medians of {rounds} rounds")
 print(f"{'':9} {'dump':>8} {'restore':>8} {'split':>8} {'join':>8} {'image':>12} {'not in weights':>15}")
 print(f"{'plain':9} {pd:7.2f}s {pr:7.2f}s {'':>8} {'':>8} {mib(pb):>12} {mib(pb):>15}")
 if base:
