@@ -134,8 +134,12 @@ cli_round() { # $1 label (new|base), $2 build dir
 plugin_round() { # $1 label (new|base), $2 build dir
 	local d r
 	d=$(dump "$work/plugin" "$2/criu-hooks")
-	plugin_bytes=$(dir_bytes "$work/plugin")
-	plugin_json=$("$km" inspect "$work/plugin" --json)
+	if [ "$1" = new ]; then
+		plugin_bytes=$(dir_bytes "$work/plugin")
+		plugin_json=$("$km" inspect "$work/plugin" --json)
+	else
+		base_bytes=$(dir_bytes "$work/plugin")
+	fi
 	r=$(restore "$work/plugin" "$2/criu-hooks")
 	rm -rf "$work/plugin"
 	if [ "$1" = new ]; then
@@ -157,7 +161,7 @@ both() { # $1 function; new and baseline take turns going first
 
 # Rounds (default 3) on the same process lineage; medians. The CLI runs while
 # the process is dumped (not running), on copies of the plain image.
-pd=() pr=() kd=() kr=() ks=() kj=() bd=() br=() bs=() bj=()
+pd=() pr=() kd=() kr=() ks=() kj=() bd=() br=() bs=() bj=() base_bytes=0
 for round in $(seq "$rounds"); do
 	pd+=("$(dump "$work/plain" "$empty_dir")")
 	plain_bytes=$(dir_bytes "$work/plain")
@@ -176,7 +180,7 @@ split_s=$(median "${ks[@]}")
 join_s=$(median "${kj[@]}")
 base_row=
 if [ -n "$baseline" ]; then
-	base_row="$(median "${bd[@]}") $(median "${br[@]}") $(median "${bs[@]}") $(median "${bj[@]}")"
+	base_row="$(median "${bd[@]}") $(median "${br[@]}") $(median "${bs[@]}") $(median "${bj[@]}") $base_bytes"
 fi
 kill "$pid"
 
@@ -207,14 +211,14 @@ r = {
 }
 if base:
     r["baseline"] = {"dump_s": base[0], "restore_s": base[1], "split_alone_s": base[2],
-                     "join_alone_s": base[3]}
+                     "join_alone_s": base[3], "image_bytes": int(base[4])}
 mib = lambda b: f"{b / 2**20:.1f} MiB"
 print(f"engine: {wmib} MiB weights + {kvmib} MiB live KV, RSS {mib(rss)}")
 print(f"medians of {rounds} rounds")
 print(f"{'':9} {'dump':>8} {'restore':>8} {'split':>8} {'join':>8} {'image':>12} {'not in weights':>15}")
 print(f"{'plain':9} {pd:7.2f}s {pr:7.2f}s {'':>8} {'':>8} {mib(pb):>12} {mib(pb):>15}")
 if base:
-    print(f"{'baseline':9} {base[0]:7.2f}s {base[1]:7.2f}s {base[2]:7.2f}s {base[3]:7.2f}s")
+    print(f"{'baseline':9} {base[0]:7.2f}s {base[1]:7.2f}s {base[2]:7.2f}s {base[3]:7.2f}s {mib(base[4]):>12}")
 print(f"{'plugin':9} {kd:7.2f}s {kr:7.2f}s {ks:7.2f}s {kj:7.2f}s {mib(kb):>12} {mib(not_weights):>15}")
 if base:
     print(f"baseline/plain: dump {base[0] / pd:.2f}x, restore {base[1] / pr:.2f}x")
