@@ -589,6 +589,56 @@ START_TEST(test_image_join_spans_windows)
 }
 END_TEST
 
+/*
+ * Many known chunks of one length (constant runs are cut only at max_size):
+ * past a few candidates the split looks a chunk up by its SHA-256 instead,
+ * and still refers to exactly what the chunker and the hash would.
+ */
+START_TEST(test_image_split_many_candidates_of_one_length)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	enum { BLOCKS = 10 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	struct km_seed_stats ss;
+	const char *paths[1];
+	uint8_t *model = malloc(BLOCKS * 32768);
+	int fd;
+
+	fixture_setup(&f, &p);
+	for (int b = 0; b < BLOCKS; b++)
+		memset(model + b * 32768, b + 1, 32768);
+	fd = open(f.model_path, O_WRONLY | O_TRUNC);
+	ck_assert_int_eq(km_write_full(fd, model, BLOCKS * 32768), 0);
+	close(fd);
+	paths[0] = f.model_path;
+	ck_assert_int_eq(km_seed(f.store, "runs", paths, 1, 2, &ss, &err), 0);
+	/* The premise: one chunk per run, all of max_size. */
+	ck_assert_uint_eq(ss.chunks, BLOCKS);
+	ck_assert_uint_eq(ss.chunks_added, BLOCKS);
+
+	/* The runs in reverse order, then a run the model does not have. */
+	free(f.pages);
+	f.pages_size = (BLOCKS + 1) * 32768;
+	f.pages = malloc(f.pages_size);
+	for (int b = 0; b < BLOCKS; b++)
+		memcpy(f.pages + b * 32768, model + (BLOCKS - 1 - b) * 32768, 32768);
+	memset(f.pages + BLOCKS * 32768, 0x77, 32768);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+	free(model);
+
+	split(&f, false, &st);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_uint_eq(st.chunks_referenced, BLOCKS);
+	ck_assert_uint_eq(st.bytes_delta, 32768);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
 /* Bytes of the model changed in the image: the run of weights breaks there and resumes. */
 START_TEST(test_image_split_changed_model_bytes)
 {
@@ -687,6 +737,7 @@ int main(void)
 	tcase_add_test(tc, test_image_small_chunks_round_trip);
 	tcase_add_test(tc, test_image_join_spans_windows);
 	tcase_add_test(tc, test_image_split_changed_model_bytes);
+	tcase_add_test(tc, test_image_split_many_candidates_of_one_length);
 	tcase_add_test(tc, test_image_split_skips_corrupt_store_chunk);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
