@@ -39,8 +39,9 @@ static uint32_t add_chunk(struct km_known *k, const struct km_hash *id, uint32_t
 		if (km_hash_equal(&k->chunks[k->by_id[i] - 1].id, id))
 			return k->by_id[i] - 1;
 	c = &k->chunks[k->n];
-	*c = (struct km_known_chunk){ .id = *id, .length = length, .next = KM_KNOWN_NONE,
-				      .same_length = KM_KNOWN_NONE };
+	*c = (struct km_known_chunk){
+		.id = *id, .length = length, .next = KM_KNOWN_NONE, .same_length = KM_KNOWN_NONE
+	};
 	k->by_id[i] = ++k->n;
 	return k->n - 1;
 }
@@ -71,7 +72,8 @@ static void add_file(struct km_known *k, const struct km_file_entry *f)
 		const struct km_extent *e = &f->extents[j];
 		uint32_t c;
 
-		if (e->kind != KM_EXTENT_CHUNK || e->length == 0 || e->length > KM_CHUNK_MAX_LIMIT) {
+		if (e->kind != KM_EXTENT_CHUNK || e->length == 0 ||
+		    e->length > KM_CHUNK_MAX_LIMIT) {
 			prev = KM_KNOWN_NONE;
 			continue;
 		}
@@ -138,8 +140,8 @@ static int load_one(const char *name, void *userdata)
 	return 0;
 }
 
-int km_known_load(struct km_store *s, const struct km_chunker_params *params,
-		  struct km_known **ret, struct km_error *err)
+int km_known_load(struct km_store *s, const struct km_chunker_params *params, struct km_known **ret,
+		  struct km_error *err)
 {
 	struct load_ctx l = { .store = s, .params = params, .err = err };
 	struct km_known *k;

@@ -41,8 +41,8 @@ struct km_known;
  * differently: their chunks could not match) and lists their chunks, each
  * distinct id once. An index that cannot be read or parsed is an error.
  */
-int km_known_load(struct km_store *s, const struct km_chunker_params *params,
-		  struct km_known **ret, struct km_error *err);
+int km_known_load(struct km_store *s, const struct km_chunker_params *params, struct km_known **ret,
+		  struct km_error *err);
 void km_known_free(struct km_known *k);
 
 /* Distinct chunks listed. */

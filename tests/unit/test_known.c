@@ -62,9 +62,9 @@ static void fixture_setup(struct fixture *f)
 	close(fd);
 	free(model);
 
-	ck_assert_int_eq(km_store_open(f->store_path, KM_STORE_CREATE | KM_STORE_NOSYNC, &small,
-				       &f->store),
-			 0);
+	ck_assert_int_eq(
+		km_store_open(f->store_path, KM_STORE_CREATE | KM_STORE_NOSYNC, &small, &f->store),
+		0);
 	paths[0] = f->model_path;
 	ck_assert_int_eq(km_seed(f->store, "model", paths, 1, 2, &st, &err), 0);
 	ck_assert_int_eq(km_store_root_read(f->store, "indexes", "model.kmidx", &buf, &n), 0);
@@ -149,7 +149,8 @@ START_TEST(test_known_successors)
 	last = &file->extents[file->n_extents - 1];
 	ck_assert_int_eq(km_known_load(f.store, &small, &k, &err), 0);
 	for (size_t j = 0; j + 1 < file->n_extents; j++) {
-		const struct km_known_chunk *c = km_known_get(k, km_known_find_id(k, &file->extents[j].id));
+		const struct km_known_chunk *c =
+			km_known_get(k, km_known_find_id(k, &file->extents[j].id));
 		const struct km_extent *e = &file->extents[j + 1];
 
 		off += file->extents[j].length;
@@ -203,7 +204,8 @@ START_TEST(test_known_other_params_and_bad_index)
 	ck_assert_uint_eq(km_known_count(k), count);
 	km_known_free(k);
 
-	ck_assert_int_eq(km_store_root_write(f.store, "indexes", "broken.kmidx", "KMINDEX\nxx", 10), 0);
+	ck_assert_int_eq(km_store_root_write(f.store, "indexes", "broken.kmidx", "KMINDEX\nxx", 10),
+			 0);
 	k = NULL;
 	ck_assert_int_lt(km_known_load(f.store, &small, &k, &err), 0);
 	ck_assert_ptr_null(k);
