@@ -87,4 +87,21 @@ typedef int (*km_delta_sink_fn)(void *userdata, uint64_t raw_offset, const void 
 int km_delta_reader_decode(struct km_delta_reader *r, unsigned threads, km_delta_sink_fn sink,
 			   void *userdata, struct km_error *err);
 
+/*
+ * In-order reading of the decoded stream on the calling thread, a frame at
+ * a time, each checked by its zstd checksum as it is decoded: for a reader
+ * that needs the bytes front to back (join writes them as it goes, so its
+ * file hash can follow). Moving backwards decodes a frame again.
+ */
+struct km_delta_cursor;
+int km_delta_cursor_new(const struct km_delta_reader *r, struct km_delta_cursor **ret);
+void km_delta_cursor_free(struct km_delta_cursor *c);
+/*
+ * Points *ret at the decoded bytes from raw offset 'off' on, *ret_n of them
+ * (to the end of that frame, at least 1); valid until the next call or free.
+ * -EBADMSG for an offset beyond the stream or a corrupt frame (err says).
+ */
+int km_delta_cursor_get(struct km_delta_cursor *c, uint64_t off, const uint8_t **ret,
+			size_t *ret_n, struct km_error *err);
+
 #endif

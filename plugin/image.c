@@ -16,8 +16,6 @@
 
 #define DELTA_TMP_NAME ".kvmotion.delta.tmp"
 #define MANIFEST_MAX (256u * 1024 * 1024)
-/* Bytes of a rebuilt file verified per whole-file-hash step. */
-#define JOIN_WINDOW (64u * 1024 * 1024)
 
 static int cmp_names(const void *a, const void *b)
 {
@@ -248,6 +246,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	};
 	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
 	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct km_known *known = NULL;
 	struct km_delta_writer *delta = NULL;
 	struct km_delta_summary ds;
 	struct km_delta_params delta_params;
@@ -284,6 +283,14 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		r = km_workpool_new(1, 4, &hash_pool);
 	if (r < 0)
 		goto out;
+	/* Adding chunks hashes every one anyway: then look them up by id. */
+	if (!o->add_chunks) {
+		r = km_known_load(s, &m.chunker, &known, err);
+		if (r < 0) {
+			km_error_prefix(err, "reading the store's weights indexes");
+			goto out;
+		}
+	}
 	delta_params = o->delta;
 	if (getrandom(delta_params.image_id.b, KM_HASH_SIZE, 0) != KM_HASH_SIZE) {
 		r = -EIO;
@@ -307,6 +314,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 			.pool = pool,
 			.file_hash_pool = hash_pool,
 			.store = s,
+			.known = known,
 			.put = o->add_chunks,
 		};
 
@@ -422,6 +430,7 @@ out:
 	km_delta_writer_free(delta);
 	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
+	km_known_free(known);
 	free_names(names, n_names);
 	m.delta.name = NULL;
 	m.created_by = NULL;
@@ -443,30 +452,40 @@ out:
  * not match, each of its chunks is read back through km_store_get (which
  * verifies) to name the bad one. A missing chunk, or one of the wrong
  * size, is named as soon as it is met.
+ *
+ * How it keeps up: the file hash is serial and the longest task of a join,
+ * so it runs on a thread of its own and should never wait. The calling
+ * thread writes each file front to back (chunks copied in the kernel, the
+ * delta decoded a frame at a time) and hands it over a window at a time;
+ * the hash thread reads the window back through a mapping of the file (no
+ * copy) while the next one is written. One writer: writes to one file
+ * serialize on its inode lock anyway, and spin there.
  */
+
+/* Bytes of a rebuilt file per hash step: small, so the hash starts early. */
+#define JOIN_WINDOW (16u * 1024 * 1024)
+#define HOLE_BUF_SIZE (1024u * 1024)
 
 struct join_target {
 	const struct km_file_entry *entry;
 	char tmp_name[300];
 	int fd;
+	const uint8_t *map; /* all of it, read-only: the hash reads it back */
 	struct km_hasher *hasher;
 };
 
-/* A delta extent placed in a target file, sorted by delta offset. */
-struct delta_place {
-	uint64_t delta_offset;
-	uint64_t length;
-	int fd;
-	uint64_t file_offset;
+/* A position in a file's extents: extent i, 'in' bytes into it, at file offset pos. */
+struct extent_pos {
+	size_t i;
+	uint64_t in;
+	uint64_t pos;
 };
 
 struct join_ctx {
 	struct km_store *store;
-	struct join_target *targets;
-	size_t n_targets;
-	struct delta_place *places;
-	size_t n_places;
-	uint8_t *hash_buf; /* the hash thread's read buffer */
+	struct km_delta_cursor *delta;
+	const char *delta_name;
+	uint8_t *hole_buf; /* the hash thread's */
 	pthread_mutex_t lock;
 	struct km_error *err; /* first error wins, under lock */
 	bool failed;
@@ -488,119 +507,134 @@ static void join_fail(struct join_ctx *c, const char *fmt, ...)
 	pthread_mutex_unlock(&c->lock);
 }
 
-static int cmp_place(const void *a, const void *b)
+/*
+ * The next piece of a window that ends at 'end': the rest of the current
+ * extent, cut at 'end' unless it is a chunk (chunks are copied whole, so a
+ * window may run past 'end' by less than a chunk). 0 at the end.
+ */
+static uint64_t next_piece(const struct km_file_entry *f, const struct extent_pos *at,
+			   uint64_t end)
 {
-	const struct delta_place *x = a, *y = b;
+	const struct km_extent *e;
+	uint64_t len;
 
-	return x->delta_offset < y->delta_offset ? -1 : x->delta_offset > y->delta_offset;
+	if (at->i >= f->n_extents || at->pos >= end)
+		return 0;
+	e = &f->extents[at->i];
+	len = e->length - at->in;
+	return e->kind == KM_EXTENT_CHUNK ? len : KM_MIN(len, end - at->pos);
 }
 
-static int delta_sink(void *userdata, uint64_t raw_offset, const void *data, size_t n)
+static void advance(const struct km_file_entry *f, struct extent_pos *at, uint64_t len)
 {
-	struct join_ctx *c = userdata;
-	uint64_t end = raw_offset + n;
-	size_t lo = 0, hi = c->n_places;
-
-	/* First place whose range ends after raw_offset. */
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo) / 2;
-		const struct delta_place *p = &c->places[mid];
-
-		if (p->delta_offset + p->length <= raw_offset)
-			lo = mid + 1;
-		else
-			hi = mid;
+	at->pos += len;
+	at->in += len;
+	if (at->in == f->extents[at->i].length) {
+		at->i++;
+		at->in = 0;
 	}
-	for (size_t i = lo; i < c->n_places && c->places[i].delta_offset < end; i++) {
-		const struct delta_place *p = &c->places[i];
-		uint64_t from = KM_MAX(p->delta_offset, raw_offset);
-		uint64_t to = KM_MIN(p->delta_offset + p->length, end);
-		int r = km_pwrite_full(p->fd, (const uint8_t *)data + (from - raw_offset),
-				       (size_t)(to - from),
-				       (off_t)(p->file_offset + (from - p->delta_offset)));
-
-		if (r < 0) {
-			join_fail(c, "writing delta bytes into the image: %s", strerror(-r));
-			return r;
-		}
-	}
-	return 0;
 }
 
-struct chunk_job {
-	struct join_ctx *ctx;
-	const struct join_target *target;
-	const struct km_extent *extents; /* chunk extents only are read */
-	size_t n;
-	uint64_t offset; /* file offset of extents[0] */
-};
-
-static int copy_chunks(void *arg)
+static int write_piece(struct join_ctx *c, const struct join_target *t, const struct km_extent *e,
+		       uint64_t in, uint64_t len, uint64_t pos)
 {
-	struct chunk_job *j = arg;
-	uint64_t off = j->offset;
+	char hex[KM_HASH_HEX_SIZE];
+	int r;
 
-	for (size_t i = 0; i < j->n; off += j->extents[i].length, i++) {
-		const struct km_extent *e = &j->extents[i];
-		char hex[KM_HASH_HEX_SIZE];
-		int r;
-
-		if (e->kind != KM_EXTENT_CHUNK)
-			continue;
-		r = km_store_copy_to(j->ctx->store, &e->id, e->length, j->target->fd, off);
+	switch (e->kind) {
+	case KM_EXTENT_ZERO:
+		return 0; /* a hole: ftruncate made it */
+	case KM_EXTENT_CHUNK:
+		r = km_store_copy_to(c->store, &e->id, e->length, t->fd, pos);
 		if (r < 0) {
-			join_fail(j->ctx, "chunk %s (%s at offset %llu): %s",
-				  km_hash_to_hex(&e->id, hex), j->target->entry->name,
-				  (unsigned long long)off,
+			join_fail(c, "chunk %s (%s at offset %llu): %s", km_hash_to_hex(&e->id, hex),
+				  t->entry->name, (unsigned long long)pos,
 				  r == -ENOENT	  ? "missing from the store"
 				  : r == -EBADMSG ? "of the wrong size in the store"
 						  : strerror(-r));
 			return r;
 		}
-		__atomic_fetch_add(&j->ctx->chunks_read, 1, __ATOMIC_RELAXED);
-	}
-	return 0;
-}
+		c->chunks_read++;
+		return 0;
+	case KM_EXTENT_DELTA:
+		while (len > 0) {
+			struct km_error err = { { 0 } };
+			const uint8_t *p;
+			size_t n;
 
-#define HASH_BUF_SIZE (4u * 1024 * 1024)
+			r = km_delta_cursor_get(c->delta, e->delta_offset + in, &p, &n, &err);
+			if (r < 0) {
+				join_fail(c, "delta %s: %s", c->delta_name, err.msg);
+				return r;
+			}
+			n = (size_t)KM_MIN((uint64_t)n, len);
+			r = km_pwrite_full(t->fd, p, n, (off_t)pos);
+			if (r < 0) {
+				join_fail(c, "writing delta bytes into %s: %s", t->entry->name,
+					  strerror(-r));
+				return r;
+			}
+			in += n;
+			pos += n;
+			len -= n;
+		}
+		return 0;
+	}
+	return -EINVAL;
+}
 
 struct verify_job {
 	struct join_ctx *ctx;
 	struct join_target *target;
-	uint64_t offset, length;
+	struct extent_pos from;
+	uint64_t end;
 };
 
 /* Runs on the single hash thread, windows in file order. */
 static int verify_step(void *arg)
 {
 	struct verify_job *j = arg;
-	uint64_t off = j->offset, end = j->offset + j->length;
+	const struct km_file_entry *f = j->target->entry;
+	struct extent_pos at = j->from;
+	uint64_t len;
 
-	while (off < end) {
-		size_t want = (size_t)KM_MIN((uint64_t)HASH_BUF_SIZE, end - off);
-		ssize_t k = km_pread_full(j->target->fd, j->ctx->hash_buf, want, (off_t)off);
-
-		if (k < 0 || (size_t)k != want) {
-			join_fail(j->ctx, "reading back %s: %s", j->target->entry->name,
-				  k < 0 ? strerror((int)-k) : "short read");
-			return k < 0 ? (int)k : -EIO;
+	while ((len = next_piece(f, &at, j->end)) > 0) {
+		if (f->extents[at.i].kind != KM_EXTENT_ZERO) {
+			km_hasher_update(j->target->hasher, j->target->map + at.pos, len);
+			advance(f, &at, len);
+			continue;
 		}
-		km_hasher_update(j->target->hasher, j->ctx->hash_buf, want);
-		off += want;
+		/* A hole: read() gives its zeros; a mapping would allocate pages. */
+		while (len > 0) {
+			size_t want = (size_t)KM_MIN((uint64_t)HOLE_BUF_SIZE, len);
+			ssize_t k = km_pread_full(j->target->fd, j->ctx->hole_buf, want,
+						  (off_t)at.pos);
+
+			if (k < 0 || (size_t)k != want) {
+				join_fail(j->ctx, "reading back %s: %s", f->name,
+					  k < 0 ? strerror((int)-k) : "short read");
+				return k < 0 ? (int)k : -EIO;
+			}
+			km_hasher_update(j->target->hasher, j->ctx->hole_buf, want);
+			advance(f, &at, want);
+			len -= want;
+		}
 	}
 	return 0;
 }
 
-static void targets_close(struct join_ctx *c, int dirfd, bool unlink_tmp)
+static void targets_close(struct join_target *targets, size_t n, int dirfd, bool unlink_tmp)
 {
-	for (size_t i = 0; i < c->n_targets; i++) {
-		struct join_target *t = &c->targets[i];
+	for (size_t i = 0; i < n; i++) {
+		struct join_target *t = &targets[i];
 
+		km_unmap_file(t->map, t->entry->size);
 		if (t->fd >= 0)
 			close(t->fd);
 		if (unlink_tmp && t->tmp_name[0])
 			(void)unlinkat(dirfd, t->tmp_name, 0);
 		km_hasher_free(t->hasher);
+		t->map = NULL;
 		t->fd = -1;
 		t->hasher = NULL;
 	}
@@ -610,6 +644,7 @@ static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 {
 	const struct km_file_entry *f = t->entry;
 	uint64_t nonce;
+	void *map;
 	int r;
 
 	if (getrandom(&nonce, sizeof(nonce), 0) != sizeof(nonce))
@@ -633,6 +668,55 @@ static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 			     (unsigned long long)f->size, strerror(-r));
 		return r;
 	}
+	if (f->size == 0)
+		return 0;
+	if (f->size > SIZE_MAX)
+		return -EFBIG;
+	/* Our own O_EXCL file, never truncated while mapped. */
+	map = mmap(NULL, (size_t)f->size, PROT_READ, MAP_SHARED, t->fd, 0);
+	if (map == MAP_FAILED) {
+		r = -errno;
+		km_error_set(err, "cannot map %s: %s", f->name, strerror(-r));
+		return r;
+	}
+	t->map = map;
+	return 0;
+}
+
+struct delta_range {
+	uint64_t offset, length;
+};
+
+static int cmp_range(const void *a, const void *b)
+{
+	const struct delta_range *x = a, *y = b;
+
+	return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+/* The format's promise, checked: no two delta extents share a byte. */
+static int check_delta_ranges(const struct km_manifest *m, struct km_error *err)
+{
+	_cleanup_free_ struct delta_range *v = NULL;
+	size_t n = 0, cap = 0;
+
+	for (size_t i = 0; i < m->n_files; i++)
+		if (m->files[i].split)
+			cap += m->files[i].n_extents;
+	v = calloc(cap ? cap : 1, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	for (size_t i = 0; i < m->n_files; i++)
+		for (size_t j = 0; m->files[i].split && j < m->files[i].n_extents; j++)
+			if (m->files[i].extents[j].kind == KM_EXTENT_DELTA)
+				v[n++] = (struct delta_range){ m->files[i].extents[j].delta_offset,
+							       m->files[i].extents[j].length };
+	qsort(v, n, sizeof(*v), cmp_range);
+	for (size_t i = 1; i < n; i++)
+		if (v[i - 1].offset + v[i - 1].length > v[i].offset) {
+			km_error_set(err, "%s: delta ranges overlap", KM_MANIFEST_NAME);
+			return -EBADMSG;
+		}
 	return 0;
 }
 
@@ -746,12 +830,12 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 {
 	struct km_manifest *m = NULL;
 	struct km_delta_reader *delta = NULL;
-	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct km_workpool *hash_pool = NULL;
 	struct join_ctx ctx = { .store = s, .err = err };
 	struct km_join_stats stats = { 0 };
-	_cleanup_free_ struct chunk_job *jobs = NULL;
+	_cleanup_free_ struct join_target *targets = NULL;
 	_cleanup_free_ struct verify_job *vjobs = NULL;
-	size_t n_places = 0, n_jobs = 0, n_vjobs = 0;
+	size_t n_targets = 0, n_vjobs = 0;
 	int r;
 
 	pthread_mutex_init(&ctx.lock, NULL);
@@ -761,13 +845,16 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	r = open_delta(dirfd, m, &delta, err);
 	if (r < 0)
 		goto out;
+	r = check_delta_ranges(m, err);
+	if (r < 0)
+		goto out;
 	r = check_kept(dirfd, m, err);
 	if (r < 0)
 		goto out;
 
-	ctx.targets = calloc(m->n_files ? m->n_files : 1, sizeof(*ctx.targets));
-	ctx.hash_buf = malloc(HASH_BUF_SIZE);
-	if (!ctx.targets || !ctx.hash_buf) {
+	targets = calloc(m->n_files ? m->n_files : 1, sizeof(*targets));
+	ctx.hole_buf = malloc(HOLE_BUF_SIZE);
+	if (!targets || !ctx.hole_buf) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -776,111 +863,63 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 
 		if (!f->split)
 			continue;
-		ctx.targets[ctx.n_targets].entry = f;
-		ctx.targets[ctx.n_targets].fd = -1;
-		ctx.n_targets++;
-		for (size_t j = 0; j < f->n_extents; j++)
-			n_places += f->extents[j].kind == KM_EXTENT_DELTA;
-		n_jobs += f->n_extents / 16 + f->size / JOIN_WINDOW + 2;
+		targets[n_targets].entry = f;
+		targets[n_targets].fd = -1;
+		n_targets++;
+		/* Windows end past JOIN_WINDOW only by less than a chunk. */
 		n_vjobs += f->size / JOIN_WINDOW + 1;
+		for (size_t j = 0; j < f->n_extents; j++) {
+			const struct km_extent *e = &f->extents[j];
+
+			if (e->kind == KM_EXTENT_DELTA)
+				stats.bytes_from_delta += e->length;
+			else if (e->kind == KM_EXTENT_ZERO)
+				stats.bytes_zero += e->length;
+			else
+				stats.bytes_from_store += e->length;
+		}
 	}
-	ctx.places = calloc(n_places ? n_places : 1, sizeof(*ctx.places));
-	jobs = calloc(n_jobs ? n_jobs : 1, sizeof(*jobs));
 	vjobs = calloc(n_vjobs ? n_vjobs : 1, sizeof(*vjobs));
-	if (!ctx.places || !jobs || !vjobs) {
+	if (!vjobs) {
 		r = -ENOMEM;
 		goto out;
 	}
-	for (size_t i = 0; i < ctx.n_targets; i++) {
-		r = target_create(dirfd, &ctx.targets[i], err);
+	for (size_t i = 0; i < n_targets; i++) {
+		r = target_create(dirfd, &targets[i], err);
 		if (r < 0)
 			goto out;
 	}
-
-	/* The delta first: small, and written before the file hashes run. */
-	for (size_t i = 0; i < ctx.n_targets; i++) {
-		const struct join_target *t = &ctx.targets[i];
-		uint64_t off = 0;
-
-		for (size_t j = 0; j < t->entry->n_extents; j++) {
-			const struct km_extent *e = &t->entry->extents[j];
-
-			if (e->kind == KM_EXTENT_DELTA) {
-				ctx.places[ctx.n_places++] = (struct delta_place){
-					.delta_offset = e->delta_offset,
-					.length = e->length,
-					.fd = t->fd,
-					.file_offset = off,
-				};
-				stats.bytes_from_delta += e->length;
-			} else if (e->kind == KM_EXTENT_ZERO) {
-				stats.bytes_zero += e->length;
-			} else {
-				stats.bytes_from_store += e->length;
-			}
-			off += e->length;
-		}
-	}
-	qsort(ctx.places, ctx.n_places, sizeof(*ctx.places), cmp_place);
-	for (size_t i = 1; i < ctx.n_places; i++)
-		if (ctx.places[i - 1].delta_offset + ctx.places[i - 1].length >
-		    ctx.places[i].delta_offset) {
-			km_error_set(err, "%s: delta ranges overlap", KM_MANIFEST_NAME);
-			r = -EBADMSG;
-			goto out;
-		}
-	r = km_delta_reader_decode(delta, o->threads, delta_sink, &ctx, err);
-	if (r < 0) {
-		if (!ctx.failed)
-			km_error_prefix(err, "delta %s", m->delta.name);
-		goto out;
-	}
-
-	r = km_workpool_new(o->threads, 0, &pool);
+	ctx.delta_name = m->delta.name;
+	r = km_delta_cursor_new(delta, &ctx.delta);
 	if (r == 0)
-		r = km_workpool_new(1, 0, &hash_pool);
+		r = km_workpool_new(1, (unsigned)KM_MIN(n_vjobs + 1, (size_t)1024), &hash_pool);
 	if (r < 0)
 		goto out;
 
-	/*
-	 * Chunks in file order, a window at a time; once a window is written
-	 * its whole-file hash step runs on the hash thread while the next
-	 * window's chunks are copied.
-	 */
-	n_jobs = 0;
+	/* Each file front to back, a window at a time; the hash follows. */
 	n_vjobs = 0;
-	for (size_t i = 0; i < ctx.n_targets && r == 0; i++) {
-		struct join_target *t = &ctx.targets[i];
-		size_t j = 0;
-		uint64_t off = 0;
+	for (size_t i = 0; i < n_targets && r == 0; i++) {
+		struct join_target *t = &targets[i];
+		const struct km_file_entry *f = t->entry;
+		struct extent_pos at = { 0 };
 
-		while (j < t->entry->n_extents && r == 0) {
-			uint64_t window_start = off;
+		while (at.i < f->n_extents && r == 0) {
+			struct verify_job *v = &vjobs[n_vjobs++];
+			uint64_t end = at.pos + JOIN_WINDOW, len;
 
-			while (j < t->entry->n_extents && off - window_start < JOIN_WINDOW) {
-				size_t k = j;
-				uint64_t job_off = off;
+			*v = (struct verify_job){ .ctx = &ctx, .target = t, .from = at };
+			while (r == 0 && (len = next_piece(f, &at, end)) > 0) {
+				const struct km_extent *e = &f->extents[at.i];
 
-				while (k < t->entry->n_extents && k - j < 16 &&
-				       off - window_start < JOIN_WINDOW)
-					off += t->entry->extents[k++].length;
-				jobs[n_jobs] = (struct chunk_job){ &ctx, t, t->entry->extents + j,
-								   k - j, job_off };
-				r = km_workpool_submit(pool, copy_chunks, &jobs[n_jobs++]);
-				j = k;
-				if (r < 0)
-					break;
+				r = write_piece(&ctx, t, e, at.in, len, at.pos);
+				/* Faults taken here spare the hash thread's time. */
+				if (r == 0 && e->kind != KM_EXTENT_ZERO)
+					km_prefault(t->map + at.pos, len);
+				advance(f, &at, len);
 			}
-			{
-				int w = km_workpool_wait(pool);
-
-				if (r == 0)
-					r = w;
-			}
-			if (r < 0)
-				break;
-			vjobs[n_vjobs] = (struct verify_job){ &ctx, t, window_start, off - window_start };
-			r = km_workpool_submit(hash_pool, verify_step, &vjobs[n_vjobs++]);
+			v->end = at.pos;
+			if (r == 0)
+				r = km_workpool_submit(hash_pool, verify_step, v);
 		}
 	}
 	{
@@ -896,8 +935,8 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	}
 	stats.chunks_read = ctx.chunks_read;
 
-	for (size_t i = 0; i < ctx.n_targets; i++) {
-		struct join_target *t = &ctx.targets[i];
+	for (size_t i = 0; i < n_targets; i++) {
+		struct join_target *t = &targets[i];
 		struct km_hash h;
 
 		km_hasher_final(t->hasher, &h);
@@ -919,8 +958,8 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	}
 
 	/* Everything verified: put the files in place. */
-	for (size_t i = 0; i < ctx.n_targets; i++) {
-		struct join_target *t = &ctx.targets[i];
+	for (size_t i = 0; i < n_targets; i++) {
+		struct join_target *t = &targets[i];
 
 		if (renameat(dirfd, t->tmp_name, dirfd, t->entry->name) < 0) {
 			r = -errno;
@@ -947,13 +986,11 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	if (ret)
 		*ret = stats;
 out:
-	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
-	if (ctx.targets)
-		targets_close(&ctx, dirfd, true);
-	free(ctx.targets);
-	free(ctx.places);
-	free(ctx.hash_buf);
+	if (targets)
+		targets_close(targets, n_targets, dirfd, true);
+	free(ctx.hole_buf);
+	km_delta_cursor_free(ctx.delta);
 	km_delta_reader_free(delta);
 	km_manifest_free(m);
 	pthread_mutex_destroy(&ctx.lock);

@@ -8,6 +8,8 @@
  * split: every pages-*.img and every file of at least min_split_size bytes
  * is chunked; a chunk that is all zeros becomes a zero extent, a chunk the
  * store holds becomes a chunk reference, anything else goes to the delta.
+ * Without add_chunks, "the store holds" means: a chunk that a weights index
+ * of the store names and whose file holds the same bytes (known.h).
  * The manifest and delta are written and synced under temporary names,
  * renamed into place, and only then are the split files removed: at every
  * point the directory holds a complete image.
@@ -16,6 +18,10 @@
  * verifying every chunk, the delta and every file hash, and renames them
  * into place only when all are good; on any error the directory is left as
  * it was.
+ *
+ * Both are bound by one serial SHA-256 stream per file (split computes the
+ * manifest's file hashes, join checks them); everything else is arranged
+ * around that stream so that it never waits (docs/formats.md).
  */
 
 #include <stdbool.h>
@@ -55,6 +61,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		   struct km_split_stats *ret, struct km_error *err);
 
 struct km_join_opts {
+	/* Unused: join writes on the calling thread and hashes on one other. */
 	unsigned threads;
 	bool keep_split; /* keep kvmotion.manifest and kvmotion.delta */
 	bool sync;

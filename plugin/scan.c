@@ -5,10 +5,21 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+
 /* Bytes cut per window; each window's chunks are classified before emit. */
 #define SCAN_WINDOW (64u * 1024 * 1024)
 /* Bytes of chunks per pool job. */
 #define SCAN_JOB_BYTES (4u * 1024 * 1024)
+/* Chunks handed to emit at once by the comparing scan. */
+#define KNOWN_BATCH 1024
+/*
+ * Known chunks of one length compared before hashing the chunk instead: a
+ * compare that fails costs an open and a map, a hash ~0.2 ms per 256 KiB.
+ */
+#define KNOWN_MAX_CANDIDATES 4
 
 struct classify_job {
 	const struct km_scanner *sc;
@@ -70,6 +81,128 @@ static int file_hash_update(void *arg)
 	return 0;
 }
 
+/*
+ * Classifies the non-zero chunk c (offset, length set) without hashing it
+ * unless it has too many candidates. *ret_next gets the known chunk that
+ * should follow it, KM_KNOWN_NONE if none.
+ */
+static int classify_known(const struct km_scanner *sc, const uint8_t *p, struct km_scan_chunk *c,
+			  uint32_t *ret_next)
+{
+	uint32_t i = km_known_find(sc->known, c->length);
+	int r;
+
+	for (unsigned tries = 0; i != KM_KNOWN_NONE; tries++) {
+		const struct km_known_chunk *k = km_known_get(sc->known, i);
+
+		if (tries == KNOWN_MAX_CANDIDATES) {
+			/* Many chunks of this length: look it up by its SHA-256. */
+			km_hash_buf(p, c->length, &c->id);
+			r = km_store_has(sc->store, &c->id);
+			if (r < 0)
+				return r;
+			c->kind = r ? KM_SCAN_STORED : KM_SCAN_NOT_STORED;
+			i = r ? km_known_find_id(sc->known, &c->id) : KM_KNOWN_NONE;
+			*ret_next = i == KM_KNOWN_NONE ? KM_KNOWN_NONE : km_known_get(sc->known, i)->next;
+			return 0;
+		}
+		/* A chunk the index names but the store lost is no match. */
+		r = km_store_compare(sc->store, &k->id, p, c->length);
+		if (r < 0 && r != -ENOENT) {
+			c->id = k->id;
+			return r;
+		}
+		if (r == 1) {
+			c->kind = KM_SCAN_STORED;
+			c->id = k->id;
+			*ret_next = k->next;
+			return 0;
+		}
+		i = k->same_length;
+	}
+	c->kind = KM_SCAN_NOT_STORED;
+	*ret_next = KM_KNOWN_NONE;
+	return 0;
+}
+
+/* The comparing scan (see scan.h), on the calling thread. */
+static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t size,
+		      const char *what, km_scan_emit_fn emit, void *userdata, struct km_error *err)
+{
+	_cleanup_free_ struct km_scan_chunk *chunks = calloc(KNOWN_BATCH, sizeof(*chunks));
+	uint32_t next = KM_KNOWN_NONE;
+	struct km_chunker ch;
+	uint64_t pos = 0;
+	size_t n = 0;
+	int r;
+
+	if (!chunks)
+		return -ENOMEM;
+	r = km_chunker_init(&ch, sc->params);
+	if (r < 0)
+		return r;
+	while (pos < size) {
+		struct km_scan_chunk *c = &chunks[n];
+		const uint8_t *p = base + pos;
+
+		*c = (struct km_scan_chunk){ .offset = pos };
+		if (next != KM_KNOWN_NONE) {
+			/* The run of weights goes on if the bytes are the next chunk's. */
+			const struct km_known_chunk *k = km_known_get(sc->known, next);
+
+			r = k->length <= size - pos ? km_store_compare(sc->store, &k->id, p, k->length)
+						    : 0;
+			if (r < 0 && r != -ENOENT) {
+				c->id = k->id;
+				goto fail;
+			}
+			if (r == 1) {
+				c->length = k->length;
+				c->kind = KM_SCAN_STORED;
+				c->id = k->id;
+				next = k->next;
+				goto add;
+			}
+			/* The chunker state is a fresh one at every cut: resume it here. */
+		}
+		{
+			size_t k = km_chunker_scan(&ch, p, size - pos);
+
+			if (k == KM_CHUNKER_NO_BOUNDARY) {
+				k = (size_t)(size - pos);
+				km_chunker_reset(&ch);
+			}
+			c->length = (uint32_t)k;
+		}
+		if (km_is_zero(p, c->length)) {
+			c->kind = KM_SCAN_ZERO;
+			next = KM_KNOWN_NONE;
+		} else {
+			r = classify_known(sc, p, c, &next);
+			if (r < 0)
+				goto fail;
+		}
+add:
+		pos += c->length;
+		if (++n == KNOWN_BATCH || pos == size) {
+			r = emit(userdata, base, chunks, n);
+			if (r < 0)
+				return r;
+			n = 0;
+		}
+	}
+	return 0;
+fail:
+	{
+		char hex[KM_HASH_HEX_SIZE];
+		const struct km_scan_chunk *c = &chunks[n];
+
+		km_error_set(err, "%s: chunk %s at offset %llu: %s", what, km_hash_to_hex(&c->id, hex),
+			     (unsigned long long)c->offset, strerror(-r));
+	}
+	return r;
+}
+
 int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
 	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
 	    struct km_error *err)
@@ -78,9 +211,8 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 	size_t max_jobs = SCAN_WINDOW / SCAN_JOB_BYTES + max_chunks / 64 + 2;
 	_cleanup_free_ struct km_scan_chunk *chunks = NULL;
 	_cleanup_free_ struct classify_job *jobs = NULL;
-	_cleanup_free_ struct file_hash_job *hash_jobs = NULL;
+	struct file_hash_job hash_job;
 	struct km_hasher *hasher = NULL;
-	size_t n_hash_jobs = size / SCAN_WINDOW + 2, hash_job = 0;
 	struct km_chunker ch;
 	uint64_t pos = 0;
 	int r;
@@ -90,17 +222,31 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		return r;
 	chunks = calloc(max_chunks, sizeof(*chunks));
 	jobs = calloc(max_jobs, sizeof(*jobs));
-	hash_jobs = calloc(n_hash_jobs, sizeof(*hash_jobs));
 	hasher = km_hasher_new();
-	if (!chunks || !jobs || !hash_jobs || !hasher) {
+	if (!chunks || !jobs || !hasher) {
 		km_hasher_free(hasher);
 		return -ENOMEM;
+	}
+
+	/*
+	 * The whole-file hash is the longest serial task of a split: it gets
+	 * all the file at once and never waits for the scan.
+	 */
+	hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
+	r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
+	if (r < 0)
+		goto out;
+	/* Its page faults taken here, ahead of it (~5% of its time). */
+	km_prefault(base, size);
+	if (sc->known && !sc->put) {
+		r = scan_known(sc, base, size, what, emit, userdata, err);
+		goto out;
 	}
 
 	while (pos < size) {
 		uint64_t window_end = KM_MIN(size, pos + SCAN_WINDOW);
 		size_t n = 0, n_jobs = 0, job_start = 0;
-		uint64_t job_bytes = 0, start = pos;
+		uint64_t job_bytes = 0;
 
 		/*
 		 * Cut until the window is covered; the last chunk of a window
@@ -134,28 +280,6 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 							      .n = n - job_start };
 			n_jobs++;
 		}
-
-		if (hash_job == n_hash_jobs) {
-			/* Windows end early only at max_chunks: grow. */
-			struct file_hash_job *x;
-
-			r = km_workpool_wait(sc->file_hash_pool);
-			if (r < 0)
-				goto out;
-			x = realloc(hash_jobs, 2 * n_hash_jobs * sizeof(*x));
-			if (!x) {
-				r = -ENOMEM;
-				goto out;
-			}
-			hash_jobs = x;
-			n_hash_jobs *= 2;
-		}
-		hash_jobs[hash_job] = (struct file_hash_job){ .hasher = hasher, .p = base + start,
-							      .n = pos - start };
-		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_jobs[hash_job]);
-		if (r < 0)
-			goto out;
-		hash_job++;
 
 		for (size_t i = 0; i < n_jobs; i++) {
 			r = km_workpool_submit(sc->pool, classify, &jobs[i]);
@@ -216,6 +340,17 @@ int km_map_file(int fd, uint64_t size, const uint8_t **ret)
 	(void)madvise(p, (size_t)size, MADV_SEQUENTIAL);
 	*ret = p;
 	return 0;
+}
+
+void km_prefault(const void *p, uint64_t n)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	uintptr_t from = (uintptr_t)p;
+
+	if (page <= 0 || n == 0 || n > SIZE_MAX)
+		return;
+	from &= ~(uintptr_t)(page - 1);
+	(void)madvise((void *)from, (size_t)((uintptr_t)p + n - from), MADV_POPULATE_READ);
 }
 
 void km_unmap_file(const uint8_t *p, uint64_t size)

@@ -4,10 +4,18 @@
 
 /*
  * Internal to split and seed: cuts a mapped file into content-defined
- * chunks and classifies each (zero, in the store, not in the store),
- * hashing and looking up chunks on a thread pool while the whole-file
- * SHA-256 runs on a thread of its own. Results come back in file order, one
- * window at a time, so the caller can stream the delta.
+ * chunks and classifies each (zero, in the store, not in the store) while
+ * the whole-file SHA-256 runs on a thread of its own. Results come back in
+ * file order, a batch at a time, so the caller can stream the delta.
+ *
+ * Two ways to classify. With 'put' or without 'known', every non-zero chunk
+ * is hashed (on a thread pool) and looked up, or put, by its SHA-256. With
+ * 'known' and without 'put', no chunk is hashed: a chunk is a candidate for
+ * the known chunks of its length and is referenced only if its bytes equal
+ * the store's chunk file; a chunk without a candidate goes to the delta; a
+ * run of weights is followed chunk by chunk through the successors (see
+ * known.h), comparing bytes instead of running the chunker. The cuts are
+ * the chunker's either way.
  */
 
 #include <stdbool.h>
@@ -15,6 +23,7 @@
 
 #include "chunker.h"
 #include "hash.h"
+#include "known.h"
 #include "store.h"
 #include "util.h"
 #include "workpool.h"
@@ -42,6 +51,7 @@ struct km_scanner {
 	struct km_workpool *pool; /* hashing and store look-ups */
 	struct km_workpool *file_hash_pool; /* one thread: whole-file SHA-256 */
 	struct km_store *store;
+	const struct km_known *known; /* NULL: hash every chunk */
 	bool put; /* put every non-zero chunk the store lacks */
 };
 
@@ -56,5 +66,14 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 /* Maps a whole file read-only; *ret is NULL for an empty file. */
 int km_map_file(int fd, uint64_t size, const uint8_t **ret);
 void km_unmap_file(const uint8_t *p, uint64_t size);
+
+/*
+ * Maps the pages of n bytes at p (part of a file mapping) into the page
+ * tables now, so that the thread that reads them next takes no faults: for
+ * a thread with time to spare, ahead of one on the critical path. On tmpfs
+ * a hole gets a page allocated, as any read through a mapping would give
+ * it. Best effort (MADV_POPULATE_READ, Linux >= 5.14).
+ */
+void km_prefault(const void *p, uint64_t n);
 
 #endif

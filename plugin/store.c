@@ -6,6 +6,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 
@@ -535,6 +536,40 @@ int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t leng
 		}
 	}
 	return 0;
+}
+
+int km_store_compare(struct km_store *s, const struct km_hash *id, const void *p, size_t n)
+{
+	char path[CHUNK_PATH_SIZE];
+	_cleanup_close_ int fd = -1;
+	struct stat st;
+	void *map;
+	int equal;
+
+	chunk_path(id, path);
+	fd = openat(s->chunks_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return errno == ELOOP ? -EBADMSG : -errno;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode))
+		return -EBADMSG;
+	if ((uint64_t)st.st_size != n)
+		return 0;
+	if (n == 0)
+		return 1;
+	/*
+	 * A mapping beats read() into a buffer (no copy of the chunk). Chunk
+	 * files are never rewritten in place (puts rename complete files, gc
+	 * unlinks), so none shrinks under the mapping; split maps the image
+	 * files it reads the same way.
+	 */
+	map = mmap(NULL, n, PROT_READ, MAP_SHARED, fd, 0);
+	if (map == MAP_FAILED)
+		return -errno;
+	equal = memcmp(map, p, n) == 0;
+	munmap(map, n);
+	return equal;
 }
 
 int km_store_stat(struct km_store *s, const struct km_hash *id, uint64_t *ret_size)

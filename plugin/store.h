@@ -82,6 +82,15 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
 		     uint64_t dst_off);
 
+/*
+ * Compares n bytes at p with the content of chunk file 'id': 1 if the file
+ * holds exactly these bytes, 0 if it differs (content or length), -ENOENT
+ * if absent, other <0 on errors. Equal bytes prove what a matching SHA-256
+ * would, without hashing: split uses it to reference a chunk it found by
+ * length (see scan.c). Reads through a mapping: no copy.
+ */
+int km_store_compare(struct km_store *s, const struct km_hash *id, const void *p, size_t n);
+
 /* Size of the stored chunk without reading it (not verified). */
 int km_store_stat(struct km_store *s, const struct km_hash *id, uint64_t *ret_size);
 

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 struct job {
@@ -24,6 +25,7 @@ struct km_workpool {
 	bool stopping;
 	unsigned n_threads;
 	pthread_t *threads;
+	int nice; /* added to each thread's nice value at its start */
 };
 
 unsigned km_cpu_count(void)
@@ -36,6 +38,16 @@ unsigned km_cpu_count(void)
 static void *worker(void *p)
 {
 	struct km_workpool *w = p;
+
+	if (w->nice) {
+		int cur;
+
+		/* Per thread on Linux: who 0 is the calling thread. Best effort. */
+		errno = 0;
+		cur = getpriority(PRIO_PROCESS, 0);
+		if (errno == 0)
+			(void)setpriority(PRIO_PROCESS, 0, cur + w->nice);
+	}
 
 	pthread_mutex_lock(&w->lock);
 	for (;;) {
@@ -66,7 +78,7 @@ static void *worker(void *p)
 	return NULL;
 }
 
-int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **ret)
+static int pool_new(unsigned threads, unsigned queue_max, int nice, struct km_workpool **ret)
 {
 	struct km_workpool *w;
 
@@ -87,6 +99,7 @@ int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **r
 		return -ENOMEM;
 	}
 	w->queue_max = queue_max;
+	w->nice = nice;
 	pthread_mutex_init(&w->lock, NULL);
 	pthread_cond_init(&w->has_job, NULL);
 	pthread_cond_init(&w->has_room, NULL);
@@ -103,6 +116,16 @@ int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **r
 	}
 	*ret = w;
 	return 0;
+}
+
+int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **ret)
+{
+	return pool_new(threads, queue_max, 0, ret);
+}
+
+int km_workpool_new_background(unsigned threads, unsigned queue_max, struct km_workpool **ret)
+{
+	return pool_new(threads, queue_max, KM_WORKPOOL_BACKGROUND_NICE, ret);
 }
 
 int km_workpool_submit(struct km_workpool *w, km_job_fn fn, void *arg)

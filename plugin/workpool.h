@@ -18,6 +18,16 @@ struct km_workpool;
 int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **ret);
 
 /*
+ * The same, with threads that yield to the others: their nice value is
+ * raised by KM_WORKPOOL_BACKGROUND_NICE (Linux sets it per thread). For
+ * parallel work beside a serial task that bounds the whole (split's file
+ * hash): on few cores the scheduler would otherwise share the serial
+ * task's core with them and stretch it.
+ */
+#define KM_WORKPOOL_BACKGROUND_NICE 10
+int km_workpool_new_background(unsigned threads, unsigned queue_max, struct km_workpool **ret);
+
+/*
  * Queues fn(arg). fn returns 0 or a negative errno. Returns 0, or the first
  * error a job returned so far (the job is then not queued).
  */

@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "chunker.h"
 #include "image.h"
 
 #define MODEL_SIZE (8u << 20)
@@ -167,6 +168,66 @@ static void assert_pages_intact(struct fixture *f)
 	free(p);
 }
 
+
+/*
+ * The split's extents of pages-1.img are what cutting with the chunker and
+ * looking every chunk up by its SHA-256 gives: comparing bytes and
+ * following successors changes how chunks are found, never the result.
+ */
+static void assert_extents_as_by_hash(struct fixture *f, const struct km_chunker_params *p)
+{
+	struct km_manifest *m = NULL;
+	struct km_file_entry want = { 0 };
+	const struct km_file_entry *got = NULL;
+	struct km_error err = { { 0 } };
+	struct km_chunker ch;
+	uint64_t pos = 0, delta = 0;
+
+	ck_assert_int_eq(km_image_read_manifest(f->dirfd, &m, &err), 0);
+	for (size_t i = 0; i < m->n_files; i++)
+		if (strcmp(m->files[i].name, "pages-1.img") == 0)
+			got = &m->files[i];
+	ck_assert_ptr_nonnull(got);
+	ck_assert_int_eq(km_chunker_init(&ch, p), 0);
+	while (pos < f->pages_size) {
+		size_t k = km_chunker_scan(&ch, f->pages + pos, f->pages_size - pos);
+		struct km_extent e = { 0 };
+
+		if (k == KM_CHUNKER_NO_BOUNDARY) {
+			k = f->pages_size - pos;
+			km_chunker_reset(&ch);
+		}
+		e.length = k;
+		km_hash_buf(f->pages + pos, k, &e.id);
+		if (km_is_zero(f->pages + pos, k)) {
+			e.kind = KM_EXTENT_ZERO;
+		} else if (km_store_has(f->store, &e.id) == 1) {
+			e.kind = KM_EXTENT_CHUNK;
+		} else {
+			e.kind = KM_EXTENT_DELTA;
+			e.delta_offset = delta;
+			delta += k;
+		}
+		if (e.kind != KM_EXTENT_CHUNK)
+			memset(&e.id, 0, sizeof(e.id));
+		ck_assert_int_eq(km_file_entry_add_extent(&want, &e), 0);
+		pos += k;
+	}
+	ck_assert_uint_eq(got->n_extents, want.n_extents);
+	for (size_t i = 0; i < want.n_extents; i++) {
+		const struct km_extent *a = &got->extents[i], *b = &want.extents[i];
+
+		ck_assert_int_eq(a->kind, b->kind);
+		ck_assert_uint_eq(a->length, b->length);
+		if (a->kind == KM_EXTENT_CHUNK)
+			ck_assert(km_hash_equal(&a->id, &b->id));
+		if (a->kind == KM_EXTENT_DELTA)
+			ck_assert_uint_eq(a->delta_offset, b->delta_offset);
+	}
+	km_file_entry_clear(&want);
+	km_manifest_free(m);
+}
+
 START_TEST(test_image_split_join_round_trip)
 {
 	struct fixture f;
@@ -194,6 +255,7 @@ START_TEST(test_image_split_join_round_trip)
 			  PAGES_RANDOM_HEAD + PAGES_RANDOM_TAIL + 4 * KM_CHUNK_MAX_DEFAULT);
 	ck_assert_uint_eq(st.bytes_referenced + st.bytes_zero + st.bytes_delta, f.pages_size);
 	ck_assert_uint_eq(st.chunks_added, 0);
+	assert_extents_as_by_hash(&f, km_store_chunker_params(f.store));
 
 	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, &js, &err), 0);
 	ck_assert_uint_eq(js.files_joined, 1);
@@ -473,6 +535,182 @@ START_TEST(test_image_small_chunks_round_trip)
 	seed_model(&f);
 	split(&f, false, &st);
 	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 2 * 32768);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/*
+ * A file larger than join's windows: a delta run and a zero run each span
+ * several windows. The rebuilt file is byte-identical and its zero run stays
+ * a hole (reading it back for the hash allocates nothing).
+ */
+START_TEST(test_image_join_spans_windows)
+{
+	const size_t head = (40u << 20) + 4097, zeros = 36u << 20, tail = 3000;
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	uint8_t *model;
+	size_t n;
+	struct stat sb;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	model = read_all(AT_FDCWD, f.model_path, &n);
+	ck_assert_uint_eq(n, MODEL_SIZE);
+	free(f.pages);
+	f.pages_size = head + zeros + MODEL_SIZE + tail;
+	f.pages = calloc(1, f.pages_size);
+	fill_random(f.pages, head, 31);
+	memcpy(f.pages + head + zeros, model, MODEL_SIZE);
+	fill_random(f.pages + head + zeros + MODEL_SIZE, tail, 32);
+	free(model);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+
+	split(&f, false, &st);
+	assert_extents_as_by_hash(&f, km_store_chunker_params(f.store));
+	ck_assert_uint_ge(st.bytes_zero, zeros - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_uint_ge(st.bytes_delta, head);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 2 * KM_CHUNK_MAX_DEFAULT);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, &js, &err), 0);
+	ck_assert_uint_eq(js.bytes_zero, st.bytes_zero);
+	ck_assert_uint_eq(js.bytes_from_delta, st.bytes_delta);
+	ck_assert_uint_eq(js.chunks_read, st.chunks_referenced);
+	assert_pages_intact(&f);
+	ck_assert_int_eq(fstatat(f.dirfd, "pages-1.img", &sb, 0), 0);
+	ck_assert_uint_le((uint64_t)sb.st_blocks * 512,
+			  f.pages_size - st.bytes_zero + (1u << 20));
+	fixture_teardown(&f);
+}
+END_TEST
+
+/*
+ * Many known chunks of one length (constant runs are cut only at max_size):
+ * past a few candidates the split looks a chunk up by its SHA-256 instead,
+ * and still refers to exactly what the chunker and the hash would.
+ */
+START_TEST(test_image_split_many_candidates_of_one_length)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	enum { BLOCKS = 10 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	struct km_seed_stats ss;
+	const char *paths[1];
+	uint8_t *model = malloc(BLOCKS * 32768);
+	int fd;
+
+	fixture_setup(&f, &p);
+	for (int b = 0; b < BLOCKS; b++)
+		memset(model + b * 32768, b + 1, 32768);
+	fd = open(f.model_path, O_WRONLY | O_TRUNC);
+	ck_assert_int_eq(km_write_full(fd, model, BLOCKS * 32768), 0);
+	close(fd);
+	paths[0] = f.model_path;
+	ck_assert_int_eq(km_seed(f.store, "runs", paths, 1, 2, &ss, &err), 0);
+	/* The premise: one chunk per run, all of max_size. */
+	ck_assert_uint_eq(ss.chunks, BLOCKS);
+	ck_assert_uint_eq(ss.chunks_added, BLOCKS);
+
+	/* The runs in reverse order, then a run the model does not have. */
+	free(f.pages);
+	f.pages_size = (BLOCKS + 1) * 32768;
+	f.pages = malloc(f.pages_size);
+	for (int b = 0; b < BLOCKS; b++)
+		memcpy(f.pages + b * 32768, model + (BLOCKS - 1 - b) * 32768, 32768);
+	memset(f.pages + BLOCKS * 32768, 0x77, 32768);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+	free(model);
+
+	split(&f, false, &st);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_uint_eq(st.chunks_referenced, BLOCKS);
+	ck_assert_uint_eq(st.bytes_delta, 32768);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* Bytes of the model changed in the image: the run of weights breaks there and resumes. */
+START_TEST(test_image_split_changed_model_bytes)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	const size_t model_at = PAGES_RANDOM_HEAD;
+
+	fixture_setup(&f, &p);
+	seed_model(&f);
+	/* Three changes inside the model, one of them a single bit. */
+	f.pages[model_at + MODEL_SIZE / 4] ^= 1;
+	memset(f.pages + model_at + MODEL_SIZE / 2, 0x5a, 3000);
+	f.pages[model_at + MODEL_SIZE - 40000] ^= 0x80;
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+	split(&f, false, &st);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE - 8 * 32768);
+	ck_assert_uint_lt(st.bytes_referenced, MODEL_SIZE);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+	assert_pages_intact(&f);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* A corrupt chunk of the store does not compare equal: its bytes go to the delta. */
+START_TEST(test_image_split_skips_corrupt_store_chunk)
+{
+	struct fixture f;
+	struct km_split_stats st, clean;
+	struct km_join_opts jo = { .threads = 2 };
+	struct km_error err = { { 0 } };
+	struct km_manifest *m = NULL;
+	struct km_hash victim = { { 0 } };
+	char hex[KM_HASH_HEX_SIZE], path[512];
+	uint64_t length = 0;
+	uint8_t b;
+	int fd;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &clean);
+	/* A chunk the image refers to: the third of pages-1.img. */
+	ck_assert_int_eq(km_image_read_manifest(f.dirfd, &m, &err), 0);
+	for (size_t i = 0, seen = 0; i < m->n_files; i++)
+		for (size_t j = 0; strcmp(m->files[i].name, "pages-1.img") == 0 &&
+				   j < m->files[i].n_extents;
+		     j++)
+			if (m->files[i].extents[j].kind == KM_EXTENT_CHUNK && ++seen == 3) {
+				victim = m->files[i].extents[j].id;
+				length = m->files[i].extents[j].length;
+			}
+	km_manifest_free(m);
+	ck_assert_uint_gt(length, 0);
+	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
+
+	km_hash_to_hex(&victim, hex);
+	snprintf(path, sizeof(path), "%s/chunks/%.2s/%s", f.store_path, hex, hex);
+	fd = open(path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, &b, 1, (off_t)length - 1), 1);
+	b ^= 0x01;
+	ck_assert_int_eq(pwrite(fd, &b, 1, (off_t)length - 1), 1);
+	close(fd);
+
+	split(&f, false, &st);
+	ck_assert_uint_eq(st.chunks_referenced, clean.chunks_referenced - 1);
+	ck_assert_uint_eq(st.bytes_referenced, clean.bytes_referenced - length);
+	ck_assert_uint_eq(st.bytes_delta, clean.bytes_delta + length);
+	/* Nothing refers to the corrupt chunk, so the image joins. */
 	ck_assert_int_eq(km_image_join(f.dirfd, f.store, &jo, NULL, &err), 0);
 	assert_pages_intact(&f);
 	fixture_teardown(&f);
@@ -497,6 +735,10 @@ int main(void)
 	tcase_add_test(tc, test_image_join_foreign_delta);
 	tcase_add_test(tc, test_image_gc_keeps_referenced);
 	tcase_add_test(tc, test_image_small_chunks_round_trip);
+	tcase_add_test(tc, test_image_join_spans_windows);
+	tcase_add_test(tc, test_image_split_changed_model_bytes);
+	tcase_add_test(tc, test_image_split_many_candidates_of_one_length);
+	tcase_add_test(tc, test_image_split_skips_corrupt_store_chunk);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }

@@ -387,6 +387,33 @@ START_TEST(test_store_get_missing)
 }
 END_TEST
 
+START_TEST(test_store_compare_bytes)
+{
+	struct fixture f;
+	struct km_store *s = NULL;
+	uint8_t buf[5000], other[5000];
+	struct km_hash id, missing = seed_id(9);
+	size_t n;
+
+	fixture_setup(&f);
+	ck_assert_int_eq(km_store_open(f.path, KM_STORE_CREATE | NOSYNC, NULL, &s), 0);
+	n = make_chunk(4, buf, &id);
+	ck_assert_int_eq(km_store_put(s, &id, buf, n), 0);
+	ck_assert_int_eq(km_store_compare(s, &id, buf, n), 1);
+	/* One byte anywhere, the length, or another chunk's name: no match. */
+	memcpy(other, buf, n);
+	other[n - 1] ^= 1;
+	ck_assert_int_eq(km_store_compare(s, &id, other, n), 0);
+	other[n - 1] ^= 1;
+	other[0] ^= 0x80;
+	ck_assert_int_eq(km_store_compare(s, &id, other, n), 0);
+	ck_assert_int_eq(km_store_compare(s, &id, buf, n - 1), 0);
+	ck_assert_int_eq(km_store_compare(s, &missing, buf, n), -ENOENT);
+	km_store_free(s);
+	fixture_teardown(&f);
+}
+END_TEST
+
 /* ---------------------------------------------------------- integrity */
 
 struct bad_list {
@@ -928,6 +955,7 @@ int main(void)
 	tcase_add_test(tc, test_store_round_trip);
 	tcase_add_test(tc, test_store_put_twice_dedups);
 	tcase_add_test(tc, test_store_get_missing);
+	tcase_add_test(tc, test_store_compare_bytes);
 	tcase_add_test(tc, test_store_flipped_byte_detected);
 	tcase_add_test(tc, test_store_truncated_detected);
 	tcase_add_test(tc, test_store_wrong_name_detected);

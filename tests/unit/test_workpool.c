@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "workpool.h"
@@ -195,6 +196,39 @@ START_TEST(test_workpool_runs_in_parallel)
 }
 END_TEST
 
+static int record_nice(void *arg)
+{
+	errno = 0;
+	*(int *)arg = getpriority(PRIO_PROCESS, 0);
+	return errno ? -errno : 0;
+}
+
+/* Background threads yield: their nice value is the creator's plus 10. */
+START_TEST(test_workpool_background_nice)
+{
+	struct km_workpool *w = NULL;
+	int base, plain = -100, background = -100;
+
+	errno = 0;
+	base = getpriority(PRIO_PROCESS, 0);
+	ck_assert_int_eq(errno, 0);
+	ck_assert_int_eq(km_workpool_new(1, 0, &w), 0);
+	ck_assert_int_eq(km_workpool_submit(w, record_nice, &plain), 0);
+	ck_assert_int_eq(km_workpool_wait(w), 0);
+	km_workpool_free(w);
+	ck_assert_int_eq(km_workpool_new_background(1, 0, &w), 0);
+	ck_assert_int_eq(km_workpool_submit(w, record_nice, &background), 0);
+	ck_assert_int_eq(km_workpool_wait(w), 0);
+	km_workpool_free(w);
+	ck_assert_int_eq(plain, base);
+	ck_assert_int_eq(background, base + KM_WORKPOOL_BACKGROUND_NICE > 19
+					     ? 19
+					     : base + KM_WORKPOOL_BACKGROUND_NICE);
+	/* The calling thread keeps its own. */
+	ck_assert_int_eq(getpriority(PRIO_PROCESS, 0), base);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("workpool");
@@ -208,6 +242,7 @@ int main(void)
 	tcase_add_test(tc, test_workpool_bounded_queue_no_deadlock);
 	tcase_add_test(tc, test_workpool_free_runs_pending_jobs);
 	tcase_add_test(tc, test_workpool_runs_in_parallel);
+	tcase_add_test(tc, test_workpool_background_nice);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
