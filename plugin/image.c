@@ -17,81 +17,15 @@
 #define DELTA_TMP_NAME ".kvmotion.delta.tmp"
 #define MANIFEST_MAX (256u * 1024 * 1024)
 
-static int cmp_names(const void *a, const void *b)
+/*
+ * Not part of the image: kvmotion's own files, and CRIU's logs and
+ * statistics, which CRIU writes after the split (dump.log, stats-dump) and
+ * during a restore: recording them would make a restore refuse.
+ */
+static bool not_image_file(const char *name)
 {
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static void free_names(char **names, size_t n)
-{
-	for (size_t i = 0; i < n; i++)
-		free(names[i]);
-	free(names);
-}
-
-/* Regular files of dirfd, sorted, without kvmotion's own and temp files. */
-static int list_files(int dirfd, char ***ret, size_t *ret_n)
-{
-	DIR *d;
-	struct dirent *de;
-	char **names = NULL;
-	size_t n = 0, cap = 0;
-	int r;
-
-	r = km_opendir_at(dirfd, &d);
-	if (r < 0)
-		return r;
-	while ((errno = 0, de = readdir(d))) {
-		struct stat st;
-
-		if (de->d_name[0] == '.')
-			continue; /* ".", "..", and temporary files */
-		if (strcmp(de->d_name, KM_MANIFEST_NAME) == 0 ||
-		    strcmp(de->d_name, KM_DELTA_NAME) == 0)
-			continue;
-		/*
-		 * CRIU's logs and statistics are no part of the image, and CRIU
-		 * writes them after the split (dump.log, stats-dump) and during
-		 * a restore: recording them would make a restore refuse.
-		 */
-		if (fnmatch("*.log", de->d_name, 0) == 0 || fnmatch("stats-*", de->d_name, 0) == 0)
-			continue;
-		if (fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-			r = -errno;
-			break;
-		}
-		if (!S_ISREG(st.st_mode))
-			continue; /* e.g. the parent/ symlink of an incremental dump */
-		if (n == cap) {
-			char **x;
-
-			cap = cap ? 2 * cap : 64;
-			x = realloc(names, cap * sizeof(*x));
-			if (!x) {
-				r = -ENOMEM;
-				break;
-			}
-			names = x;
-		}
-		names[n] = strdup(de->d_name);
-		if (!names[n]) {
-			r = -ENOMEM;
-			break;
-		}
-		n++;
-	}
-	if (r == 0 && errno)
-		r = -errno;
-	closedir(d);
-	if (r < 0) {
-		free_names(names, n);
-		return r;
-	}
-	if (n)
-		qsort(names, n, sizeof(*names), cmp_names);
-	*ret = names;
-	*ret_n = n;
-	return 0;
+	return strcmp(name, KM_MANIFEST_NAME) == 0 || strcmp(name, KM_DELTA_NAME) == 0 ||
+	       fnmatch("*.log", name, 0) == 0 || fnmatch("stats-*", name, 0) == 0;
 }
 
 int km_image_is_split(int dirfd)
@@ -268,7 +202,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		km_error_set(err, "%s: %s", KM_MANIFEST_NAME, strerror(-r));
 		return r;
 	}
-	r = list_files(dirfd, &names, &n_names);
+	r = km_list_files_at(dirfd, not_image_file, &names, &n_names);
 	if (r < 0) {
 		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
 		return r;
@@ -431,7 +365,7 @@ out:
 	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
 	km_known_free(known);
-	free_names(names, n_names);
+	km_free_names(names, n_names);
 	m.delta.name = NULL;
 	m.created_by = NULL;
 	m.store_hint = NULL;

@@ -124,27 +124,6 @@ static int fsync_dir_at(int dirfd, const char *name)
 	return fsync(fd) < 0 ? -errno : 0;
 }
 
-static int mkdir_p(const char *path)
-{
-	_cleanup_free_ char *p = strdup(path);
-
-	if (!p)
-		return -ENOMEM;
-	for (char *c = p + 1;; c++) {
-		if (*c != '/' && *c != 0)
-			continue;
-		char saved = *c;
-
-		*c = 0;
-		if (mkdir(p, 0755) < 0 && errno != EEXIST)
-			return -errno;
-		*c = saved;
-		if (!saved)
-			break;
-	}
-	return 0;
-}
-
 /* Opens (and unless read-only, first creates) a subdirectory of S. */
 static int open_subdir(int dirfd, const char *name, int *ret)
 {
@@ -302,7 +281,7 @@ int km_store_open(const char *path, unsigned flags, const struct km_chunker_para
 	if ((flags & KM_STORE_CREATE) && km_chunker_params_check(params) < 0)
 		return -EINVAL;
 	if (flags & KM_STORE_CREATE) {
-		r = mkdir_p(path);
+		r = km_mkdir_p(path);
 		if (r < 0)
 			return r;
 	}
@@ -454,23 +433,43 @@ int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, si
 	return r;
 }
 
-int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t bufsize,
-		 size_t *ret_size)
+/*
+ * Opens chunk id for reading: the fd, or -ENOENT, or -EBADMSG for anything
+ * but a regular file under its name. *st gets its stat.
+ */
+static int open_chunk(struct km_store *s, const struct km_hash *id, struct stat *st)
 {
 	char path[CHUNK_PATH_SIZE];
-	_cleanup_close_ int fd = -1;
-	struct km_hash h;
-	struct stat st;
-	ssize_t k;
+	int fd;
 
 	chunk_path(id, path);
 	fd = openat(s->chunks_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return errno == ELOOP ? -EBADMSG : -errno;
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	if (!S_ISREG(st.st_mode))
+	if (fstat(fd, st) < 0) {
+		int r = -errno;
+
+		close(fd);
+		return r;
+	}
+	if (!S_ISREG(st->st_mode)) {
+		close(fd);
 		return -EBADMSG;
+	}
+	return fd;
+}
+
+int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t bufsize,
+		 size_t *ret_size)
+{
+	_cleanup_close_ int fd = -1;
+	struct km_hash h;
+	struct stat st;
+	ssize_t k;
+
+	fd = open_chunk(s, id, &st);
+	if (fd < 0)
+		return fd;
 	if ((uint64_t)st.st_size > bufsize)
 		return -EFBIG;
 	/* Straight into the caller's buffer: the only copy is the kernel's. */
@@ -490,18 +489,14 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
 		     uint64_t dst_off)
 {
-	char path[CHUNK_PATH_SIZE];
 	_cleanup_close_ int fd = -1;
 	loff_t in = 0, out = (loff_t)dst_off;
 	struct stat st;
 
-	chunk_path(id, path);
-	fd = openat(s->chunks_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	fd = open_chunk(s, id, &st);
 	if (fd < 0)
-		return errno == ELOOP ? -EBADMSG : -errno;
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size != length)
+		return fd;
+	if ((uint64_t)st.st_size != length)
 		return -EBADMSG;
 	while ((uint64_t)in < length) {
 		ssize_t k = copy_file_range(fd, &in, dst_fd, &out, (size_t)(length - (uint64_t)in), 0);
@@ -540,20 +535,14 @@ int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t leng
 
 int km_store_compare(struct km_store *s, const struct km_hash *id, const void *p, size_t n)
 {
-	char path[CHUNK_PATH_SIZE];
 	_cleanup_close_ int fd = -1;
 	struct stat st;
 	void *map;
 	int equal;
 
-	chunk_path(id, path);
-	fd = openat(s->chunks_fd, path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	fd = open_chunk(s, id, &st);
 	if (fd < 0)
-		return errno == ELOOP ? -EBADMSG : -errno;
-	if (fstat(fd, &st) < 0)
-		return -errno;
-	if (!S_ISREG(st.st_mode))
-		return -EBADMSG;
+		return fd;
 	if ((uint64_t)st.st_size != n)
 		return 0;
 	if (n == 0)

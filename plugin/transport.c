@@ -1312,66 +1312,10 @@ int km_client_materialize(struct km_client *c, const char *index_name,
 
 /* ------------------------------------------------------------ images */
 
-static int cmp_str(const void *a, const void *b)
+/* Sent besides the regular files: not CRIU's logs (written during the dump). */
+static bool not_sent(const char *name)
 {
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* The files an image transfer sends: regular, not hidden, not CRIU's logs. */
-static int image_files(int dirfd, char ***ret, size_t *ret_n)
-{
-	DIR *d;
-	struct dirent *de;
-	char **names = NULL;
-	size_t n = 0, cap = 0;
-	int r;
-
-	r = km_opendir_at(dirfd, &d);
-	if (r < 0)
-		return r;
-	while ((errno = 0, de = readdir(d))) {
-		struct stat st;
-
-		if (de->d_name[0] == '.' || fnmatch("*.log", de->d_name, 0) == 0)
-			continue;
-		if (fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-			r = -errno;
-			break;
-		}
-		if (!S_ISREG(st.st_mode))
-			continue;
-		if (n == cap) {
-			char **x;
-
-			cap = cap ? 2 * cap : 64;
-			x = realloc(names, cap * sizeof(*x));
-			if (!x) {
-				r = -ENOMEM;
-				break;
-			}
-			names = x;
-		}
-		names[n] = strdup(de->d_name);
-		if (!names[n]) {
-			r = -ENOMEM;
-			break;
-		}
-		n++;
-	}
-	if (r == 0 && errno)
-		r = -errno;
-	closedir(d);
-	if (r < 0) {
-		for (size_t i = 0; i < n; i++)
-			free(names[i]);
-		free(names);
-		return r;
-	}
-	if (n)
-		qsort(names, n, sizeof(*names), cmp_str);
-	*ret = names;
-	*ret_n = n;
-	return 0;
+	return fnmatch("*.log", name, 0) == 0;
 }
 
 static int send_file(struct km_client *c, int dirfd, const char *name, uint8_t *buf, uint8_t *zbuf,
@@ -1480,7 +1424,7 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	km_manifest_free(m);
 	if (r < 0)
 		return r;
-	r = image_files(dirfd, &names, &n_names);
+	r = km_list_files_at(dirfd, not_sent, &names, &n_names);
 	if (r < 0) {
 		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
 		return r;
@@ -1573,8 +1517,6 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	if (ret_result)
 		*ret_result = res;
 out:
-	for (size_t i = 0; i < n_names; i++)
-		free(names[i]);
-	free(names);
+	km_free_names(names, n_names);
 	return r;
 }

@@ -2,7 +2,9 @@
 #include "util.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 ssize_t km_read_full(int fd, void *buf, size_t n)
 {
@@ -95,6 +97,93 @@ int km_opendir_at(int dirfd, DIR **ret)
 		return r;
 	}
 	*ret = d;
+	return 0;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+void km_free_names(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
+int km_list_files_at(int dirfd, km_name_skip_fn skip, char ***ret, size_t *ret_n)
+{
+	DIR *d;
+	struct dirent *de;
+	char **names = NULL;
+	size_t n = 0, cap = 0;
+	int r;
+
+	r = km_opendir_at(dirfd, &d);
+	if (r < 0)
+		return r;
+	while ((errno = 0, de = readdir(d))) {
+		struct stat st;
+
+		if (de->d_name[0] == '.' || (skip && skip(de->d_name)))
+			continue; /* ".", "..", temporary files, the caller's */
+		if (fstatat(dirfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			r = -errno;
+			break;
+		}
+		if (!S_ISREG(st.st_mode))
+			continue; /* e.g. the parent/ symlink of an incremental dump */
+		if (n == cap) {
+			char **x;
+
+			cap = cap ? 2 * cap : 64;
+			x = realloc(names, cap * sizeof(*x));
+			if (!x) {
+				r = -ENOMEM;
+				break;
+			}
+			names = x;
+		}
+		names[n] = strdup(de->d_name);
+		if (!names[n]) {
+			r = -ENOMEM;
+			break;
+		}
+		n++;
+	}
+	if (r == 0 && errno)
+		r = -errno;
+	closedir(d);
+	if (r < 0) {
+		km_free_names(names, n);
+		return r;
+	}
+	if (n)
+		qsort(names, n, sizeof(*names), cmp_names);
+	*ret = names;
+	*ret_n = n;
+	return 0;
+}
+
+int km_mkdir_p(const char *path)
+{
+	_cleanup_free_ char *p = strdup(path);
+
+	if (!p)
+		return -ENOMEM;
+	for (char *c = p + 1;; c++) {
+		if (*c != '/' && *c != 0)
+			continue;
+		char saved = *c;
+
+		*c = 0;
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			return -errno;
+		*c = saved;
+		if (!saved)
+			break;
+	}
 	return 0;
 }
 

@@ -5,6 +5,7 @@
 /* Small helpers shared by every module: cleanup attributes, full I/O. */
 
 #include <dirent.h>
+#include <stdbool.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -68,6 +69,18 @@ int km_pwrite_full(int fd, const void *buf, size_t n, off_t off);
 
 /* Opens dirfd's directory for readdir (a DIR of its own, dirfd stays open). */
 int km_opendir_at(int dirfd, DIR **ret);
+
+/*
+ * The regular files of dirfd (symlinks and dotfiles left out), sorted by
+ * name, minus those skip (may be NULL) returns true for. *ret is an array
+ * of malloc'd names: free it with km_free_names.
+ */
+typedef bool (*km_name_skip_fn)(const char *name);
+int km_list_files_at(int dirfd, km_name_skip_fn skip, char ***ret, size_t *ret_n);
+void km_free_names(char **names, size_t n);
+
+/* mkdir -p: every missing directory of path, mode 0755. */
+int km_mkdir_p(const char *path);
 
 /*
  * Error details for the caller to print: the library never prints. Modules

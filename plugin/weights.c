@@ -61,27 +61,6 @@ static int weights_path(const char *dir, const struct km_hash *id, char *buf, si
 	return k < 0 || (size_t)k >= bufsize ? -ENAMETOOLONG : 0;
 }
 
-static int mkdir_p(const char *path)
-{
-	_cleanup_free_ char *p = strdup(path);
-
-	if (!p)
-		return -ENOMEM;
-	for (char *c = p + 1;; c++) {
-		if (*c != '/' && *c != 0)
-			continue;
-		char saved = *c;
-
-		*c = 0;
-		if (mkdir(p, 0755) < 0 && errno != EEXIST)
-			return -errno;
-		*c = saved;
-		if (!saved)
-			break;
-	}
-	return 0;
-}
-
 int km_weights_layout(const struct km_weights_index *idx, struct km_weights_file_layout **ret,
 		      size_t *ret_n, uint64_t *ret_size)
 {
@@ -719,7 +698,7 @@ int km_weights_materialize(struct km_store *s, const char *index_name, const cha
 		}
 	}
 
-	r = mkdir_p(dir);
+	r = km_mkdir_p(dir);
 	if (r == 0) {
 		dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		r = dirfd < 0 ? -errno : 0;

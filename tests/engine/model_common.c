@@ -178,6 +178,15 @@ int model_read_weights(int fd, const struct st_file *f, uint8_t **ret, char *err
 	return 0;
 }
 
+/* err = "what: why", cut to MODEL_ERR_SIZE. */
+static void name_error(char *err, const char *what, const char *why)
+{
+	int k = snprintf(err, MODEL_ERR_SIZE, "%s: ", what);
+
+	if (k >= 0 && k < MODEL_ERR_SIZE)
+		snprintf(err + k, MODEL_ERR_SIZE - (size_t)k, "%s", why);
+}
+
 int model_read_file(const char *path, struct model_config *ret_config,
 		    struct model_layout *ret_layout, uint8_t **ret_weights, uint64_t *ret_size,
 		    char *err)
@@ -204,10 +213,7 @@ int model_read_file(const char *path, struct model_config *ret_config,
 		r = model_read_weights(fd, &f, &w, why);
 	close(fd);
 	if (r < 0) {
-		int k = snprintf(err, MODEL_ERR_SIZE, "%s: ", path);
-
-		if (k >= 0 && k < MODEL_ERR_SIZE)
-			snprintf(err + k, MODEL_ERR_SIZE - (size_t)k, "%s", why);
+		name_error(err, path, why);
 		model_layout_free(&l);
 		st_free(&f);
 		return r;
@@ -252,10 +258,7 @@ int model_parse_mem(const uint8_t *file, uint64_t file_size, const char *what,
 	if (r == 0)
 		r = model_read_layout(&f, &c, &l, why);
 	if (r < 0) {
-		int k = snprintf(err, MODEL_ERR_SIZE, "%s: ", what);
-
-		if (k >= 0 && k < MODEL_ERR_SIZE)
-			snprintf(err + k, MODEL_ERR_SIZE - (size_t)k, "%s", why);
+		name_error(err, what, why);
 		model_layout_free(&l);
 		st_free(&f);
 		return r;

@@ -37,17 +37,7 @@
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 km_init
 
-GPU=${KM_REQUIRE_GPU:-0}
-if [ "$GPU" = 1 ] && ! compgen -G '/proc/driver/nvidia/gpus/*' >/dev/null; then
-	skip "no NVIDIA GPU on this host (/proc/driver/nvidia/gpus is empty or absent): the CUDA engine's cooperative dump and restore (VMM release before the driver's checkpoint) run only on a GPU host; the host-side arithmetic is tested in vmm_plan, the protocol in engine_coop"
-fi
-if [ "$GPU" = 1 ] && [ -z "${KM_ENGINE:-}" ]; then
-	skip "engine-cuda was not built: no CUDA toolkit (nvcc and libcudart_static.a under meson's gpu_toolkit)"
-fi
-ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
-PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
-[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
-[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+engine_test_init "the CUDA engine's cooperative dump and restore (VMM release before the driver's checkpoint) run only on a GPU host; the host-side arithmetic is tested in vmm_plan, the protocol in engine_coop"
 
 T=$KM_TMP
 store=$T/store

@@ -20,17 +20,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 km_init
 
-GPU=${KM_REQUIRE_GPU:-0}
-if [ "$GPU" = 1 ] && ! compgen -G '/proc/driver/nvidia/gpus/*' >/dev/null; then
-	skip "no NVIDIA GPU on this host (/proc/driver/nvidia/gpus is empty or absent): the CUDA engine's dump and restore through the real driver run only on a GPU host; the plugin's GPU state machine is tested against the libcuda test double (criu_plugin.sh case h, test_gpu)"
-fi
-if [ "$GPU" = 1 ] && [ -z "${KM_ENGINE:-}" ]; then
-	skip "engine-cuda was not built: no CUDA toolkit (nvcc and libcudart_static.a under meson's gpu_toolkit)"
-fi
-ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
-PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
-[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
-[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+engine_test_init "the CUDA engine's dump and restore through the real driver run only on a GPU host; the plugin's GPU state machine is tested against the libcuda test double (criu_plugin.sh case h, test_gpu)"
 
 T=$KM_TMP
 model=$T/model.safetensors

@@ -379,3 +379,20 @@ assert_eq() {
 store_bytes() {
 	find "$1/chunks" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'
 }
+
+# engine_test_init WHAT: ENGINE and PLUGIN_DIR for the engine tests, GPU=1
+# when KM_REQUIRE_GPU=1 asks for the real-GPU variant (which SKIPs without a
+# GPU or engine-cuda; WHAT says what runs there and where else it is tested).
+engine_test_init() {
+	GPU=${KM_REQUIRE_GPU:-0}
+	if [ "$GPU" = 1 ] && ! compgen -G '/proc/driver/nvidia/gpus/*' >/dev/null; then
+		skip "no NVIDIA GPU on this host (/proc/driver/nvidia/gpus is empty or absent): $1"
+	fi
+	if [ "$GPU" = 1 ] && [ -z "${KM_ENGINE:-}" ]; then
+		skip "engine-cuda was not built: no CUDA toolkit (nvcc and libcudart_static.a under meson's gpu_toolkit)"
+	fi
+	ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
+	PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
+	[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
+	[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+}
