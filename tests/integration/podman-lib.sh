@@ -2,21 +2,30 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 #
 # Container test scaffolding (sourced after lib.sh and km_init, never run):
-# podman "nodes" on this machine, each with its own podman storage, its own
-# kvmotion store and configuration, and its own `criu` first on PATH, and an
-# image holding the test engine, imported from a rootfs tarball built from
-# the build tree (no registry is reachable).
+# podman "nodes" on this machine, each in its own mount namespace where its
+# own directory is mounted at one path common to all nodes ($POD_NODE_DIR),
+# as real hosts have the same paths: its podman storage, its kvmotion store
+# and configuration, its runc state (/run/runc), its `criu` first on PATH.
+# A container checkpointed on one node names paths (conmon's pidfile, bind
+# mounts, weights files) that exist on every node, as on a cluster. The test
+# engine's image is imported from a rootfs tarball built from the build tree
+# (no registry is reachable).
 #
 #   pod_init                  checks podman and runc (SKIP with the reason if
 #                             they cannot run), builds the engine's rootfs
 #                             tarball once ($POD_ROOTFS_TAR)
 #   pod_node_setup NODE [--no-plugin] [--plugin-dir DIR] [--config FILE]
-#                             makes node NODE under $KM_TMP/nodes/NODE: podman
-#                             storage, store ($(pod_store NODE), empty, not
-#                             initialized), kvmotion.conf, criu wrapper,
-#                             plugin dir; imports the engine image; its
-#                             containers and mounts go at the test's exit
-#   pod NODE ARGS...          podman ARGS on NODE (its storage, runc, its PATH)
+#                             makes node NODE: its directory $(pod_dir NODE)
+#                             (seen by the node as $POD_NODE_DIR) with podman
+#                             storage, weights/, store/ (not made: an
+#                             existing directory that is not a store makes
+#                             the plugin refuse dumps; seed or init it), kvmotion.conf, bin/criu, plugins/;
+#                             imports the engine image; its containers,
+#                             mounts and namespace go at the test's exit.
+#                             DIR and FILE are paths as the node sees them
+#   pod NODE ARGS...          podman ARGS on NODE (its namespace, storage,
+#                             runc, PATH)
+#   pod_in NODE CMD...        CMD in NODE's mount namespace (PATH with its criu)
 #   pod_run_engine NODE NAME [PODMAN-RUN OPTIONS...] -- [ENGINE ARGS...]
 #                             runs the test engine detached as container NAME
 #   pod_run NODE NAME [PODMAN-RUN OPTIONS...] -- CMD...
@@ -35,19 +44,17 @@
 #   pod_archive_has ARCHIVE GLOB     0 if a member name matches GLOB
 #
 # Variables: POD_IMAGE (the engine image's name), POD_ENGINE (the engine's
-# path inside it), POD_SHARE ($KM_TMP/share: bind-mounted read-write at the
-# same path into every container of pod_run_engine/pod_run, for models,
-# outputs and status files), POD_WEIGHTS_DIR (weights_dir of every node's
-# kvmotion.conf: one path for all nodes, as on a real cluster, where it is
-# the same path on every node; a cooperative container bind-mounts it
-# read-only at that same path), POD_RUNTIME (runc), POD_LIMITS (the ulimits
+# path inside it), POD_NODE_DIR (where every node sees its own directory),
+# POD_SHARE ($KM_TMP/share, seen by the host and every node: bind-mounted
+# read-write at the same path into every container of pod_run, for models,
+# outputs and status files), POD_RUNTIME (runc), POD_LIMITS (the ulimits
 # this VM needs), POD_NODES (the nodes made).
 #
 # What podman passes down: podman runs runc with a cleaned environment that
 # keeps PATH, and runc runs `criu swrk` by a PATH lookup; nothing else of the
 # caller's environment (KVMOTION_*, CRIU_LIBS_DIR) reaches CRIU. So a node's
-# settings live in its criu wrapper ($N/bin/criu), which exports
-# CRIU_LIBS_DIR (the node's plugin dir) and KVMOTION_CONFIG and runs $CRIU.
+# settings live in its criu wrapper (bin/criu), which exports CRIU_LIBS_DIR
+# (the node's plugin dir) and KVMOTION_CONFIG and runs $CRIU.
 
 POD_IMAGE=localhost/kvmotion-test-engine:latest
 POD_ENGINE=/usr/local/bin/engine
@@ -56,17 +63,23 @@ POD_LIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 POD_NODES=()
 POD_SECONDS=0
 POD_SHARE=""
-POD_WEIGHTS_DIR=""
+POD_NODE_DIR=""
 POD_ROOTFS_TAR=""
 
+# Host paths of a node's directory and store (the node sees $POD_NODE_DIR).
 pod_dir() { printf '%s/nodes/%s' "$KM_TMP" "$1"; }
 pod_store() { printf '%s/nodes/%s/store' "$KM_TMP" "$1"; }
 
-pod() {
-	local n
-	n=$(pod_dir "$1")
+pod_in() {
+	local node=$1
 	shift
-	PATH="$n/bin:$PATH" podman --root "$n/root" --runroot "$n/runroot" --tmpdir "$n/tmp" \
+	nsenter --mount="$KM_TMP/ns/$node" -- env PATH="$POD_NODE_DIR/bin:$PATH" "$@"
+}
+
+pod() {
+	local node=$1 d=$POD_NODE_DIR
+	shift
+	pod_in "$node" podman --root "$d/root" --runroot "$d/runroot" --tmpdir "$d/tmp" \
 		--runtime "$POD_RUNTIME" --cgroup-manager cgroupfs --events-backend none "$@"
 }
 
@@ -108,10 +121,16 @@ pod_init() {
 	command -v podman >/dev/null 2>&1 || skip "podman is not installed (apt-get install podman runc uidmap; scripts/setup.sh does)"
 	command -v "$POD_RUNTIME" >/dev/null 2>&1 || skip "$POD_RUNTIME is not installed (podman checkpoints need runc: Debian's crun has no CRIU)"
 	[ "$KM_HAVE_CRIU" = 1 ] || skip "no working CRIU"
+	{ command -v nsenter && command -v unshare; } >/dev/null 2>&1 ||
+		skip "nsenter and unshare (util-linux) are needed for the node namespaces"
 	POD_SHARE=$KM_TMP/share
-	POD_WEIGHTS_DIR=$KM_TMP/weights
-	mkdir -p "$POD_SHARE" "$POD_WEIGHTS_DIR"
+	POD_NODE_DIR=$KM_TMP/node
+	mkdir -p "$POD_SHARE" "$POD_NODE_DIR" "$KM_TMP/ns"
 	KM_CLEANUP_HOOKS+=(pod_cleanup)
+	# a namespace is kept by a bind mount of its nsfs file, which must not
+	# propagate: the files live on a private mount
+	{ mount --bind "$KM_TMP/ns" "$KM_TMP/ns" && mount --make-private "$KM_TMP/ns"; } ||
+		skip "cannot make a private mount for the node namespaces"
 	pod_build_rootfs
 	# can a container run here at all?
 	pod_node_setup probe --no-plugin
@@ -125,7 +144,7 @@ pod_init() {
 
 # pod_node_setup NODE [--no-plugin] [--plugin-dir DIR] [--config FILE]
 pod_node_setup() {
-	local node=$1 n plugin_dir="" config="" with_plugin=1
+	local node=$1 n d=$POD_NODE_DIR plugin_dir="" config="" with_plugin=1
 	shift
 	while [ $# -gt 0 ]; do
 		case $1 in
@@ -137,21 +156,21 @@ pod_node_setup() {
 		shift
 	done
 	n=$(pod_dir "$node")
-	mkdir -p "$n/root" "$n/runroot" "$n/tmp" "$n/bin" "$n/plugins"
+	mkdir -p "$n/root" "$n/runroot" "$n/tmp" "$n/bin" "$n/plugins" "$n/runc" "$n/weights"
 	if [ -z "$plugin_dir" ]; then
-		plugin_dir=$n/plugins
+		plugin_dir=$d/plugins
 		if [ "$with_plugin" = 1 ]; then
 			local so=${PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}/kvmotion.so
 			[ -f "$so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
-			cp "$so" "$plugin_dir/"
+			cp "$so" "$n/plugins/"
 		fi
 	fi
 	if [ -z "$config" ]; then
-		config=$n/kvmotion.conf
-		cat >"$config" <<EOF
+		config=$d/kvmotion.conf
+		cat >"$n/kvmotion.conf" <<EOF
 # node $node of $KM_TEST_NAME
-store = $n/store
-weights_dir = $POD_WEIGHTS_DIR
+store = $d/store
+weights_dir = $d/weights
 sync = no
 EOF
 	fi
@@ -162,26 +181,36 @@ export CRIU_LIBS_DIR='$plugin_dir' KVMOTION_CONFIG='$config'
 exec '$CRIU' "\$@"
 EOF
 	chmod 755 "$n/bin/criu"
+	# the node's mount namespace: its directory at $POD_NODE_DIR, its runc
+	# state at /run/runc (a restored container keeps its id)
+	touch "$KM_TMP/ns/$node"
+	unshare --mount="$KM_TMP/ns/$node" --propagation private true ||
+		fail "cannot make the mount namespace of node $node"
 	POD_NODES+=("$node")
+	mkdir -p /run/runc
+	# shellcheck disable=SC2016 # expanded by that sh
+	nsenter --mount="$KM_TMP/ns/$node" -- sh -c \
+		'mount --bind "$1" "$2" && mount --bind "$3" /run/runc' sh "$n" "$d" "$n/runc" ||
+		fail "cannot mount node $node's directories in its namespace"
 	pod "$node" import "$POD_ROOTFS_TAR" "$POD_IMAGE" >"$n/import.log" 2>&1 || {
 		cat "$n/import.log"
 		fail "podman import on node $node failed"
 	}
 }
 
-# Containers, images and the overlay mounts of every node (lib.sh runs it).
+# Containers, images and namespaces of every node (lib.sh runs it).
 pod_cleanup() {
-	local node n m
+	local node
 	for node in "${POD_NODES[@]}"; do
-		n=$(pod_dir "$node")
 		pod "$node" rm -f -a -t 0 >/dev/null 2>&1
 		pod "$node" rmi -f -a >/dev/null 2>&1
-		# anything still mounted below the node (deepest first)
-		findmnt -rn -o TARGET | grep "^$n/" | sort -r | while read -r m; do
-			umount -l "$m" 2>/dev/null
-		done
+		# the namespace's mounts go with it once nothing holds it
+		umount "$KM_TMP/ns/$node" 2>/dev/null || umount -l "$KM_TMP/ns/$node"
 	done
 	POD_NODES=()
+	if [ -n "$KM_TMP" ] && mountpoint -q "$KM_TMP/ns"; then
+		umount -l "$KM_TMP/ns"
+	fi
 }
 
 # pod_run NODE NAME [PODMAN-RUN OPTIONS...] -- CMD...
