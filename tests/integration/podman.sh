@@ -23,8 +23,9 @@
 #  - --leave-running: the container serves on and finishes token for token,
 #    and the archive restores elsewhere and finishes token for token too;
 #  - missing weights on the target (chunks, or a weights file): the restore
-#    fails, CRIU's log names what is missing, and no container is left
-#    running or half-made.
+#    fails, CRIU's log names what is missing, no process of it exists and
+#    no container runs; podman keeps a Created container, and once the
+#    weights are there the same archive restores (after podman rm).
 # Archive sizes and checkpoint/restore wall times are logged ("measure:").
 # The engine writes its tokens and status into its own rootfs (/tmp), which
 # the exported archive carries and a restore puts back as at the checkpoint.
@@ -296,6 +297,14 @@ grep -q "kvmotion: weights file.*$wfile" "$T/e3.tar.restore.log" || {
 not_running c "$WHAT"
 log "CRIU's log: $(grep 'kvmotion:' "$T/e3.tar.restore.log" | grep "$wfile" | head -n 1)"
 pass "$WHAT: refused, $wfile named, no container running on node C"
+# podman keeps the container it made for the import (Created, no process):
+# once the weights are there, remove it and import again
+run pod_in c "$KVMOTION" weights materialize model --store "$D/store" >/dev/null
+pod c rm e3 >/dev/null
+pod_restore c "$T/e3.tar"
+pod_wait_exit c e3 120
+same_tokens c e3 "the cooperative restore retried on node C"
+pass "retried on node C once its weights file was there: token for token"
 
 log "measure: archives: plain $plain_bytes B, transparent $tr_bytes B, cooperative $coop_bytes B (model $weights B)"
 log "measure: checkpoint s: plain $plain_ckpt, transparent $tr_ckpt, cooperative $coop_ckpt; restore s: plain $plain_rest, transparent $tr_rest, cooperative $coop_rest"
