@@ -515,6 +515,12 @@ static int cmd_store(struct cli *c, int argc, char **argv)
 	argv++;
 
 	if (strcmp(sub, "init") == 0) {
+		/* `store init PATH` is what people type: take it, rather than
+		 * silently creating the default store somewhere else. */
+		if (argc > 1)
+			return fail("store init: expected at most one path, got %d", argc);
+		if (argc == 1)
+			c->store_path = argv[0];
 		if (open_store(c, KM_STORE_CREATE, &s) < 0)
 			return EXIT_FAILURE;
 		printf("store %s: chunker %u/%u/%u\n", c->store_path,

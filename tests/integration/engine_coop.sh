@@ -53,6 +53,9 @@ if [ "$GPU" = 1 ]; then
 	step_delay=150
 fi
 run "$KVMOTION" store init "$store" --no-sync
+# The path as an argument names the store (it once created the default
+# store instead, silently).
+[ -f "$store/config.kmstore" ] || fail "store init $store made no store there"
 small=$T/small.safetensors
 large=$T/large.safetensors
 # The same layers and width, so the same KV bytes per token: the sizes
