@@ -902,13 +902,16 @@ static int client_connect(struct cli *c, const char *what, struct km_client **re
 	};
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
 	int r;
 
 	if (!c->to)
 		return fail("%s: --to HOST:PORT is required", what);
-	/* Tests only: damage the n-th chunk after hashing it (see transport.h). */
+	/* Tests only: damage the n-th chunk or file piece after hashing it (see transport.h). */
 	if (corrupt && corrupt[0])
 		o.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	if (corrupt_piece && corrupt_piece[0])
+		o.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
 	r = km_client_connect(c->to, &o, ret, &err);
 	if (r < 0)
 		fail_net(what, r, &err); /* err names the address */
@@ -929,9 +932,11 @@ static void print_send_stats_json(const struct km_send_stats *st)
 {
 	printf("\"chunks\":%" PRIu64 ",\"chunks_sent\":%" PRIu64 ",\"chunks_deduplicated\":%" PRIu64
 	       ",\"chunks_compressed\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"bytes_sent\":%" PRIu64
-	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64,
+	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64
+	       ",\"pieces_compressed\":%" PRIu64,
 	       st->chunks, st->chunks_sent, st->chunks_deduplicated, st->chunks_compressed,
-	       st->bytes, st->bytes_sent, st->bytes_deduplicated, st->wire_bytes);
+	       st->bytes, st->bytes_sent, st->bytes_deduplicated, st->wire_bytes,
+	       st->pieces_compressed);
 }
 
 static int cmd_send_weights(struct cli *c, int argc, char **argv)
@@ -1058,8 +1063,8 @@ static int cmd_send_image(struct cli *c, int argc, char **argv)
 		printf(",\"compress\":\"%s\",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 ",",
 		       compress_name(c->compress), st.files, st.file_bytes);
 		print_send_stats_json(&st);
-		printf(",\"bytes_joined\":%" PRIu64 ",\"restored_pid\":%d", res.bytes_joined,
-		       res.restored_pid);
+		printf(",\"unsplit\":%s,\"bytes_joined\":%" PRIu64 ",\"restored_pid\":%d",
+		       res.unsplit ? "true" : "false", res.bytes_joined, res.restored_pid);
 		printf(",\"seconds\":{\"connect\":%.6f,\"query\":%.6f,\"chunks\":%.6f,\"files\":%.6f,\"commit\":%.6f,\"total\":%.6f}",
 		       secs(ti->connect_ns), secs(st.query_ns), secs(st.chunks_ns), secs(st.files_ns),
 		       secs(st.commit_ns), secs(ti->connect_ns + st.total_ns));
@@ -1119,7 +1124,8 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	json_string(r->image_dir);
 	printf(",\"target_dir\":");
 	json_string(r->target_dir);
-	printf(",\"image_bytes\":%" PRIu64, r->image_bytes);
+	printf(",\"image\":\"%s\",\"image_bytes\":%" PRIu64, r->image_split ? "split" : "unsplit",
+	       r->image_bytes);
 	printf(",\"bytes_sent_before_stop\":%" PRIu64 ",\"bytes_sent_during_stop\":%" PRIu64
 	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes_before_stop\":%" PRIu64
 	       ",\"wire_bytes_during_stop\":%" PRIu64,
@@ -1178,6 +1184,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	struct km_migrate_report rep;
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
 	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
 	int r;
 
@@ -1192,6 +1199,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	}
 	if (corrupt && corrupt[0])
 		o.client.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	if (corrupt_piece && corrupt_piece[0])
+		o.client.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
@@ -1204,10 +1213,12 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		printf("migrated pid %d to %s: restored as pid %d (%s mode)\n", (int)rep.pid, c->to,
 		       rep.restored_pid, rep.cooperative ? "cooperative" : "transparent");
 		printf("  stop %.3f s: quiesce %.3f, freeze %.3f, GPU checkpoint %.3f, dump %.3f, "
-		       "split %.3f, transfer %.3f, join %.3f, restore %.3f\n",
+		       "split %.3f, transfer %.3f, join %.3f, restore %.3f, GPU restore %.3f, "
+		       "resume %.3f\n",
 		       secs(rep.stop_ns), secs(rep.quiesce_ns), secs(rep.freeze_ns),
 		       secs(rep.gpu_checkpoint_ns), secs(rep.dump_ns), secs(rep.split_ns),
-		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns));
+		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns),
+		       secs(rep.gpu_restore_ns), secs(rep.resume_ns));
 		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
 		       km_format_bytes(rep.precopy.bytes_sent, b1),
 		       km_format_bytes(rep.stop.bytes_sent + rep.stop.file_bytes, b2),

@@ -21,6 +21,7 @@
 #include "engine_ctl.h"
 #include "format.h"
 #include "gpu.h"
+#include "image.h"
 #include "store.h"
 #include "weights.h"
 
@@ -225,6 +226,7 @@ static void add_stats(struct km_send_stats *a, const struct km_send_stats *b)
 	a->bytes_deduplicated += b->bytes_deduplicated;
 	a->files += b->files;
 	a->file_bytes += b->file_bytes;
+	a->pieces_compressed += b->pieces_compressed;
 	a->wire_bytes += b->wire_bytes;
 	a->query_ns += b->query_ns;
 	a->chunks_ns += b->chunks_ns;
@@ -237,7 +239,8 @@ static void add_stats(struct km_send_stats *a, const struct km_send_stats *b)
 
 /* --- criu dump -------------------------------------------------------------- */
 
-static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_error *err)
+static int run_dump(const struct km_migrate_opts *o, const char *img, bool split_engines,
+		    struct km_error *err)
 {
 	const char *argv[32 + 64];
 	char pidbuf[16];
@@ -278,12 +281,14 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_
 
 		/*
 		 * The plugin reads its settings from the environment: the
-		 * image must be split against our store (the transport sends
-		 * split images only), cooperative dumps too.
+		 * image is split against our store, but for a cooperative
+		 * engine (its weights are not in the image: the split would
+		 * only cost time in the stop), unless the target takes split
+		 * images only.
 		 */
 		setenv("KVMOTION_STORE", o->store, 1);
 		setenv("KVMOTION_SPLIT", "yes", 1);
-		setenv("KVMOTION_SPLIT_ENGINES", "yes", 1);
+		setenv("KVMOTION_SPLIT_ENGINES", split_engines ? "yes" : "no", 1);
 		setenv("KVMOTION_LEAVE_RUNNING", "no", 1);
 		if (o->weights_dir)
 			setenv("KVMOTION_WEIGHTS_DIR", o->weights_dir, 1);
@@ -588,7 +593,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	n_pids = tree_pids(o->pid, pids, MAX_TREE);
 	progress(o, KM_MIGRATE_DUMP, r);
 	t_stop = now_ns();
-	ret = run_dump(o, r->image_dir, err);
+	ret = run_dump(o, r->image_dir, !km_client_target(c)->can_unsplit, err);
 	t = now_ns() - t_stop;
 	{
 		_cleanup_close_ int lfd = openat(dirfd, "dump.log", O_RDONLY | O_CLOEXEC);
@@ -599,16 +604,21 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	if (ret < 0)
 		goto fail;
 	r->image_bytes = dir_bytes(r->image_dir);
+	q = km_image_is_split(dirfd);
+	r->image_split = q > 0;
 	progress(o, KM_MIGRATE_SEND, r);
 	t = now_ns();
 	ret = km_client_send_image(c, dirfd, s, &so, &r->stop, &res, tail, sizeof(tail), err);
-	if (ret < 0)
-		goto fail;
-	r->join_ns = res.join_ns;
-	r->restore_ns = res.restore_ns;
 	r->commit_wait_ns = r->stop.commit_ns;
 	r->transfer_ns =
 		r->stop.total_ns > r->stop.commit_ns ? r->stop.total_ns - r->stop.commit_ns : 0;
+	if (ret < 0)
+		goto fail;
+	r->join_ns = res.join_ns;
+	/* the plugin's GPU restore and engine resume, inside the target's restore */
+	r->gpu_restore_ns = res.gpu_restore_ns;
+	r->resume_ns = res.resume_ns;
+	r->restore_ns = res.restore_ns - KM_MIN(res.restore_ns, res.gpu_restore_ns + res.resume_ns);
 	r->restored_pid = res.restored_pid;
 	snprintf(r->target_dir, sizeof(r->target_dir), "%s", res.dir);
 	if (res.restored_pid <= 0) {
