@@ -6,15 +6,23 @@
 # token stream compared with a run never stopped.
 #
 #   - cooperative engine A -> B: its weights file sent ahead (found from its
-#     mappings), no weights in the stop; then B -> A while it still
-#     generates: almost nothing sent before the stop (A has the weights);
+#     mappings), no weights in the stop, the image sent as CRIU wrote it
+#     (unsplit); then B -> A while it still generates: almost nothing sent
+#     before the stop (A has the weights);
+#   - cooperative engine to a target that holds another replica of the model
+#     (seeded and materialized there from its own copy of the model file):
+#     no weights bytes at all;
 #   - plain engine (transparent mode) A -> B with --weights: the chunks go
 #     ahead, the stop sends only what the split did not find;
 #   - failures after the stop began, each leaving the engine generating on A
 #     with the same tokens and the report saying why: the target's restore
 #     fails (with the libcuda test double: the GPU state is restored and
 #     unlocked by migrate, a process other than the one that checkpointed
-#     it), a chunk corrupted in flight, the receiver killed during the stop.
+#     it), a chunk corrupted in flight, a piece of an unsplit image corrupted
+#     in flight, the receiver killed during the stop, the target's image area
+#     full (a 2 MiB tmpfs), the link cut during the stop (the veth set down by
+#     the target's restore command: the sender finds the peer gone through
+#     keepalive, within ~10 s).
 #
 # Same host, shared filesystem: each engine runs as the init of its own pid
 # namespace (unshare --pid --fork setsid), so that CRIU restores it into a
@@ -203,6 +211,9 @@ migrate_ok "$T/m2.json" "$KM_NS_B" "$storeB" "$rpid" "$toA"
 rpid2=$(json_get "$T/m2.json" restored_pid)
 
 assert_eq "mode" "$(json_get "$T/m1.json" mode)" cooperative
+assert_eq "image (cooperative: not split)" "$(json_get "$T/m1.json" image)" unsplit
+assert_eq "split time (none)" "$(sec "$T/m1.json" split)" 0.0
+assert_eq "chunk bytes during the stop" "$(json_get "$T/m1.json" stop.bytes_sent)" 0
 assert_ge "weights bytes sent before the stop" "$(json_get "$T/m1.json" bytes_sent_before_stop)" $((model_bytes * 9 / 10))
 assert_lt "bytes sent during the stop (no weights)" "$(json_get "$T/m1.json" bytes_sent_during_stop)" $((model_bytes / 4))
 wait_pid_gone "$pid" 5
@@ -225,6 +236,7 @@ pid=$ENGINE_PID
 migrate_ok "$T/m3.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --weights plain
 plain_bytes=$(json_get "$T/seed-plain.json" bytes_added)
 assert_eq "mode" "$(json_get "$T/m3.json" mode)" transparent
+assert_eq "image (transparent: split)" "$(json_get "$T/m3.json" image)" split
 assert_eq "weights bytes sent before the stop" "$(json_get "$T/m3.json" bytes_sent_before_stop)" "$plain_bytes"
 assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m3.json" stop.bytes_sent)" $((plain_bytes / 10))
 assert_ge "bytes of the stop the target had" "$(json_get "$T/m3.json" stop.bytes_deduplicated)" $((plain_bytes * 9 / 10))
@@ -273,3 +285,60 @@ migrate_fails "$T/f3.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7463" "connec
 kill -0 "${SPID[victim]}" 2>/dev/null && fail "the receiver was not killed"
 finish fail3 "$pid" "$T/ref-coop.out"
 pass "receiver killed during the stop: '$(json_get "$T/f3.json" error | cut -c1-100)'; engine resumed, tokens identical; $(phases "$T/f3.json")"
+
+# A piece of the unsplit image damaged in flight (after the sender hashed it).
+start_engine fail4 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+KVMOTION_TEST_CORRUPT_PIECE=3 migrate_fails "$T/f4.json" "$KM_NS_A" "$storeA" "$pid" "$toB" "corrupt in flight"
+assert_eq "errno" "$(json_get "$T/f4.json" errno)" EBADMSG
+finish fail4 "$pid" "$T/ref-coop.out"
+pass "unsplit image piece corrupted in flight: '$(json_get "$T/f4.json" error | cut -c1-100)'; engine resumed, tokens identical"
+
+# The target's image area is full: a 2 MiB tmpfs, the image is larger.
+mkdir -p "$T/images-full"
+mount -t tmpfs -o size=2m kmfull "$T/images-full" || skip "cannot mount a tmpfs"
+umount_full() { umount -l "$T/images-full" 2>/dev/null || true; }
+KM_CLEANUP_HOOKS+=(umount_full)
+start_server full "$KM_NS_B" "$KM_ADDR_B" 7464 "$storeB" --restore-cmd "$CRIU" --restore-libdir "$PLUGIN_DIR"
+start_engine fail5 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+migrate_fails "$T/f5.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7464" "No space left"
+assert_eq "errno" "$(json_get "$T/f5.json" errno)" ENOSPC
+[ -z "$(ls -A "$T/images-full")" ] || fail "the full image area still holds $(ls -A "$T/images-full")"
+finish fail5 "$pid" "$T/ref-coop.out"
+pass "target's disk full: '$(json_get "$T/f5.json" error | cut -c1-100)'; image directory removed, engine resumed, tokens identical; $(phases "$T/f5.json")"
+
+# The link is cut in the middle of the stop: the target's restore command
+# sets its end of the veth down (no error frame can come back, no FIN).
+printf '#!/bin/sh\nip link set dev %s down\nsleep 15\nexit 1\n' "$KM_VETH_B" >"$T/cut-link"
+chmod +x "$T/cut-link"
+start_server cut "$KM_NS_B" "$KM_ADDR_B" 7465 "$storeB" --restore-cmd "$T/cut-link"
+start_engine fail6 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+t0=$(date +%s)
+migrate_fails "$T/f6.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7465" "timed out|connection"
+assert_eq "errno" "$(json_get "$T/f6.json" errno)" ETIMEDOUT
+assert_lt "seconds until the sender gave up" $(($(date +%s) - t0)) 40
+ip -n "$KM_NS_B" link set "$KM_VETH_B" up
+finish fail6 "$pid" "$T/ref-coop.out"
+pass "link cut during the stop: '$(json_get "$T/f6.json" error | cut -c1-100)'; engine resumed, tokens identical; $(phases "$T/f6.json")"
+for _ in $(seq 100); do
+	ip -n "$KM_NS_A" -br link show dev "$KM_VETH_A" | grep -q ' UP ' && break
+	sleep 0.05
+done
+
+# A target that holds another replica of the model: a new store on B, seeded
+# and materialized from B's own copy of the model file (as an engine started
+# there would). The weights directory is the one both hosts share.
+mkdir -p "$T/replica"
+cp "$T/coop.safetensors" "$T/replica/model.safetensors"
+run "$KVMOTION" weights resolve "$T/replica/model.safetensors" --store "$T/storeC" --weights-dir "$wdir" --no-sync
+start_server C "$KM_NS_B" "$KM_ADDR_B" 7466 "$T/storeC" --restore-cmd "$CRIU" --restore-libdir "$PLUGIN_DIR"
+start_engine rep "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+migrate_ok "$T/m4.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7466"
+assert_eq "weights bytes sent before the stop" "$(json_get "$T/m4.json" bytes_sent_before_stop)" 0
+assert_eq "chunk bytes sent during the stop" "$(json_get "$T/m4.json" stop.bytes_sent)" 0
+assert_ge "weights bytes the target had" "$(json_get "$T/m4.json" bytes_deduplicated)" $((model_bytes * 9 / 10))
+finish rep "$(json_get "$T/m4.json" restored_pid)" "$T/ref-coop.out"
+pass "target with its own replica of the model: 0 weights bytes sent, $(json_get "$T/m4.json" bytes_deduplicated) B deduplicated; $(phases "$T/m4.json"); tokens identical"
