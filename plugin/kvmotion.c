@@ -65,6 +65,7 @@ struct cli {
 	const char *restore_args[64];
 	/* migrate */
 	const char *weights_index;
+	bool snapshot;
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
@@ -123,7 +124,7 @@ static void usage(FILE *f)
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
 	      "                                                   send a split image, join (and restore) it there\n"
-	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--store S] [--work DIR]\n"
+	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
 	      "  AUTH: --psk-file F (TLS 1.3 pre-shared key) or --cert C --key K --ca CA (mutual TLS)\n"
@@ -166,7 +167,10 @@ static void usage(FILE *f)
 	      "  --restore            send-image: run criu restore on the target after the join\n"
 	      "  --no-materialize     send-weights: do not write the weights file on the target\n"
 	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
-	      "                       files the process maps)\n"
+	      "                       files the process maps, else the *.safetensors it has open\n"
+	      "                       or mapped, seeded into the store)\n"
+	      "  --snapshot           migrate: also pre-copy a criu dump --leave-running of the\n"
+	      "                       process (transparent mode)\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n",
@@ -1112,7 +1116,14 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 			putchar(',');
 		json_string(r->weights_index[i]);
 	}
-	printf("],\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
+	printf("],\"weights_from\":[");
+	for (size_t i = 0; i < r->n_weights; i++) {
+		if (i)
+			putchar(',');
+		json_string(r->weights_from[i]);
+	}
+	printf("],\"bytes_seeded\":%" PRIu64 ",\"restored_pid\":%d,\"resumed\":%s,\"error\":",
+	       r->bytes_seeded, r->restored_pid,
 	       r->resumed ? "true" : "false");
 	if (rc < 0) {
 		json_string(err->msg[0] ? err->msg : strerror(-rc));
@@ -1134,7 +1145,8 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	       r->stop.wire_bytes);
 	printf(",\"precopy\":{");
 	print_send_stats_json(&r->precopy);
-	printf(",\"seconds\":%.6f},\"stop\":{", secs(r->precopy_ns));
+	printf(",\"seconds\":%.6f,\"discover_seconds\":%.6f},\"stop\":{", secs(r->precopy_ns),
+	       secs(r->discover_ns));
 	print_send_stats_json(&r->stop);
 	printf(",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 "},", r->stop.files,
 	       r->stop.file_bytes);
@@ -1175,6 +1187,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		/* the plugin's setting: both must agree on where weights files are */
 		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
 		.weights_index = c->weights_index,
+		.snapshot = c->snapshot,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
 		.plugin_dir = c->plugin_dir,
@@ -1276,6 +1289,7 @@ enum {
 	OPT_LABEL,
 	OPT_NO_MATERIALIZE,
 	OPT_WEIGHTS,
+	OPT_SNAPSHOT,
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
@@ -1327,6 +1341,7 @@ int main(int argc, char **argv)
 		{ "label", required_argument, NULL, OPT_LABEL },
 		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
 		{ "weights", required_argument, NULL, OPT_WEIGHTS },
+		{ "snapshot", no_argument, NULL, OPT_SNAPSHOT },
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
@@ -1379,6 +1394,7 @@ int main(int argc, char **argv)
 		case OPT_LABEL: c.label = optarg; break;
 		case OPT_NO_MATERIALIZE: c.materialize = false; break;
 		case OPT_WEIGHTS: c.weights_index = optarg; break;
+		case OPT_SNAPSHOT: c.snapshot = true; break;
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;

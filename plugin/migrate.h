@@ -9,8 +9,11 @@
  *
  *   pre-copy  while the process serves: the weights files it maps (a
  *             cooperative engine; their index found in the store by the
- *             weights id its name carries) or the weights index given, sent
- *             as chunks the target lacks; weights files materialized there
+ *             weights id its name carries), the weights index given, or for
+ *             a plain process the model files (*.safetensors) it has open or
+ *             mapped, seeded on the fly, and optionally a --leave-running
+ *             snapshot of its memory; sent as chunks the target lacks;
+ *             weights files materialized there
  *   stop      criu dump --leave-stopped with kvmotion's plugin (quiesce,
  *             freeze, GPU checkpoint, dump, and for a plain process split
  *             into the store), the image sent (split: with the chunks still
@@ -56,6 +59,12 @@ struct km_migrate_opts {
 	const char *store; /* the source's chunk store */
 	const char *weights_dir; /* NULL: STORE/weights */
 	const char *weights_index; /* NULL: found from the weights files pid maps */
+	/*
+	 * Also send ahead the tree's memory as it is now: a criu dump
+	 * --leave-running whose pages are seeded into the store as an index
+	 * (transparent mode only).
+	 */
+	bool snapshot;
 	const char *work; /* work directory: the image goes to WORK/img */
 	const char *criu; /* NULL: "criu" in PATH */
 	const char *plugin_dir; /* -L of criu dump (kvmotion.so); NULL: CRIU's default */
@@ -74,6 +83,9 @@ struct km_migrate_report {
 	bool cooperative; /* an engine answered on its control socket */
 	size_t n_weights;
 	char weights_index[KM_MIGRATE_MAX_WEIGHTS][256]; /* indexes sent ahead */
+	/* where each was found: "index" (given), "mapped", "open", "snapshot" */
+	char weights_from[KM_MIGRATE_MAX_WEIGHTS][16];
+	uint64_t bytes_seeded; /* model files and snapshot pages seeded for the pre-copy */
 	char image_dir[4096]; /* WORK/img */
 	bool image_split; /* the plugin split the dump (else sent as CRIU wrote it) */
 	char target_dir[256]; /* the image's directory on the target */
@@ -91,6 +103,7 @@ struct km_migrate_report {
 	 * source's.
 	 */
 	uint64_t precopy_ns;
+	uint64_t discover_ns; /* seeding open model files, the snapshot */
 	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns;
 	uint64_t transfer_ns, join_ns, restore_ns, commit_wait_ns;
 	uint64_t gpu_restore_ns, resume_ns, kill_ns;

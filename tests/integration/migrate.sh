@@ -14,6 +14,9 @@
 #     no weights bytes at all;
 #   - plain engine (transparent mode) A -> B with --weights: the chunks go
 #     ahead, the stop sends only what the split did not find;
+#   - plain engines with no --weights: the model file the engine keeps open
+#     found in /proc/PID/fd and seeded on the fly; a --snapshot (criu dump
+#     --leave-running seeded into the store); both sent ahead;
 #   - failures after the stop began, each leaving the engine generating on A
 #     with the same tokens and the report saying why: the target's restore
 #     fails (with the libcuda test double: the GPU state is restored and
@@ -183,11 +186,13 @@ phases() {
 run "$MKMODEL" "$T/coop.safetensors" --size 64M --seed 5 --dim 256 --layers 4
 run "$MKMODEL" "$T/plain.safetensors" --size 48M --seed 6 --dim 256 --layers 4
 run "$MKMODEL" "$T/nopre.safetensors" --size 16M --seed 7 --dim 256 --layers 4
+run "$MKMODEL" "$T/open.safetensors" --size 16M --seed 8 --dim 256 --layers 4
+run "$MKMODEL" "$T/snap.safetensors" --size 16M --seed 9 --dim 256 --layers 4
 run "$KVMOTION" store init --store "$storeA" --no-sync
 for m in plain nopre; do
 	kvm "$T/seed-$m.json" seed "$T/$m.safetensors" --store "$storeA" --name "$m" --no-sync --json
 done
-for m in coop plain nopre; do
+for m in coop plain nopre open snap; do
 	run "$ENGINE" --model "$T/$m.safetensors" "${args[@]}" --step-delay-ms 0 \
 		--out "$T/ref-$m.out" --status-file "$T/ref-$m.json" --quiet
 done
@@ -242,6 +247,32 @@ assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m3.json" stop.bytes
 assert_ge "bytes of the stop the target had" "$(json_get "$T/m3.json" stop.bytes_deduplicated)" $((plain_bytes * 9 / 10))
 finish plain "$(json_get "$T/m3.json" restored_pid)" "$T/ref-plain.out"
 pass "transparent A -> B: $plain_bytes B of weights before the stop, $(json_get "$T/m3.json" stop.bytes_sent) chunk bytes during it; $(phases "$T/m3.json"); tokens identical"
+
+# --- transparent, no --weights: open model files, a snapshot ------------------
+
+open_bytes=$(file_size "$T/open.safetensors")
+start_engine open "$KM_NS_A" "$T/open.safetensors" --keep-model-open
+pid=$ENGINE_PID
+migrate_ok "$T/m5.json" "$KM_NS_A" "$storeA" "$pid" "$toB"
+assert_eq "mode" "$(json_get "$T/m5.json" mode)" transparent
+assert_eq "where the weights were found" "$(json_get "$T/m5.json" weights_from)" "['open']"
+json_get "$T/m5.json" weights | grep -q "open-open.safetensors-" || fail "index name: $(json_get "$T/m5.json" weights)"
+assert_ge "model bytes seeded" "$(json_get "$T/m5.json" bytes_seeded)" "$open_bytes"
+assert_ge "weights bytes sent before the stop" "$(json_get "$T/m5.json" bytes_sent_before_stop)" $((open_bytes * 9 / 10))
+assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m5.json" stop.bytes_sent)" $((open_bytes / 10))
+finish open "$(json_get "$T/m5.json" restored_pid)" "$T/ref-open.out"
+pass "transparent, model file found open (/proc/PID/fd): $(json_get "$T/m5.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m5.json" stop.bytes_sent) chunk bytes during it; $(phases "$T/m5.json"); tokens identical"
+
+snap_bytes=$(file_size "$T/snap.safetensors")
+start_engine snap "$KM_NS_A" "$T/snap.safetensors"
+pid=$ENGINE_PID
+migrate_ok "$T/m6.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot
+assert_eq "where the weights were found" "$(json_get "$T/m6.json" weights_from)" "['snapshot']"
+assert_ge "weights bytes sent before the stop" "$(json_get "$T/m6.json" bytes_sent_before_stop)" $((snap_bytes * 9 / 10))
+assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m6.json" stop.bytes_sent)" $((snap_bytes / 10))
+[ ! -e "$T/m6.json.work/snapshot" ] || fail "the snapshot directory was left behind"
+finish snap "$(json_get "$T/m6.json" restored_pid)" "$T/ref-snap.out"
+pass "transparent with --snapshot: $(json_get "$T/m6.json" bytes_seeded) B of pages seeded, $(json_get "$T/m6.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m6.json" bytes_sent_during_stop) B during it; $(phases "$T/m6.json"); tokens identical"
 
 # --- failures: the engine goes on on A ----------------------------------------
 
