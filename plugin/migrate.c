@@ -273,14 +273,16 @@ static int seed_model_file(struct km_store *s, const char *path, const struct st
 	int q;
 
 	for (i = 0; base[i] && i < sizeof(clean) - 1; i++)
-		clean[i] = (base[i] == '.' || base[i] == '-' || base[i] == '_' ||
-			    (base[i] >= '0' && base[i] <= '9') || (base[i] >= 'a' && base[i] <= 'z') ||
-			    (base[i] >= 'A' && base[i] <= 'Z')) ?
-				   base[i] :
-				   '_';
+		clean[i] =
+			(base[i] == '.' || base[i] == '-' || base[i] == '_' ||
+			 (base[i] >= '0' && base[i] <= '9') || (base[i] >= 'a' && base[i] <= 'z') ||
+			 (base[i] >= 'A' && base[i] <= 'Z')) ?
+				base[i] :
+				'_';
 	clean[i] = 0;
-	snprintf(name, sizeof(name), "open-%s-%llx-%llx-%llx", clean, (unsigned long long)st->st_ino,
-		 (unsigned long long)st->st_size, (unsigned long long)st->st_mtim.tv_sec);
+	snprintf(name, sizeof(name), "open-%s-%llx-%llx-%llx", clean,
+		 (unsigned long long)st->st_ino, (unsigned long long)st->st_size,
+		 (unsigned long long)st->st_mtim.tv_sec);
 	for (i = 0; i < r->n_weights; i++)
 		if (strcmp(r->weights_index[i], name) == 0)
 			return 0;
@@ -346,7 +348,8 @@ static int open_model_files(pid_t pid, struct km_store *s, struct km_migrate_rep
 		if (!path)
 			continue;
 		path[strcspn(path, "\n")] = 0;
-		if (!has_suffix(path, ".safetensors") || stat(path, &st) < 0 || !S_ISREG(st.st_mode))
+		if (!has_suffix(path, ".safetensors") || stat(path, &st) < 0 ||
+		    !S_ISREG(st.st_mode))
 			continue;
 		q = seed_model_file(s, path, &st, r, err);
 	}
@@ -410,7 +413,8 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 		km_error_set(err, "snapshot %s holds no pages files", dir);
 		q = -ENOENT;
 	} else {
-		snprintf(name, sizeof(name), "snapshot-%d-%lld", (int)o->pid, (long long)time(NULL));
+		snprintf(name, sizeof(name), "snapshot-%d-%lld", (int)o->pid,
+			 (long long)time(NULL));
 		q = km_seed(s, name, paths, n, 0, &ss, err);
 		if (q < 0) {
 			km_error_prefix(err, "seeding the snapshot");

@@ -661,13 +661,14 @@ static int handle_file(struct conn *c, const Kvmotion__Wire__File *m, const uint
 	if (r < 0)
 		return r;
 	if (m->has_sha256 && m->sha256.len != KM_HASH_SIZE) {
-		km_error_set(err, "protocol error: piece of %s with a SHA-256 of %zu bytes", m->name,
-			     m->sha256.len);
+		km_error_set(err, "protocol error: piece of %s with a SHA-256 of %zu bytes",
+			     m->name, m->sha256.len);
 		return -EPROTO;
 	}
 	if (c->image_unsplit && !m->has_sha256) {
 		/* nothing else verifies an unsplit image: no piece without its hash */
-		km_error_set(err, "protocol error: piece of %s of an unsplit image without its SHA-256",
+		km_error_set(err,
+			     "protocol error: piece of %s of an unsplit image without its SHA-256",
 			     m->name);
 		return -EPROTO;
 	}
@@ -731,10 +732,11 @@ static int handle_file(struct conn *c, const Kvmotion__Wire__File *m, const uint
 
 		km_hash_buf(raw, m->raw_size, &h);
 		if (memcmp(h.b, m->sha256.data, KM_HASH_SIZE) != 0) {
-			km_error_set(err,
-				     "image file %s corrupt in flight: the piece at offset %llu does "
-				     "not hash to its SHA-256",
-				     m->name, (unsigned long long)m->offset);
+			km_error_set(
+				err,
+				"image file %s corrupt in flight: the piece at offset %llu does "
+				"not hash to its SHA-256",
+				m->name, (unsigned long long)m->offset);
 			return -EBADMSG;
 		}
 	}

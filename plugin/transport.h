@@ -50,13 +50,13 @@
 #include "tls.h"
 #include "util.h"
 
-#define KM_WIRE_MAJOR	    1
-#define KM_WIRE_MINOR	    1
-#define KM_WIRE_HEADER_SIZE 12
-#define KM_WIRE_META_MAX    (1u << 20) /* packed message of one frame */
-#define KM_WIRE_PAYLOAD_MAX KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
-#define KM_WIRE_QUERY_MAX   4096u /* chunk ids per QueryChunks */
-#define KM_WIRE_FILE_PIECE  (4u << 20) /* file bytes per File frame */
+#define KM_WIRE_MAJOR		1
+#define KM_WIRE_MINOR		1
+#define KM_WIRE_HEADER_SIZE	12
+#define KM_WIRE_META_MAX	(1u << 20) /* packed message of one frame */
+#define KM_WIRE_PAYLOAD_MAX	KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
+#define KM_WIRE_QUERY_MAX	4096u /* chunk ids per QueryChunks */
+#define KM_WIRE_FILE_PIECE	(4u << 20) /* file bytes per File frame */
 #define KM_DEAD_PEER_MS_DEFAULT 10000u
 
 enum km_compress {
@@ -202,8 +202,9 @@ struct km_image_result {
  *            be NULL. Needs a target that says can_unsplit (else -ENOSYS).
  *
  * Files go in pieces read, hashed and compressed ahead by worker threads;
- * every piece carries its SHA-256, which the target checks before writing
- * it (-EBADMSG "corrupt in flight"). On failure the target removes the
+ * every piece of an unsplit image carries its SHA-256, which the target
+ * checks before writing it (-EBADMSG "corrupt in flight"; a split image is
+ * verified by the join instead). On failure the target removes the
  * directory; for -ECHILD (restore failed) err holds the first line of
  * CRIU's complaint and, if log_tail is not NULL, log_tail gets the tail of
  * CRIU's log (log_tail_size bytes at most, NUL-terminated). *ret is filled
