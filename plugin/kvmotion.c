@@ -123,7 +123,7 @@ static void usage(FILE *f)
 	      "  kvmotion send-weights INDEX --store S --to HOST:PORT AUTH [--json]\n"
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
-	      "                                                   send a split image, join (and restore) it there\n"
+	      "                                                   send an image (split, or as CRIU wrote it), restore it there\n"
 	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
