@@ -161,7 +161,8 @@ migrate_fails() {
 	json_get "$out" error | grep -qE "$re" || fail "the report's error '$(json_get "$out" error)' does not match /$re/"
 	grep -q "was resumed" "$out.err" || fail "stderr does not say the source was resumed"
 	kill -0 "$pid" 2>/dev/null || fail "the source engine is gone"
-	grep -q "State:.*[RS]" "/proc/$pid/status" || fail "the source is not running: $(grep State "/proc/$pid/status")"
+	# running, sleeping, or in a disk wait (writing its output): not stopped (T), not a zombie
+	grep -q "State:.*[RSD]" "/proc/$pid/status" || fail "the source is not running: $(grep State "/proc/$pid/status")"
 }
 
 # finish NAME PID REF: the engine (host pid PID) runs to its end with REF's tokens
