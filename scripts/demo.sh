@@ -156,7 +156,8 @@ km_netns_setup
 say "A is $KM_ADDR_A, B is $KM_ADDR_B"
 
 step "host B: kvmotion serve (its own chunk store and image area, TLS 1.3 with a pre-shared key)"
-openssl rand -hex 32 >"$work/psk"
+# 32 random bytes in hex (coreutils only: a fresh machine may lack the openssl command)
+od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$work/psk"
 chmod 600 "$work/psk"
 KVMOTION_STORE=$storeB nsenter --net="/run/netns/$KM_NS_B" -- "$kvmotion" serve \
 	--listen "$KM_ADDR_B:7447" --store "$storeB" --images "$work/hostB/images" \
@@ -184,7 +185,7 @@ u=$!
 disown "$u"
 pid=
 for _ in $(seq 1000); do
-	pid=$(pgrep -P "$u" || true)
+	pid=$(cut -d" " -f1 "/proc/$u/task/$u/children" 2>/dev/null || true)
 	[ -n "$pid" ] && [ -s "$work/live.json" ] &&
 		[ "$(jget "$work/live.json" tokens_generated)" -ge 20 ] && break
 	sleep 0.02
@@ -212,7 +213,7 @@ pids+=("$rpid")
 at=$(wc -l <"$work/live.out")
 say "migrated: pid $pid on A -> pid $rpid on B ($(jget "$r" mode) mode, image $(jget "$r" image))"
 say "before the stop, while it served: $(human "$(jget "$r" bytes_sent_before_stop)") of weights chunks" \
-	"sent ($(jget "$r" weights)), $(human "$(jget "$r" bytes_deduplicated)") B already had"
+	"sent (index $(jget "$r" weights | tr -d "[]'")); host B already had $(human "$(jget "$r" bytes_deduplicated)")"
 say "during the stop:                  $(human "$(jget "$r" bytes_sent_during_stop)") (CRIU's image: KV," \
 	"CPU state; no weights), $(human "$(jget "$r" wire_bytes_during_stop)") on the wire"
 python3 - "$r" <<'PY'
