@@ -65,6 +65,7 @@ struct cli {
 	const char *restore_args[64];
 	/* migrate */
 	const char *weights_index;
+	bool snapshot;
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
@@ -122,8 +123,8 @@ static void usage(FILE *f)
 	      "  kvmotion send-weights INDEX --store S --to HOST:PORT AUTH [--json]\n"
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
-	      "                                                   send a split image, join (and restore) it there\n"
-	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--store S] [--work DIR]\n"
+	      "                                                   send an image (split, or as CRIU wrote it), restore it there\n"
+	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
 	      "  AUTH: --psk-file F (TLS 1.3 pre-shared key) or --cert C --key K --ca CA (mutual TLS)\n"
@@ -166,7 +167,10 @@ static void usage(FILE *f)
 	      "  --restore            send-image: run criu restore on the target after the join\n"
 	      "  --no-materialize     send-weights: do not write the weights file on the target\n"
 	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
-	      "                       files the process maps)\n"
+	      "                       files the process maps, else the *.safetensors it has open\n"
+	      "                       or mapped, seeded into the store)\n"
+	      "  --snapshot           migrate: also pre-copy a criu dump --leave-running of the\n"
+	      "                       process (transparent mode)\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n",
@@ -908,13 +912,16 @@ static int client_connect(struct cli *c, const char *what, struct km_client **re
 	};
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
 	int r;
 
 	if (!c->to)
 		return fail("%s: --to HOST:PORT is required", what);
-	/* Tests only: damage the n-th chunk after hashing it (see transport.h). */
+	/* Tests only: damage the n-th chunk or file piece after hashing it (see transport.h). */
 	if (corrupt && corrupt[0])
 		o.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	if (corrupt_piece && corrupt_piece[0])
+		o.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
 	r = km_client_connect(c->to, &o, ret, &err);
 	if (r < 0)
 		fail_net(what, r, &err); /* err names the address */
@@ -935,9 +942,11 @@ static void print_send_stats_json(const struct km_send_stats *st)
 {
 	printf("\"chunks\":%" PRIu64 ",\"chunks_sent\":%" PRIu64 ",\"chunks_deduplicated\":%" PRIu64
 	       ",\"chunks_compressed\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"bytes_sent\":%" PRIu64
-	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64,
+	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64
+	       ",\"pieces_compressed\":%" PRIu64,
 	       st->chunks, st->chunks_sent, st->chunks_deduplicated, st->chunks_compressed,
-	       st->bytes, st->bytes_sent, st->bytes_deduplicated, st->wire_bytes);
+	       st->bytes, st->bytes_sent, st->bytes_deduplicated, st->wire_bytes,
+	       st->pieces_compressed);
 }
 
 static int cmd_send_weights(struct cli *c, int argc, char **argv)
@@ -1064,8 +1073,8 @@ static int cmd_send_image(struct cli *c, int argc, char **argv)
 		printf(",\"compress\":\"%s\",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 ",",
 		       compress_name(c->compress), st.files, st.file_bytes);
 		print_send_stats_json(&st);
-		printf(",\"bytes_joined\":%" PRIu64 ",\"restored_pid\":%d", res.bytes_joined,
-		       res.restored_pid);
+		printf(",\"unsplit\":%s,\"bytes_joined\":%" PRIu64 ",\"restored_pid\":%d",
+		       res.unsplit ? "true" : "false", res.bytes_joined, res.restored_pid);
 		printf(",\"seconds\":{\"connect\":%.6f,\"query\":%.6f,\"chunks\":%.6f,\"files\":%.6f,\"commit\":%.6f,\"total\":%.6f}",
 		       secs(ti->connect_ns), secs(st.query_ns), secs(st.chunks_ns), secs(st.files_ns),
 		       secs(st.commit_ns), secs(ti->connect_ns + st.total_ns));
@@ -1113,7 +1122,14 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 			putchar(',');
 		json_string(r->weights_index[i]);
 	}
-	printf("],\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
+	printf("],\"weights_from\":[");
+	for (size_t i = 0; i < r->n_weights; i++) {
+		if (i)
+			putchar(',');
+		json_string(r->weights_from[i]);
+	}
+	printf("],\"bytes_seeded\":%" PRIu64 ",\"restored_pid\":%d,\"resumed\":%s,\"error\":",
+	       r->bytes_seeded, r->restored_pid,
 	       r->resumed ? "true" : "false");
 	if (rc < 0) {
 		json_string(err->msg[0] ? err->msg : strerror(-rc));
@@ -1125,7 +1141,8 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	json_string(r->image_dir);
 	printf(",\"target_dir\":");
 	json_string(r->target_dir);
-	printf(",\"image_bytes\":%" PRIu64, r->image_bytes);
+	printf(",\"image\":\"%s\",\"image_bytes\":%" PRIu64, r->image_split ? "split" : "unsplit",
+	       r->image_bytes);
 	printf(",\"bytes_sent_before_stop\":%" PRIu64 ",\"bytes_sent_during_stop\":%" PRIu64
 	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes_before_stop\":%" PRIu64
 	       ",\"wire_bytes_during_stop\":%" PRIu64,
@@ -1134,7 +1151,8 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	       r->stop.wire_bytes);
 	printf(",\"precopy\":{");
 	print_send_stats_json(&r->precopy);
-	printf(",\"seconds\":%.6f},\"stop\":{", secs(r->precopy_ns));
+	printf(",\"seconds\":%.6f,\"discover_seconds\":%.6f},\"stop\":{", secs(r->precopy_ns),
+	       secs(r->discover_ns));
 	print_send_stats_json(&r->stop);
 	printf(",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 "},", r->stop.files,
 	       r->stop.file_bytes);
@@ -1175,6 +1193,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		/* the plugin's setting: both must agree on where weights files are */
 		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
 		.weights_index = c->weights_index,
+		.snapshot = c->snapshot,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
 		.plugin_dir = c->plugin_dir,
@@ -1184,6 +1203,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	struct km_migrate_report rep;
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
+	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
 	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
 	int r;
 
@@ -1198,6 +1218,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	}
 	if (corrupt && corrupt[0])
 		o.client.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
+	if (corrupt_piece && corrupt_piece[0])
+		o.client.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
@@ -1210,10 +1232,12 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		printf("migrated pid %d to %s: restored as pid %d (%s mode)\n", (int)rep.pid, c->to,
 		       rep.restored_pid, rep.cooperative ? "cooperative" : "transparent");
 		printf("  stop %.3f s: quiesce %.3f, freeze %.3f, GPU checkpoint %.3f, dump %.3f, "
-		       "split %.3f, transfer %.3f, join %.3f, restore %.3f\n",
+		       "split %.3f, transfer %.3f, join %.3f, restore %.3f, GPU restore %.3f, "
+		       "resume %.3f\n",
 		       secs(rep.stop_ns), secs(rep.quiesce_ns), secs(rep.freeze_ns),
 		       secs(rep.gpu_checkpoint_ns), secs(rep.dump_ns), secs(rep.split_ns),
-		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns));
+		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns),
+		       secs(rep.gpu_restore_ns), secs(rep.resume_ns));
 		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
 		       km_format_bytes(rep.precopy.bytes_sent, b1),
 		       km_format_bytes(rep.stop.bytes_sent + rep.stop.file_bytes, b2),
@@ -1271,6 +1295,7 @@ enum {
 	OPT_LABEL,
 	OPT_NO_MATERIALIZE,
 	OPT_WEIGHTS,
+	OPT_SNAPSHOT,
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
@@ -1322,6 +1347,7 @@ int main(int argc, char **argv)
 		{ "label", required_argument, NULL, OPT_LABEL },
 		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
 		{ "weights", required_argument, NULL, OPT_WEIGHTS },
+		{ "snapshot", no_argument, NULL, OPT_SNAPSHOT },
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
@@ -1374,6 +1400,7 @@ int main(int argc, char **argv)
 		case OPT_LABEL: c.label = optarg; break;
 		case OPT_NO_MATERIALIZE: c.materialize = false; break;
 		case OPT_WEIGHTS: c.weights_index = optarg; break;
+		case OPT_SNAPSHOT: c.snapshot = true; break;
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;

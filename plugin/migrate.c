@@ -21,6 +21,7 @@
 #include "engine_ctl.h"
 #include "format.h"
 #include "gpu.h"
+#include "image.h"
 #include "store.h"
 #include "weights.h"
 
@@ -208,6 +209,7 @@ static int mapped_weights(pid_t pid, struct km_store *s, const char *weights_dir
 				     KM_WEIGHTS_SUFFIX, km_store_path(s));
 			return -ENOENT;
 		}
+		snprintf(r->weights_from[r->n_weights], sizeof(r->weights_from[0]), "mapped");
 		snprintf(r->weights_index[r->n_weights++], sizeof(r->weights_index[0]), "%s",
 			 fi.name);
 	}
@@ -225,6 +227,7 @@ static void add_stats(struct km_send_stats *a, const struct km_send_stats *b)
 	a->bytes_deduplicated += b->bytes_deduplicated;
 	a->files += b->files;
 	a->file_bytes += b->file_bytes;
+	a->pieces_compressed += b->pieces_compressed;
 	a->wire_bytes += b->wire_bytes;
 	a->query_ns += b->query_ns;
 	a->chunks_ns += b->chunks_ns;
@@ -235,9 +238,213 @@ static void add_stats(struct km_send_stats *a, const struct km_send_stats *b)
 	a->target_store_ns += b->target_store_ns;
 }
 
+/* --- weights from open model files and from a snapshot ----------------------- */
+
+static bool has_suffix(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), k = strlen(suffix);
+
+	return n >= k && strcmp(s + n - k, suffix) == 0;
+}
+
+static bool index_exists(struct km_store *s, const char *name)
+{
+	_cleanup_free_ void *buf = NULL;
+	char root[300];
+	size_t n;
+
+	snprintf(root, sizeof(root), "%s%s", name, INDEX_SUFFIX);
+	return km_store_root_read(s, "indexes", root, &buf, &n) == 0;
+}
+
+/*
+ * Seeds model file 'path' (as pid sees it) into the store as a weights index
+ * named after the file's identity (base name, inode, size, mtime), unless
+ * an index of that name exists already: a file that did not change is
+ * chunked once, not at every migration.
+ */
+static int seed_model_file(struct km_store *s, const char *path, const struct stat *st,
+			   struct km_migrate_report *r, struct km_error *err)
+{
+	const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+	char name[256], clean[81];
+	struct km_seed_stats ss;
+	size_t i;
+	int q;
+
+	for (i = 0; base[i] && i < sizeof(clean) - 1; i++)
+		clean[i] =
+			(base[i] == '.' || base[i] == '-' || base[i] == '_' ||
+			 (base[i] >= '0' && base[i] <= '9') || (base[i] >= 'a' && base[i] <= 'z') ||
+			 (base[i] >= 'A' && base[i] <= 'Z')) ?
+				base[i] :
+				'_';
+	clean[i] = 0;
+	snprintf(name, sizeof(name), "open-%s-%llx-%llx-%llx", clean,
+		 (unsigned long long)st->st_ino, (unsigned long long)st->st_size,
+		 (unsigned long long)st->st_mtim.tv_sec);
+	for (i = 0; i < r->n_weights; i++)
+		if (strcmp(r->weights_index[i], name) == 0)
+			return 0;
+	if (r->n_weights == KM_MIGRATE_MAX_WEIGHTS) {
+		km_error_set(err, "more than %d model files", KM_MIGRATE_MAX_WEIGHTS);
+		return -E2BIG;
+	}
+	if (!index_exists(s, name)) {
+		const char *paths[1] = { path };
+
+		q = km_seed(s, name, paths, 1, 0, &ss, err);
+		if (q < 0) {
+			km_error_prefix(err, "seeding model file %s", path);
+			return q;
+		}
+		r->bytes_seeded += ss.bytes;
+	}
+	snprintf(r->weights_from[r->n_weights], sizeof(r->weights_from[0]), "open");
+	snprintf(r->weights_index[r->n_weights++], sizeof(r->weights_index[0]), "%s", name);
+	return 0;
+}
+
+/* Model files (*.safetensors) pid has open (/proc/PID/fd) or mapped (/proc/PID/maps). */
+static int open_model_files(pid_t pid, struct km_store *s, struct km_migrate_report *r,
+			    struct km_error *err)
+{
+	char dir[64], line[4096 + 256];
+	_cleanup_fclose_ FILE *f = NULL;
+	DIR *d;
+	struct dirent *de;
+	int q = 0;
+
+	snprintf(dir, sizeof(dir), "/proc/%d/fd", (int)pid);
+	d = opendir(dir);
+	while (d && q == 0 && (de = readdir(d))) {
+		char link[sizeof(dir) + 300], path[PATH_MAX];
+		struct stat st;
+		ssize_t n;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(link, sizeof(link), "%s/%s", dir, de->d_name);
+		n = readlink(link, path, sizeof(path) - 1);
+		if (n <= 0)
+			continue;
+		path[n] = 0;
+		/* stat through the link: the file the process holds, even if renamed */
+		if (path[0] != '/' || !has_suffix(path, ".safetensors") || stat(link, &st) < 0 ||
+		    !S_ISREG(st.st_mode))
+			continue;
+		q = seed_model_file(s, path, &st, r, err);
+	}
+	if (d)
+		closedir(d);
+	if (q < 0)
+		return q;
+	snprintf(dir, sizeof(dir), "/proc/%d/maps", (int)pid);
+	f = fopen(dir, "re");
+	while (f && q == 0 && fgets(line, sizeof(line), f)) {
+		char *path = strchr(line, '/');
+		struct stat st;
+
+		if (!path)
+			continue;
+		path[strcspn(path, "\n")] = 0;
+		if (!has_suffix(path, ".safetensors") || stat(path, &st) < 0 ||
+		    !S_ISREG(st.st_mode))
+			continue;
+		q = seed_model_file(s, path, &st, r, err);
+	}
+	return q;
+}
+
+static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split_engines,
+		    struct km_error *err);
+
+/*
+ * The tree's memory as it is now: criu dump --leave-running into
+ * WORK/snapshot, its pages files seeded into the store as a weights index
+ * "snapshot-PID-TIME" (so that the stop's split finds their chunks, as it
+ * finds a model's), then the snapshot removed. The index is sent ahead like
+ * any other: the stop then carries what changed since.
+ */
+static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
+		    struct km_migrate_report *r, struct km_error *err)
+{
+	char dir[4200], name[256];
+	_cleanup_close_ int dfd = -1;
+	char **names = NULL;
+	const char **paths = NULL;
+	size_t n_names = 0, n = 0;
+	struct km_seed_stats ss;
+	int q;
+
+	if (r->n_weights == KM_MIGRATE_MAX_WEIGHTS) {
+		km_error_set(err, "no room for the snapshot's index");
+		return -E2BIG;
+	}
+	snprintf(dir, sizeof(dir), "%s/snapshot", o->work);
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+		km_error_set(err, "cannot create %s: %s", dir, strerror(errno));
+		return -errno;
+	}
+	q = run_dump(o, dir, true, false, err);
+	if (q < 0) {
+		km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)", dir);
+		return q;
+	}
+	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0 || (q = km_list_files_at(dfd, NULL, &names, &n_names)) < 0) {
+		q = dfd < 0 ? -errno : q;
+		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
+		return q;
+	}
+	paths = calloc(n_names ? n_names : 1, sizeof(*paths));
+	for (size_t i = 0; paths && i < n_names; i++)
+		if (strncmp(names[i], "pages-", 6) == 0 && has_suffix(names[i], ".img")) {
+			char *p = malloc(strlen(dir) + strlen(names[i]) + 2);
+
+			if (!p)
+				break;
+			sprintf(p, "%s/%s", dir, names[i]);
+			paths[n++] = p;
+		}
+	if (!paths) {
+		q = -ENOMEM;
+	} else if (n == 0) {
+		km_error_set(err, "snapshot %s holds no pages files", dir);
+		q = -ENOENT;
+	} else {
+		snprintf(name, sizeof(name), "snapshot-%d-%lld", (int)o->pid,
+			 (long long)time(NULL));
+		q = km_seed(s, name, paths, n, 0, &ss, err);
+		if (q < 0) {
+			km_error_prefix(err, "seeding the snapshot");
+		} else {
+			r->bytes_seeded += ss.bytes;
+			snprintf(r->weights_from[r->n_weights], sizeof(r->weights_from[0]),
+				 "snapshot");
+			snprintf(r->weights_index[r->n_weights++], sizeof(r->weights_index[0]),
+				 "%s", name);
+		}
+	}
+	for (size_t i = 0; paths && i < n; i++)
+		free((void *)paths[i]);
+	free(paths);
+	/* the pages live on as chunks in the store; the rest is not needed */
+	for (size_t i = 0; i < n_names; i++)
+		(void)unlinkat(dfd, names[i], 0);
+	km_free_names(names, n_names);
+	(void)rmdir(dir);
+	return q;
+}
+
 /* --- criu dump -------------------------------------------------------------- */
 
-static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_error *err)
+/*
+ * criu dump of the tree into img: the stop (--leave-stopped, split as
+ * split_engines says) or a snapshot (--leave-running, not split).
+ */
+static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split_engines,
+		    struct km_error *err)
 {
 	const char *argv[32 + 64];
 	char pidbuf[16];
@@ -259,7 +466,7 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_
 	argv[n++] = "-o";
 	argv[n++] = "dump.log";
 	argv[n++] = "-v4";
-	argv[n++] = "--leave-stopped";
+	argv[n++] = snap ? "--leave-running" : "--leave-stopped";
 	if (o->plugin_dir) {
 		argv[n++] = "-L";
 		argv[n++] = o->plugin_dir;
@@ -278,13 +485,15 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, struct km_
 
 		/*
 		 * The plugin reads its settings from the environment: the
-		 * image must be split against our store (the transport sends
-		 * split images only), cooperative dumps too.
+		 * image is split against our store, but for a cooperative
+		 * engine (its weights are not in the image: the split would
+		 * only cost time in the stop), unless the target takes split
+		 * images only.
 		 */
 		setenv("KVMOTION_STORE", o->store, 1);
-		setenv("KVMOTION_SPLIT", "yes", 1);
-		setenv("KVMOTION_SPLIT_ENGINES", "yes", 1);
-		setenv("KVMOTION_LEAVE_RUNNING", "no", 1);
+		setenv("KVMOTION_SPLIT", snap ? "no" : "yes", 1);
+		setenv("KVMOTION_SPLIT_ENGINES", split_engines ? "yes" : "no", 1);
+		setenv("KVMOTION_LEAVE_RUNNING", snap ? "yes" : "no", 1);
 		if (o->weights_dir)
 			setenv("KVMOTION_WEIGHTS_DIR", o->weights_dir, 1);
 		if (nul >= 0) {
@@ -543,9 +752,25 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 			goto out;
 		}
 		snprintf(r->weights_index[0], sizeof(r->weights_index[0]), "%s", o->weights_index);
+		snprintf(r->weights_from[0], sizeof(r->weights_from[0]), "index");
 		r->n_weights = 1;
 	} else {
 		ret = mapped_weights(o->pid, s, wdir, r, err);
+		if (ret < 0)
+			goto out;
+	}
+	/* a plain process: its weights are anonymous memory read from model files */
+	if (!o->weights_index && r->n_weights == 0 && !r->cooperative) {
+		t = now_ns();
+		ret = open_model_files(o->pid, s, r, err);
+		r->discover_ns += now_ns() - t;
+		if (ret < 0)
+			goto out;
+	}
+	if (o->snapshot && !r->cooperative) {
+		t = now_ns();
+		ret = snapshot(o, s, r, err);
+		r->discover_ns += now_ns() - t;
 		if (ret < 0)
 			goto out;
 	}
@@ -588,7 +813,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	n_pids = tree_pids(o->pid, pids, MAX_TREE);
 	progress(o, KM_MIGRATE_DUMP, r);
 	t_stop = now_ns();
-	ret = run_dump(o, r->image_dir, err);
+	ret = run_dump(o, r->image_dir, false, !km_client_target(c)->can_unsplit, err);
 	t = now_ns() - t_stop;
 	{
 		_cleanup_close_ int lfd = openat(dirfd, "dump.log", O_RDONLY | O_CLOEXEC);
@@ -599,16 +824,21 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	if (ret < 0)
 		goto fail;
 	r->image_bytes = dir_bytes(r->image_dir);
+	q = km_image_is_split(dirfd);
+	r->image_split = q > 0;
 	progress(o, KM_MIGRATE_SEND, r);
 	t = now_ns();
 	ret = km_client_send_image(c, dirfd, s, &so, &r->stop, &res, tail, sizeof(tail), err);
-	if (ret < 0)
-		goto fail;
-	r->join_ns = res.join_ns;
-	r->restore_ns = res.restore_ns;
 	r->commit_wait_ns = r->stop.commit_ns;
 	r->transfer_ns =
 		r->stop.total_ns > r->stop.commit_ns ? r->stop.total_ns - r->stop.commit_ns : 0;
+	if (ret < 0)
+		goto fail;
+	r->join_ns = res.join_ns;
+	/* the plugin's GPU restore and engine resume, inside the target's restore */
+	r->gpu_restore_ns = res.gpu_restore_ns;
+	r->resume_ns = res.resume_ns;
+	r->restore_ns = res.restore_ns - KM_MIN(res.restore_ns, res.gpu_restore_ns + res.resume_ns);
 	r->restored_pid = res.restored_pid;
 	snprintf(r->target_dir, sizeof(r->target_dir), "%s", res.dir);
 	if (res.restored_pid <= 0) {

@@ -9,13 +9,17 @@
  *
  *   pre-copy  while the process serves: the weights files it maps (a
  *             cooperative engine; their index found in the store by the
- *             weights id its name carries) or the weights index given, sent
- *             as chunks the target lacks; weights files materialized there
+ *             weights id its name carries), the weights index given, or for
+ *             a plain process the model files (*.safetensors) it has open or
+ *             mapped, seeded on the fly, and optionally a --leave-running
+ *             snapshot of its memory; sent as chunks the target lacks;
+ *             weights files materialized there
  *   stop      criu dump --leave-stopped with kvmotion's plugin (quiesce,
- *             freeze, GPU checkpoint, dump, split into the store), the split
- *             image sent with the chunks still missing, joined and restored
- *             on the target; the stopped source is killed only once the
- *             target reports the restored pid
+ *             freeze, GPU checkpoint, dump, and for a plain process split
+ *             into the store), the image sent (split: with the chunks still
+ *             missing, joined on the target; a cooperative engine's as CRIU
+ *             wrote it) and restored on the target; the stopped source is
+ *             killed only once the target reports the restored pid
  *   failure   after the stop began: the source is resumed where it was
  *             (SIGCONT to the tree, GPU restored and unlocked, a quiesced
  *             engine told to resume) and the error says why
@@ -55,6 +59,12 @@ struct km_migrate_opts {
 	const char *store; /* the source's chunk store */
 	const char *weights_dir; /* NULL: STORE/weights */
 	const char *weights_index; /* NULL: found from the weights files pid maps */
+	/*
+	 * Also send ahead the tree's memory as it is now: a criu dump
+	 * --leave-running whose pages are seeded into the store as an index
+	 * (transparent mode only).
+	 */
+	bool snapshot;
 	const char *work; /* work directory: the image goes to WORK/img */
 	const char *criu; /* NULL: "criu" in PATH */
 	const char *plugin_dir; /* -L of criu dump (kvmotion.so); NULL: CRIU's default */
@@ -73,7 +83,11 @@ struct km_migrate_report {
 	bool cooperative; /* an engine answered on its control socket */
 	size_t n_weights;
 	char weights_index[KM_MIGRATE_MAX_WEIGHTS][256]; /* indexes sent ahead */
+	/* where each was found: "index" (given), "mapped", "open", "snapshot" */
+	char weights_from[KM_MIGRATE_MAX_WEIGHTS][16];
+	uint64_t bytes_seeded; /* model files and snapshot pages seeded for the pre-copy */
 	char image_dir[4096]; /* WORK/img */
+	bool image_split; /* the plugin split the dump (else sent as CRIU wrote it) */
 	char target_dir[256]; /* the image's directory on the target */
 	int restored_pid; /* on the target; 0 unless it succeeded */
 	bool resumed; /* a failure after the stop began: the source runs again */
@@ -82,8 +96,14 @@ struct km_migrate_report {
 	struct km_send_stats precopy; /* the weights (sum over indexes) */
 	struct km_send_stats stop; /* the image and its missing chunks */
 	uint64_t image_bytes; /* bytes of the split image directory (its files) */
-	/* nanoseconds; the stop's phases (dump.log, the target's reply, ours) */
+	/*
+	 * nanoseconds; the stop's phases (dump.log, the target's reply, ours).
+	 * gpu_restore_ns and resume_ns: on success the target's (its plugin's
+	 * share of the restore, not in restore_ns), after a failure the
+	 * source's.
+	 */
 	uint64_t precopy_ns;
+	uint64_t discover_ns; /* seeding open model files, the snapshot */
 	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns;
 	uint64_t transfer_ns, join_ns, restore_ns, commit_wait_ns;
 	uint64_t gpu_restore_ns, resume_ns, kill_ns;

@@ -92,6 +92,7 @@ struct conn {
 
 	/* the image in progress */
 	bool image_active;
+	bool image_unsplit; /* CRIU's files as they are: every piece hashed, no join */
 	int image_fd;
 	int marker_fd;
 	char image_name[NAME_MAX + 1];
@@ -280,6 +281,8 @@ static int handle_hello(struct conn *c, const Kvmotion__Wire__Hello *h, struct k
 	hr.chunk_max = p->max_size;
 	hr.has_can_materialize = true;
 	hr.can_materialize = true;
+	hr.has_can_unsplit = true;
+	hr.can_unsplit = true;
 	c->hello = true;
 	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &hr.base, NULL, 0,
 			    NULL, err);
@@ -617,8 +620,10 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 		return r;
 	}
 	c->image_active = true;
+	c->image_unsplit = m->has_unsplit && m->unsplit;
 	c->image_files = c->image_bytes = 0;
-	conn_log(c, "image %s begun in %s", c->image_name, c->srv->images_path);
+	conn_log(c, "%s image %s begun in %s", c->image_unsplit ? "unsplit" : "split",
+		 c->image_name, c->srv->images_path);
 	reply.dir = c->image_name;
 	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, &reply.base, NULL, 0,
 			    NULL, err);
@@ -655,6 +660,22 @@ static int handle_file(struct conn *c, const Kvmotion__Wire__File *m, const uint
 	r = check_name(m->name, "image file", err);
 	if (r < 0)
 		return r;
+	if (m->has_sha256 && m->sha256.len != KM_HASH_SIZE) {
+		km_error_set(err, "protocol error: piece of %s with a SHA-256 of %zu bytes",
+			     m->name, m->sha256.len);
+		return -EPROTO;
+	}
+	if (c->image_unsplit && !m->has_sha256) {
+		/* nothing else verifies an unsplit image: no piece without its hash */
+		km_error_set(err,
+			     "protocol error: piece of %s of an unsplit image without its SHA-256",
+			     m->name);
+		return -EPROTO;
+	}
+	if (c->image_unsplit && strcmp(m->name, KM_MANIFEST_NAME) == 0) {
+		km_error_set(err, "an unsplit image cannot hold %s", KM_MANIFEST_NAME);
+		return -EINVAL;
+	}
 	if (c->file_fd < 0) {
 		if (m->offset != 0) {
 			km_error_set(err, "protocol error: file %s starts at offset %llu", m->name,
@@ -705,6 +726,19 @@ static int handle_file(struct conn *c, const Kvmotion__Wire__File *m, const uint
 	if (r < 0) {
 		km_error_prefix(err, "image file %s corrupt in flight", m->name);
 		return r;
+	}
+	if (m->has_sha256) {
+		struct km_hash h;
+
+		km_hash_buf(raw, m->raw_size, &h);
+		if (memcmp(h.b, m->sha256.data, KM_HASH_SIZE) != 0) {
+			km_error_set(
+				err,
+				"image file %s corrupt in flight: the piece at offset %llu does "
+				"not hash to its SHA-256",
+				m->name, (unsigned long long)m->offset);
+			return -EBADMSG;
+		}
 	}
 	r = km_pwrite_full(c->file_fd, raw, m->raw_size, (off_t)m->offset);
 	if (r < 0) {
@@ -887,6 +921,43 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	return 0;
 }
 
+/*
+ * The plugin's share of the restore, from its lines in restore.log (criu
+ * -v4: "(SS.uuuuuu) kvmotion: ..."): GPU state resumed, and for cooperative
+ * engines the time from "told to resume" to "resumed after the restore".
+ */
+static void restore_phases(struct conn *c, Kvmotion__Wire__ImageDone *reply)
+{
+	_cleanup_close_ int fd = openat(c->image_fd, "restore.log", O_RDONLY | O_CLOEXEC);
+	_cleanup_fclose_ FILE *f = NULL;
+	double gpu = 0, told = -1, resumed = -1;
+	char line[1024];
+
+	if (fd < 0 || !(f = fdopen(fd, "r")))
+		return;
+	fd = -1; /* f owns it */
+	while (fgets(line, sizeof(line), f)) {
+		const char *k = strstr(line, "kvmotion: ");
+		double t = -1, v;
+		int pid;
+
+		if (!k)
+			continue;
+		if (line[0] == '(')
+			t = strtod(line + 1, NULL);
+		if (sscanf(k, "kvmotion: GPU state of %d resumed in %lf s", &pid, &v) == 2)
+			gpu += v;
+		else if (t >= 0 && strstr(k, " told to resume after the restore") && told < 0)
+			told = t;
+		else if (t >= 0 && strstr(k, " resumed after the restore"))
+			resumed = t;
+	}
+	reply->has_gpu_restore_ns = true;
+	reply->gpu_restore_ns = (uint64_t)(gpu * 1e9);
+	reply->has_resume_ns = true;
+	reply->resume_ns = told >= 0 && resumed > told ? (uint64_t)((resumed - told) * 1e9) : 0;
+}
+
 static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, struct km_error *err)
 {
 	Kvmotion__Wire__ImageDone reply = KVMOTION__WIRE__IMAGE_DONE__INIT;
@@ -907,19 +978,22 @@ static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, s
 			(unsigned long long)c->file_size);
 		return -EPROTO;
 	}
-	conn_log(c, "image %s: %llu files, %llu bytes received; joining", c->image_name,
-		 (unsigned long long)c->image_files, (unsigned long long)c->image_bytes);
-	t0 = now_ns();
-	r = km_image_join(c->image_fd, c->store, &jo, &js, err);
-	if (r < 0) {
-		km_error_prefix(err, "join of image %s", c->image_name);
-		return r;
+	conn_log(c, "image %s: %llu files, %llu bytes received%s", c->image_name,
+		 (unsigned long long)c->image_files, (unsigned long long)c->image_bytes,
+		 c->image_unsplit ? " (unsplit, every piece verified)" : "; joining");
+	if (!c->image_unsplit) {
+		t0 = now_ns();
+		r = km_image_join(c->image_fd, c->store, &jo, &js, err);
+		if (r < 0) {
+			km_error_prefix(err, "join of image %s", c->image_name);
+			return r;
+		}
+		reply.join_ns = now_ns() - t0;
+		reply.bytes_joined = js.bytes_written;
+		conn_log(c, "image %s joined: %llu files, %llu bytes rebuilt in %.3f s",
+			 c->image_name, (unsigned long long)js.files_joined,
+			 (unsigned long long)js.bytes_written, (double)reply.join_ns / 1e9);
 	}
-	reply.join_ns = now_ns() - t0;
-	reply.bytes_joined = js.bytes_written;
-	conn_log(c, "image %s joined: %llu files, %llu bytes rebuilt in %.3f s", c->image_name,
-		 (unsigned long long)js.files_joined, (unsigned long long)js.bytes_written,
-		 (double)reply.join_ns / 1e9);
 	if (m->restore) {
 		t0 = now_ns();
 		r = run_restore(c, &pid, c->detail, sizeof(c->detail), err);
@@ -931,6 +1005,7 @@ static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, s
 		reply.restore_ns = now_ns() - t0;
 		reply.has_restored_pid = true;
 		reply.restored_pid = pid;
+		restore_phases(c, &reply);
 		conn_log(c, "image %s restored: pid %d in %.3f s", c->image_name, pid,
 			 (double)reply.restore_ns / 1e9);
 	}
@@ -1209,6 +1284,8 @@ static void accept_one(struct km_server *s)
 		return;
 	}
 	(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	/* a sender cut off mid-image: its directory goes in seconds, not at the idle timeout */
+	km_socket_dead_peer(fd, KM_DEAD_PEER_MS_DEFAULT);
 	c = calloc(1, sizeof(*c));
 	if (!c) {
 		close(fd);

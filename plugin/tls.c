@@ -392,6 +392,12 @@ static int io_error(struct km_tls_conn *c, int ret, int saved_errno, const char 
 			km_error_set(err, "%s: connection lost (the peer closed it)", what);
 			return -EPIPE;
 		}
+		if (saved_errno == ETIMEDOUT || saved_errno == EHOSTUNREACH) {
+			/* keepalive or TCP_USER_TIMEOUT gave up: a cut link, a host gone */
+			km_error_set(err, "%s: connection lost (the peer stopped answering: %s)",
+				     what, strerror(saved_errno));
+			return -saved_errno;
+		}
 		km_error_set(err, "%s: %s", what, strerror(saved_errno));
 		return -saved_errno;
 	default:

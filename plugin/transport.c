@@ -531,7 +531,9 @@ struct km_client {
 	enum km_compress compress;
 	int level;
 	unsigned corrupt_nth;
+	unsigned corrupt_piece_nth;
 	uint64_t chunks_sent_total;
+	uint64_t pieces_sent_total;
 	uint64_t target_store_ns_seen; /* SyncReply's counter at the last Sync */
 	bool broken;
 	struct auto_state au;
@@ -547,7 +549,26 @@ static int tls_write(void *userdata, const void *buf, size_t n, struct km_error 
 	return km_tls_write(userdata, buf, n, err);
 }
 
-static int connect_tcp(const char *address, unsigned timeout_ms, int *ret, struct km_error *err)
+void km_socket_dead_peer(int fd, unsigned ms)
+{
+	int one = 1, idle = (int)KM_MAX(ms / 5000, 1u), intvl = (int)KM_MAX(ms / 10000, 1u),
+	    cnt = 10;
+	unsigned user = ms;
+
+	/*
+	 * Keepalive probes find a peer gone while we wait for a reply (its
+	 * kernel answers them even when the daemon is busy restoring);
+	 * TCP_USER_TIMEOUT bounds both the probes and unacknowledged data.
+	 */
+	(void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+	(void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user, sizeof(user));
+}
+
+static int connect_tcp(const char *address, unsigned timeout_ms, unsigned dead_peer_ms, int *ret,
+		       struct km_error *err)
 {
 	char host[256], port[16];
 	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
@@ -599,6 +620,7 @@ static int connect_tcp(const char *address, unsigned timeout_ms, int *ret, struc
 		}
 		/* Requests wait for replies: no Nagle delay on them. */
 		(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		km_socket_dead_peer(fd, dead_peer_ms);
 		freeaddrinfo(ai);
 		*ret = fd;
 		return 0;
@@ -625,6 +647,7 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 	c->compress = o->compress;
 	c->level = o->zstd_level > 0 ? o->zstd_level : 1;
 	c->corrupt_nth = o->test_corrupt_chunk;
+	c->corrupt_piece_nth = o->test_corrupt_piece;
 	c->lim.max_meta = KM_WIRE_META_MAX;
 	c->lim.max_payload = 0; /* replies carry none */
 	r = km_wire_codec_new(&c->codec);
@@ -635,7 +658,7 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 		goto fail;
 	r = connect_tcp(address,
 			o->connect_timeout_ms ? o->connect_timeout_ms : CONNECT_TIMEOUT_MS_DEFAULT,
-			&fd, err);
+			o->dead_peer_ms ? o->dead_peer_ms : KM_DEAD_PEER_MS_DEFAULT, &fd, err);
 	if (r < 0)
 		goto fail;
 	r = km_tls_connect(c->tls, fd, o->io_timeout_ms ? o->io_timeout_ms : IO_TIMEOUT_MS_DEFAULT,
@@ -677,6 +700,7 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 		c->info.chunker =
 			(struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
 	c->info.can_materialize = hr->has_can_materialize && hr->can_materialize;
+	c->info.can_unsplit = hr->has_can_unsplit && hr->can_unsplit;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
 	km_frame_clear(&f);
 	c->info.connect_ns = now_ns() - t0;
@@ -1318,73 +1342,264 @@ static bool not_sent(const char *name)
 	return fnmatch("*.log", name, 0) == 0;
 }
 
-static int send_file(struct km_client *c, int dirfd, const char *name, uint8_t *buf, uint8_t *zbuf,
-		     size_t zcap, struct km_send_stats *st, struct km_error *err)
+/* One file piece in flight between a worker and the sending thread. */
+struct piece {
+	struct km_client *c;
+	int dirfd;
+	const char *name;
+	uint64_t off;
+	uint32_t len;
+	bool hash; /* send the piece's SHA-256 */
+	bool compress; /* asked */
+	bool compressed; /* done: smaller than raw */
+	uint64_t segment;
+	uint8_t *raw;
+	uint8_t *z;
+	size_t z_cap;
+	struct km_wire_codec *codec;
+	const uint8_t *payload;
+	size_t payload_len;
+	struct km_hash sha;
+	bool ready;
+	int r;
+	struct km_error err;
+	pthread_mutex_t *lock;
+	pthread_cond_t *cond;
+};
+
+/* Reads, hashes and (if asked) compresses one piece; runs in a worker. */
+static int prepare_piece(void *arg)
 {
+	struct piece *p = arg;
 	_cleanup_close_ int fd = -1;
-	uint32_t piece = KM_MIN((uint32_t)KM_WIRE_FILE_PIECE, c->info.max_payload);
-	/* The delta is zstd frames already. */
-	bool may_compress = c->compress != KM_COMPRESS_NEVER && strcmp(name, KM_DELTA_NAME) != 0;
-	struct stat sb;
-	uint64_t off = 0;
+	size_t zl = 0;
+	ssize_t k;
+	int r = 0;
+
+	p->err.msg[0] = 0;
+	p->compressed = false;
+	fd = openat(p->dirfd, p->name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(&p->err, "image file %s: %s", p->name, strerror(-r));
+		goto out;
+	}
+	k = km_pread_full(fd, p->raw, p->len, (off_t)p->off);
+	if (k < 0 || (size_t)k != p->len) {
+		r = k < 0 ? (int)k : -EIO;
+		km_error_set(&p->err, "image file %s: %s", p->name,
+			     k < 0 ? strerror(-r) : "changed size while being sent");
+		goto out;
+	}
+	/*
+	 * The receiver checks this before writing a byte of the piece. A
+	 * split image goes without: its join verifies every byte (manifest,
+	 * delta, chunks), and hashing costs ~0.7 ns a byte on each side.
+	 */
+	if (p->hash)
+		km_hash_buf(p->raw, p->len, &p->sha);
+	p->payload = p->raw;
+	p->payload_len = p->len;
+	if (p->len && p->compress) {
+		r = km_wire_compress(p->codec, p->c->level, p->raw, p->len, p->z, p->z_cap, &zl);
+		if (r == 0) {
+			p->payload = p->z;
+			p->payload_len = zl;
+			p->compressed = true;
+		} else if (r != -EFBIG) {
+			km_error_set(&p->err, "compressing image file %s: %s", p->name,
+				     strerror(-r));
+			goto out;
+		}
+		r = 0;
+	}
+out:
+	pthread_mutex_lock(p->lock);
+	p->r = r;
+	p->ready = true;
+	pthread_cond_broadcast(p->cond);
+	pthread_mutex_unlock(p->lock);
+	return 0;
+}
+
+#define UNMEASURED UINT64_MAX
+
+struct image_file {
+	char *name; /* borrowed from the listing */
+	uint64_t size;
+	uint32_t mode;
+	bool may_compress;
+};
+
+/* Whether the pieces of 'segment' of the file stream are compressed. */
+static bool piece_compress(const struct km_client *c, const struct image_file *f, uint64_t segment)
+{
+	if (!f->may_compress)
+		return false;
+	/*
+	 * AUTO before a measurement of this stream: as the chunks measured
+	 * on this connection, else yes (CRIU's small images compress well
+	 * and cost little); then segments probed as for chunks.
+	 */
+	if (c->compress == KM_COMPRESS_AUTO && seg_kind_of(segment) == SEG_WARMUP)
+		return c->au.measured ? c->au.best_zstd : true;
+	return seg_compress(c, segment);
+}
+
+static int send_piece(struct km_client *c, const struct image_file *f, struct piece *p,
+		      struct km_send_stats *st, struct km_error *err)
+{
+	Kvmotion__Wire__File m = KVMOTION__WIRE__FILE__INIT;
 	char what[300];
 	int r;
 
-	fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0 || fstat(fd, &sb) < 0) {
-		r = -errno;
-		km_error_set(err, "image file %s: %s", name, strerror(-r));
-		return r;
+	c->pieces_sent_total++;
+	if (c->corrupt_piece_nth && c->pieces_sent_total == c->corrupt_piece_nth &&
+	    p->payload_len) {
+		/* Test knob: damage the bytes after the sender's hash, as a bad link would. */
+		((uint8_t *)p->payload)[p->payload_len / 2] ^= 0x40;
 	}
-	do {
-		Kvmotion__Wire__File m = KVMOTION__WIRE__FILE__INIT;
-		size_t want = (size_t)KM_MIN((uint64_t)piece, (uint64_t)sb.st_size - off), zl = 0;
-		const uint8_t *payload = buf;
-		size_t payload_len;
-		ssize_t k = km_pread_full(fd, buf, want, (off_t)off);
-
-		if (k < 0 || (size_t)k != want) {
-			r = k < 0 ? (int)k : -EIO;
-			km_error_set(err, "image file %s: %s", name,
-				     k < 0 ? strerror(-r) : "changed size while being sent");
-			return r;
-		}
-		payload_len = want;
-		m.codec = KVMOTION__WIRE__CODEC__CODEC_NONE;
-		/*
-		 * AUTO: as the chunks measured; before any measurement, yes
-		 * (CRIU's small images compress well and cost little).
-		 */
-		if (want && may_compress &&
-		    (c->compress == KM_COMPRESS_ALWAYS || c->au.best_zstd || !c->au.measured)) {
-			r = km_wire_compress(c->codec, c->level, buf, want, zbuf, zcap, &zl);
-			if (r == 0) {
-				payload = zbuf;
-				payload_len = zl;
-				m.codec = KVMOTION__WIRE__CODEC__CODEC_ZSTD;
-			} else if (r != -EFBIG) {
-				return r;
-			}
-		}
-		r = pending_error(c, 0, err);
-		if (r < 0)
-			return broken(c, r);
-		m.name = (char *)name;
-		m.mode = sb.st_mode & 0777;
-		m.size = (uint64_t)sb.st_size;
-		m.offset = off;
-		m.raw_size = (uint32_t)want;
-		r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_FILE, &m.base, payload,
-				 (uint32_t)payload_len, &st->wire_bytes, err);
-		if (r < 0) {
-			snprintf(what, sizeof(what), "sending image file %s", name);
-			return send_failed(c, r, what, err);
-		}
-		off += want;
-		st->file_bytes += want;
-	} while (off < (uint64_t)sb.st_size);
-	st->files++;
+	r = pending_error(c, 0, err);
+	if (r < 0)
+		return broken(c, r);
+	m.name = f->name;
+	m.mode = f->mode;
+	m.size = f->size;
+	m.offset = p->off;
+	m.raw_size = p->len;
+	m.codec = p->compressed ? KVMOTION__WIRE__CODEC__CODEC_ZSTD :
+				  KVMOTION__WIRE__CODEC__CODEC_NONE;
+	m.has_sha256 = p->hash;
+	m.sha256 = (ProtobufCBinaryData){ KM_HASH_SIZE, p->sha.b };
+	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_FILE, &m.base, p->payload,
+			 (uint32_t)p->payload_len, &st->wire_bytes, err);
+	if (r < 0) {
+		snprintf(what, sizeof(what), "sending image file %s", f->name);
+		return send_failed(c, r, what, err);
+	}
+	st->file_bytes += p->len;
+	st->pieces_compressed += p->compressed;
+	if (p->off + p->len == f->size)
+		st->files++;
 	return 0;
+}
+
+/*
+ * Sends files[0..n) piece by piece: workers read, hash and compress pieces
+ * ahead, this thread sends them in order (the receiver writes each file
+ * front to back). AUTO compression measures segments of the file bytes as
+ * it does for chunks.
+ */
+static int stream_files(struct km_client *c, int dirfd, const struct image_file *files, size_t n,
+			bool hash, struct km_send_stats *st, struct km_error *err)
+{
+	pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+	pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+	struct km_workpool *pool = NULL;
+	_cleanup_free_ struct piece *slots = NULL;
+	_cleanup_free_ size_t *slot_file = NULL;
+	uint32_t piece_max = KM_MIN((uint32_t)KM_WIRE_FILE_PIECE, c->info.max_payload);
+	unsigned workers, window;
+	size_t q_file = 0, done = 0, queued = 0;
+	uint64_t q_off = 0, sub_seg = 0, sub_bytes = 0, seg_bytes = 0, seg_t0, t_send;
+	bool q_end = n == 0;
+	int r = 0;
+
+	if (piece_max == 0)
+		piece_max = KM_WIRE_FILE_PIECE;
+	workers = KM_MIN(km_cpu_count(), 4u);
+	window = 2 * workers + 1;
+	slots = calloc(window, sizeof(*slots));
+	slot_file = calloc(window, sizeof(*slot_file));
+	if (!slots || !slot_file)
+		return -ENOMEM;
+	r = km_workpool_new(workers, window, &pool);
+	if (r < 0)
+		return r;
+	for (unsigned i = 0; i < window; i++) {
+		slots[i] = (struct piece){
+			.c = c, .dirfd = dirfd, .hash = hash, .lock = &lock, .cond = &cond
+		};
+		slots[i].raw = malloc(piece_max);
+		slots[i].z_cap = km_wire_compress_bound(piece_max);
+		slots[i].z = malloc(slots[i].z_cap);
+		r = slots[i].raw && slots[i].z ? km_wire_codec_new(&slots[i].codec) : -ENOMEM;
+		if (r < 0)
+			goto out;
+	}
+	seg_t0 = now_ns();
+	while (!q_end || done < queued) {
+		struct piece *p;
+
+		/* Queue pieces up to the window; an empty file is one empty piece. */
+		while (!q_end && queued < done + window) {
+			const struct image_file *f = &files[q_file];
+
+			p = &slots[queued % window];
+			slot_file[queued % window] = q_file;
+			p->name = f->name;
+			p->off = q_off;
+			p->len = (uint32_t)KM_MIN((uint64_t)piece_max, f->size - q_off);
+			p->ready = false;
+			/* a file never compressed (the delta) is no part of the measurement */
+			p->segment = f->may_compress ? sub_seg : UNMEASURED;
+			p->compress = piece_compress(c, f, sub_seg);
+			sub_bytes += f->may_compress ? p->len : 0;
+			if (sub_bytes >= SEGMENT_BYTES) {
+				sub_seg++;
+				sub_bytes = 0;
+			}
+			q_off += p->len;
+			if (q_off >= f->size) {
+				q_off = 0;
+				q_end = ++q_file == n;
+			}
+			r = km_workpool_submit(pool, prepare_piece, p);
+			if (r < 0)
+				goto out;
+			queued++;
+		}
+		p = &slots[done % window];
+		pthread_mutex_lock(&lock);
+		while (!p->ready)
+			pthread_cond_wait(&cond, &lock);
+		pthread_mutex_unlock(&lock);
+		if (p->r < 0) {
+			r = p->r;
+			km_error_set(err, "%s", p->err.msg);
+			goto out;
+		}
+		t_send = now_ns();
+		r = send_piece(c, &files[slot_file[done % window]], p, st, err);
+		if (r < 0)
+			goto out;
+		done++;
+		if (p->segment == UNMEASURED) {
+			seg_t0 += now_ns() - t_send;
+			continue;
+		}
+		seg_bytes += p->len;
+		if (done == queued || slots[done % window].segment != p->segment) {
+			uint64_t t = now_ns();
+
+			seg_measured(c, p->segment, seg_bytes, t - seg_t0);
+			seg_t0 = t;
+			seg_bytes = 0;
+		}
+	}
+out:
+	/* Jobs point into slots: let them finish before freeing anything. */
+	km_workpool_free(pool);
+	for (unsigned i = 0; i < window; i++) {
+		free(slots[i].raw);
+		free(slots[i].z);
+		km_wire_codec_free(slots[i].codec);
+	}
+	pthread_cond_destroy(&cond);
+	pthread_mutex_destroy(&lock);
+	if (r < 0)
+		c->broken = true;
+	return r;
 }
 
 int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
@@ -1399,12 +1614,12 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	struct km_image_result res = { 0 };
 	struct km_manifest *m = NULL;
 	_cleanup_free_ struct want *w = NULL;
-	_cleanup_free_ uint8_t *buf = NULL;
-	_cleanup_free_ uint8_t *zbuf = NULL;
+	_cleanup_free_ struct image_file *files = NULL;
 	char **names = NULL;
 	struct km_frame f = { 0 };
-	size_t n_names = 0, n_w = 0, zcap;
-	uint64_t t0 = now_ns(), t1;
+	size_t n_names = 0, n_w = 0;
+	uint64_t t0 = now_ns(), t1, t_commit = 0;
+	bool unsplit;
 	int r;
 
 	if (c->broken) {
@@ -1412,18 +1627,26 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 		return -ENOTCONN;
 	}
 	r = km_image_read_manifest(dirfd, &m, err);
-	if (r < 0) {
-		if (r == -ENOENT)
+	unsplit = r == -ENOENT;
+	if (unsplit) {
+		/* CRIU's image as it wrote it: its files are all there is to send. */
+		if (!c->info.can_unsplit) {
 			km_error_set(
 				err,
-				"not a split image (no %s): split it first with 'kvmotion split DIR --store S'",
-				KM_MANIFEST_NAME);
+				"the target (%s, protocol %u.%u) takes split images only: split it first with 'kvmotion split DIR --store S'",
+				c->info.software, c->info.major, c->info.minor);
+			return -ENOSYS;
+		}
+		if (err)
+			err->msg[0] = 0;
+	} else if (r < 0) {
 		return r;
+	} else {
+		r = wants_of(m->files, m->n_files, &w, &n_w);
+		km_manifest_free(m);
+		if (r < 0)
+			return r;
 	}
-	r = wants_of(m->files, m->n_files, &w, &n_w);
-	km_manifest_free(m);
-	if (r < 0)
-		return r;
 	r = km_list_files_at(dirfd, not_sent, &names, &n_names);
 	if (r < 0) {
 		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
@@ -1435,21 +1658,40 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 		r = -EDQUOT;
 		goto out;
 	}
-	zcap = km_wire_compress_bound(KM_WIRE_FILE_PIECE);
-	buf = malloc(KM_WIRE_FILE_PIECE);
-	zbuf = malloc(zcap);
-	if (!buf || !zbuf) {
+	files = calloc(n_names ? n_names : 1, sizeof(*files));
+	if (!files) {
 		r = -ENOMEM;
 		goto out;
 	}
+	for (size_t i = 0; i < n_names; i++) {
+		struct stat sb;
+
+		if (fstatat(dirfd, names[i], &sb, AT_SYMLINK_NOFOLLOW) < 0) {
+			r = -errno;
+			km_error_set(err, "image file %s: %s", names[i], strerror(-r));
+			goto out;
+		}
+		files[i] = (struct image_file){
+			.name = names[i],
+			.size = (uint64_t)sb.st_size,
+			.mode = sb.st_mode & 0777,
+			/* The delta is zstd frames already. */
+			.may_compress = c->compress != KM_COMPRESS_NEVER &&
+					strcmp(names[i], KM_DELTA_NAME) != 0,
+		};
+	}
 
 	/* Chunks first: the target joins with them once the files are in. */
-	r = send_wants(c, s, w, n_w, &st, err);
-	if (r < 0)
-		goto out;
+	if (!unsplit) {
+		r = send_wants(c, s, w, n_w, &st, err);
+		if (r < 0)
+			goto out;
+	}
 
 	t1 = now_ns();
 	begin.label = (char *)(o && o->label ? o->label : NULL);
+	begin.has_unsplit = unsplit;
+	begin.unsplit = unsplit;
 	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &begin.base, NULL, 0,
 			 &st.wire_bytes, err);
 	if (r < 0) {
@@ -1463,17 +1705,14 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 		goto out;
 	}
 	snprintf(res.dir, sizeof(res.dir), "%s", ((const Kvmotion__Wire__ImageBegun *)f.msg)->dir);
+	res.unsplit = unsplit;
 	km_frame_clear(&f);
-	for (size_t i = 0; i < n_names; i++) {
-		r = send_file(c, dirfd, names[i], buf, zbuf, zcap, &st, err);
-		if (r < 0) {
-			c->broken = true;
-			goto out;
-		}
-	}
+	r = stream_files(c, dirfd, files, n_names, unsplit, &st, err);
+	if (r < 0)
+		goto out;
 	st.files_ns = now_ns() - t1;
 
-	t1 = now_ns();
+	t1 = t_commit = now_ns();
 	commit.restore = o && o->restore;
 	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_COMMIT, &commit.base, NULL, 0,
 			 &st.wire_bytes, err);
@@ -1509,14 +1748,19 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	res.join_ns = done->join_ns;
 	res.restored_pid = done->has_restored_pid ? done->restored_pid : 0;
 	res.restore_ns = done->has_restore_ns ? done->restore_ns : 0;
+	res.gpu_restore_ns = done->has_gpu_restore_ns ? done->gpu_restore_ns : 0;
+	res.resume_ns = done->has_resume_ns ? done->resume_ns : 0;
 	km_frame_clear(&f);
 	st.commit_ns = now_ns() - t1;
-	st.total_ns = now_ns() - t0;
-	if (ret)
-		*ret = st;
 	if (ret_result)
 		*ret_result = res;
 out:
+	/* on failure too: what was sent before it, for the report */
+	if (t_commit && !st.commit_ns)
+		st.commit_ns = now_ns() - t_commit;
+	st.total_ns = now_ns() - t0;
+	if (ret)
+		*ret = st;
 	km_free_names(names, n_names);
 	return r;
 }

@@ -15,9 +15,9 @@
  *                              lacks (query, then send), then the index
  *   km_client_materialize      the target writes the weights file
  *   -- stop: dump and split the process, then --
- *   km_client_send_image       the split image: the manifest's chunks that the
- *                              target lacks, every file, then join and
- *                              (optionally) criu restore on the target
+ *   km_client_send_image       the image: a split one's chunks that the target
+ *                              lacks, every file, then join (split images)
+ *                              and (optionally) criu restore on the target
  *   km_client_free             Bye, close
  *
  * Every chunk sent is read through the sender's store (hashed on read); the
@@ -50,13 +50,14 @@
 #include "tls.h"
 #include "util.h"
 
-#define KM_WIRE_MAJOR	    1
-#define KM_WIRE_MINOR	    0
-#define KM_WIRE_HEADER_SIZE 12
-#define KM_WIRE_META_MAX    (1u << 20) /* packed message of one frame */
-#define KM_WIRE_PAYLOAD_MAX KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
-#define KM_WIRE_QUERY_MAX   4096u /* chunk ids per QueryChunks */
-#define KM_WIRE_FILE_PIECE  (4u << 20) /* file bytes per File frame */
+#define KM_WIRE_MAJOR		1
+#define KM_WIRE_MINOR		1
+#define KM_WIRE_HEADER_SIZE	12
+#define KM_WIRE_META_MAX	(1u << 20) /* packed message of one frame */
+#define KM_WIRE_PAYLOAD_MAX	KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
+#define KM_WIRE_QUERY_MAX	4096u /* chunk ids per QueryChunks */
+#define KM_WIRE_FILE_PIECE	(4u << 20) /* file bytes per File frame */
+#define KM_DEAD_PEER_MS_DEFAULT 10000u
 
 enum km_compress {
 	KM_COMPRESS_AUTO = 0, /* whichever measures faster (transport.c) */
@@ -76,6 +77,15 @@ struct km_client_opts {
 	 * was read and hashed, to show that the target catches it. 0: off.
 	 */
 	unsigned test_corrupt_chunk;
+	/* Tests only: the same for the n-th image file piece sent. */
+	unsigned test_corrupt_piece;
+	/*
+	 * How long the peer may leave data unacknowledged, or fail TCP
+	 * keepalive probes while we wait for a reply, before the connection
+	 * counts as lost (-ETIMEDOUT): a cut link ends a migration in
+	 * seconds, not after io_timeout_ms. 0: 10 s.
+	 */
+	unsigned dead_peer_ms;
 };
 
 /* What the target said in its HelloReply, and the connection's set-up. */
@@ -87,6 +97,7 @@ struct km_target_info {
 	uint32_t max_files;
 	struct km_chunker_params chunker; /* of the target's store; zeros if not told */
 	bool can_materialize;
+	bool can_unsplit; /* takes unsplit images (protocol 1.1) */
 	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
 	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
 };
@@ -106,6 +117,7 @@ struct km_send_stats {
 	uint64_t bytes_deduplicated; /* raw bytes of the chunks not sent */
 	uint64_t files;
 	uint64_t file_bytes; /* raw bytes of the image files sent */
+	uint64_t pieces_compressed; /* file pieces sent zstd-compressed */
 	uint64_t wire_bytes; /* frame bytes written (compressed payloads as sent), TLS excluded */
 	uint64_t query_ns; /* asking which chunks the target lacks */
 	uint64_t chunks_ns; /* sending them until the target confirmed storing them */
@@ -171,20 +183,32 @@ struct km_image_result {
 	uint64_t bytes; /* file bytes received by the target */
 	uint64_t bytes_joined; /* bytes the join rebuilt */
 	uint64_t join_ns; /* target */
+	bool unsplit; /* sent as CRIU wrote it, no join */
 	int restored_pid; /* restore: the restored tree's root; else 0 */
 	uint64_t restore_ns; /* target */
+	uint64_t gpu_restore_ns, resume_ns; /* target, inside restore_ns (plugin's log) */
 };
 
 /*
- * The stop phase: sends split image directory dirfd (kvmotion.manifest,
- * kvmotion.delta and the small CRIU images; CRIU's *.log files stay home)
- * with the chunks its manifest refers to that the target lacks, read from
- * store s. The target writes the files into a new directory of its image
- * area, joins them with its store and, with o->restore, runs criu restore
- * there. On failure the target removes that directory; for -ECHILD (restore
- * failed) err holds the first line of CRIU's complaint and, if log_tail is
- * not NULL, log_tail gets the tail of CRIU's log (log_tail_size bytes at
- * most, NUL-terminated).
+ * The stop phase: sends image directory dirfd (CRIU's *.log files stay
+ * home) and has the target write it into a new directory of its image
+ * area, then, with o->restore, run criu restore there. Two kinds:
+ *
+ *   split    (kvmotion.manifest present) the chunks its manifest refers to
+ *            that the target lacks, read from store s, go first; the target
+ *            joins the files with its store before the restore;
+ *   unsplit  (no manifest: a cooperative dump, whose weights are not in
+ *            the image) the files as CRIU wrote them, nothing else; s may
+ *            be NULL. Needs a target that says can_unsplit (else -ENOSYS).
+ *
+ * Files go in pieces read, hashed and compressed ahead by worker threads;
+ * every piece of an unsplit image carries its SHA-256, which the target
+ * checks before writing it (-EBADMSG "corrupt in flight"; a split image is
+ * verified by the join instead). On failure the target removes the
+ * directory; for -ECHILD (restore failed) err holds the first line of
+ * CRIU's complaint and, if log_tail is not NULL, log_tail gets the tail of
+ * CRIU's log (log_tail_size bytes at most, NUL-terminated). *ret is filled
+ * on failure too, with what was sent until then.
  */
 int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 			 const struct km_image_send_opts *o, struct km_send_stats *ret,

@@ -98,6 +98,12 @@ int km_wire_errno_from_code(int code);
 /* 0 for a major version this build speaks, else -EPROTONOSUPPORT with err. */
 int km_wire_check_version(uint32_t major, uint32_t minor, const char *who, struct km_error *err);
 
+/*
+ * Makes a lost peer fail the socket's calls with ETIMEDOUT after about ms
+ * (keepalive and TCP_USER_TIMEOUT), on both sides of a connection.
+ */
+void km_socket_dead_peer(int fd, unsigned ms);
+
 /* zstd contexts of one connection (the only other file that includes zstd.h is delta.c). */
 struct km_wire_codec;
 int km_wire_codec_new(struct km_wire_codec **ret);

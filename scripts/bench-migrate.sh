@@ -3,10 +3,14 @@
 #
 # Live-migration benchmark (issue 5), one run: for each weights size, the test
 # engine with --kv-mib of live KV, moved from host A to host B (two network
-# namespaces joined by a tbf-limited veth, tests/integration/netns.sh) three
-# ways, side by side:
-#   plain        criu dump (no plugin) + the image directory copied over the
-#                link (tar through a TCP socket) + criu restore on B
+# namespaces joined by a tbf-limited veth, tests/integration/netns.sh), side
+# by side:
+#   plain        plain CRIU (no plugin), the faster of two ways:
+#                  copy         criu dump + the image directory copied over the
+#                               link (tar through a TCP socket) + criu restore on B
+#                  page-server  criu dump --page-server to `criu page-server` on
+#                               B (pages cross the link as they are dumped) + the
+#                               other image files copied + criu restore on B
 #   transparent  kvmotion migrate --weights INDEX on the plain engine: the
 #                weights' chunks sent ahead, CRIU still dumps and restores them
 #   coop         kvmotion migrate on the cooperative engine (weights file
@@ -15,8 +19,17 @@
 # stop_seconds.total (dump start to the restored pid). Also the bytes that
 # crossed during the stop. Images, stores and weights on tmpfs (--dir).
 #
+# The stop's lower bound ("floor"): the bytes that must cross during the stop
+# (the live dynamic state: plain CRIU's image less the model) over the link
+# rate, plus the measured freeze and restore of a process of the same dynamic
+# size (memproc with --kv-mib of dynamic memory, dumped and restored on A).
+#
 #   scripts/bench-migrate.sh [--sizes "512 1024 2048 4096"] [--kv-mib 256] [--rate 10gbit]
-#                            [--dir /dev/shm] [--json FILE]
+#                            [--dir /dev/shm] [--rounds N] [--plain copy|page-server|both]
+#                            [--json FILE]
+#
+# --rounds N: each migration N times, medians (default 1). The defaults are
+# the issue's full benchmark; it needs about 3x the largest size in memory.
 #
 # Each engine runs as the init of its own pid namespace (restore on the same
 # kernel while the stopped source exists; docs/migrate.md).
@@ -29,16 +42,22 @@ kv_mib=256
 rate=10gbit
 base=/dev/shm
 json_out=
+rounds=1
+plain_ways=both
+usage="usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rate R] [--dir D] [--rounds N] [--plain copy|page-server|both] [--json FILE]"
 while [ $# -gt 0 ]; do
 	case $1 in
 	--sizes) sizes=$2; shift 2 ;;
 	--kv-mib) kv_mib=$2; shift 2 ;;
 	--rate) rate=$2; shift 2 ;;
 	--dir) base=$2; shift 2 ;;
+	--rounds) rounds=$2; shift 2 ;;
+	--plain) plain_ways=$2; shift 2 ;;
 	--json) json_out=$2; shift 2 ;;
-	*) echo "usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rate R] [--dir D] [--json FILE]" >&2; exit 2 ;;
+	*) echo "$usage" >&2; exit 2 ;;
 	esac
 done
+case $plain_ways in copy | page-server | both) ;; *) echo "$usage" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "needs root (CRIU, network namespaces)" >&2; exit 1; }
 
 # what netns.sh expects of its host script
@@ -66,7 +85,6 @@ km_netns_setup
 openssl rand -hex 32 >"$work/psk"
 export KVMOTION_SYNC=no KVMOTION_CONFIG=/dev/null KVMOTION_WEIGHTS_DIR=$work/weights
 
-wait_gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.02; done; }
 # start_engine NAME STORE MODEL [ARGS...]: ENGINE_PID, on host A, own pid namespace
 start_engine() {
 	local name=$1 store=$2 model=$3 u
@@ -88,20 +106,12 @@ start_engine() {
 	pids+=("$ENGINE_PID")
 }
 restored_pid() { python3 -c 'import sys; print(open(sys.argv[1]).read().strip())' "$1"; }
+# bytes of a directory's files but CRIU's logs
+image_bytes() { find "$1" -maxdepth 1 -type f ! -name '*.log' -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'; }
 
-# plain: dump, copy over the link, restore on B
-plain_run() {
-	local mib=$1 model=$2 img=$work/plain-img dst=$work/plain-dst t0 t1 t2 t3 bytes rpid
-	rm -rf "$img" "$dst"
-	mkdir -p "$img" "$dst"
-	start_engine plain "$work/empty-store" "$model"
-	sleep 0.5
-	t0=$(now)
-	km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 ||
-		{ tail -n 20 "$img/dump.log" >&2; fail "plain dump failed"; }
-	t1=$(now)
-	bytes=$(dir_bytes "$img")
-	# receiver on B, sender on A: a tar stream over one TCP connection
+# recv_start DST: a receiver on B that untars one TCP stream into DST,
+# started before the clock runs (its start-up is no part of a stop)
+recv_start() {
 	km_in_b python3 -c '
 import socket, subprocess, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,20 +122,50 @@ while True:
     b = c.recv(1 << 20)
     if not b: break
     p.stdin.write(b)
-p.stdin.close(); sys.exit(p.wait())' "$KM_ADDR_B" "$dst" >"$work/recv.out" &
-	local recv=$!
+p.stdin.close(); sys.exit(p.wait())' "$KM_ADDR_B" "$1" >"$work/recv.out" &
+	RECV_PID=$!
 	for _ in $(seq 500); do grep -q ready "$work/recv.out" 2>/dev/null && break; sleep 0.01; done
-	t1b=$(now)
-	tar c -C "$img" --exclude '*.log' . | km_in_a python3 -c '
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7480))
-while True:
-    b = sys.stdin.buffer.read(1 << 20)
-    if not b: break
-    s.sendall(b)
-s.shutdown(socket.SHUT_WR); s.recv(1)' "$KM_ADDR_B"
-	wait "$recv"
+}
+
+# copy_dir SRC: SRC's files but CRIU's logs over the link to recv_start's receiver
+copy_dir() {
+	# shellcheck disable=SC2016 # expanded by the inner bash
+	km_in_a bash -c 'tar c -C "$1" --exclude "*.log" . >"/dev/tcp/$2/7480"' copy "$1" "$KM_ADDR_B"
+	wait "$RECV_PID"
+}
+
+# plain_run MODEL WAY: plain CRIU from A to B; WAY = copy (dump, copy the
+# directory, restore) or page-server (pages streamed to B while dumping, the
+# rest copied, restore). Prints "dump copy restore bytes-that-crossed".
+plain_run() {
+	local model=$1 way=$2 img=$work/plain-img dst=$work/plain-dst t0 t1 t2 t3 bytes rpid ps
+	rm -rf "$img" "$dst"
+	mkdir -p "$img" "$dst"
+	start_engine plain "$work/empty-store" "$model"
+	recv_start "$dst"
+	sleep 0.5
+	if [ "$way" = page-server ]; then
+		rm -f "$work/ps.pid"
+		km_in_b "$criu" page-server -D "$dst" --address "$KM_ADDR_B" --port 7482 -o ps.log -v1 \
+			--pidfile "$work/ps.pid" -d || fail "criu page-server did not start"
+		ps=$(cat "$work/ps.pid")
+		t0=$(now)
+		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 \
+			--page-server --address "$KM_ADDR_B" --port 7482 ||
+			{ tail -n 20 "$img/dump.log" >&2; fail "plain dump to the page server failed"; }
+		t1=$(now)
+		# the page server has written every page once it exits (a zombie
+		# counts: whoever reaps orphans here may take its time)
+		while ps -o stat= -p "$ps" | grep -qv Z; do sleep 0.005; done
+	else
+		t0=$(now)
+		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 ||
+			{ tail -n 20 "$img/dump.log" >&2; fail "plain dump failed"; }
+		t1=$(now)
+	fi
+	copy_dir "$img"
 	t2=$(now)
+	bytes=$(image_bytes "$dst")
 	km_in_b "$criu" restore -D "$dst" -d -o restore.log -v1 --pidfile "$dst/pid" ||
 		{ tail -n 20 "$dst/restore.log" >&2; fail "plain restore failed"; }
 	t3=$(now)
@@ -133,7 +173,46 @@ s.shutdown(socket.SHUT_WR); s.recv(1)' "$KM_ADDR_B"
 	pids+=("$rpid")
 	kill -9 "$rpid"
 	rm -rf "$img" "$dst"
-	echo "$(elapsed "$t0" "$t1") $(elapsed "$t1b" "$t2") $(elapsed "$t2" "$t3") $bytes"
+	echo "$(elapsed "$t0" "$t1") $(elapsed "$t1" "$t2") $(elapsed "$t2" "$t3") $bytes"
+}
+
+# The floor's measured part: freeze and restore of memproc with --kv-mib of
+# dynamic memory (and a 1 MiB model), on A. Prints "freeze restore".
+floor_run() {
+	local d=$work/floor img=$work/floor/img pid t0 t1 fr
+	rm -rf "$d"
+	mkdir -p "$img"
+	head -c 1048576 /dev/urandom >"$d/model"
+	setsid "$build/tests/helpers/memproc" --model "$d/model" --dynamic "$kv_mib" \
+		--progress "$d/progress" </dev/null >"$d/out" 2>&1 &
+	pid=$!
+	pids+=("$pid")
+	for _ in $(seq 600); do [ -s "$d/progress" ] && break; sleep 0.05; done
+	sleep 0.3
+	"$criu" dump -t "$pid" -D "$img" -o dump.log -v4 || fail "floor: dump of memproc failed"
+	fr=$(python3 - "$img/dump.log" <<'PY'
+import re, sys
+t0 = t1 = None
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"\((\d+\.\d+)\) (.*)", line)
+    if not m:
+        continue
+    t, text = float(m.group(1)), m.group(2)
+    if t0 is None and text.startswith("Dumping processes (pid:"):
+        t0 = t
+    elif t0 is not None and text.startswith("Collected "):
+        t1 = t
+    elif text.startswith("Dumping task (pid:"):
+        break
+print(f"{(t1 - t0) if t0 is not None and t1 is not None else 0:.6f}")
+PY
+)
+	t0=$(now)
+	"$criu" restore -D "$img" -d -o restore.log -v1 --pidfile "$d/pid" || fail "floor: restore of memproc failed"
+	t1=$(now)
+	kill -9 "$(restored_pid "$d/pid")" 2>/dev/null || true
+	rm -rf "$d"
+	echo "$fr $(elapsed "$t0" "$t1")"
 }
 
 # kvmotion: serve on B with a fresh store, migrate from A
@@ -159,57 +238,122 @@ km_run() {
 	cat "$out"
 }
 
-results=()
 mkdir -p "$work/empty-store"
+floors=()
+for _ in $(seq "$rounds"); do floors+=("$(floor_run)"); done
+floor_freeze=$(median "${floors[@]% *}")
+floor_restore=$(median "${floors[@]#* }")
+echo "floor: freeze $floor_freeze s, restore $floor_restore s (memproc, $kv_mib MiB dynamic)" >&2
+
+compact() { python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",",":")))' "$1"; }
+results=()
 for mib in $sizes; do
 	model="$work/weights-$mib.safetensors"
 	rm -rf "$work/storeA" "$work/weights"
 	"$km" store init --store "$work/storeA" --no-sync >/dev/null
 	"$build/tests/helpers/mkmodel" "$model" --size $((mib * 1024 * 1024)) --seed 11 >/dev/null
-	plain=$(plain_run "$mib" "$model")
 	"$km" seed "$model" --store "$work/storeA" --name "w$mib" --no-sync >/dev/null
-	weights="w$mib" km_run transparent "$work/storeA" "$model" >"$work/t.json"
-	weights="" km_run coop "$work/storeA" "$model" --coop >"$work/c.json"
-	results+=("$mib $plain $(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",",":")))' "$work/t.json") $(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",",":")))' "$work/c.json")")
-	echo "$mib MiB done" >&2
+	for round in $(seq "$rounds"); do
+		copy=- ps=-
+		[ "$plain_ways" = page-server ] || copy=$(plain_run "$model" copy)
+		[ "$plain_ways" = copy ] || ps=$(plain_run "$model" page-server)
+		weights="w$mib" km_run transparent "$work/storeA" "$model" >"$work/t.json"
+		weights="" km_run coop "$work/storeA" "$model" --coop >"$work/c.json"
+		results+=("$mib|$round|$(stat -c %s "$model")|$copy|$ps|$(compact "$work/t.json")|$(compact "$work/c.json")")
+		echo "$mib MiB, round $round done" >&2
+	done
 	rm -f "$model"
 done
 
-python3 - "$kv_mib" "$rate" "${json_out:-}" "${results[@]}" <<'EOF'
-import json, sys
+python3 - "$kv_mib" "$rate" "${json_out:-}" "$floor_freeze" "$floor_restore" "${results[@]}" <<'PY'
+import json, re, statistics, sys
 kv, rate, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+floor_freeze, floor_restore = float(sys.argv[4]), float(sys.argv[5])
+m = re.fullmatch(r"(\d+(?:\.\d+)?)(gbit|mbit|kbit|bit)?", rate)
+bps = float(m.group(1)) * {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1, None: 1}[m.group(2)]
+med = statistics.median
+
+
+def plain(v):
+    if v == "-":
+        return None
+    d, c, r, b = v.split()
+    d, c, r = float(d), float(c), float(r)
+    return {"dump_s": d, "copy_s": c, "restore_s": r, "stop_s": d + c + r, "bytes_during_stop": int(b)}
+
+
+runs = {}
+for line in sys.argv[6:]:
+    mib, rnd, model_bytes, copy, ps, t, k = line.split("|", 6)
+    runs.setdefault(int(mib), []).append({"model_bytes": int(model_bytes), "copy": plain(copy),
+                                          "page_server": plain(ps), "transparent": json.loads(t),
+                                          "coop": json.loads(k)})
+PHASES = ("quiesce", "freeze", "gpu_checkpoint", "dump", "split", "transfer", "join", "restore",
+          "gpu_restore", "resume")
 rows = []
-for line in sys.argv[4:]:
-    v = line.split(" ", 7)
-    mib = int(v[0])
-    d, c, r, b = float(v[1]), float(v[2]), float(v[3]), int(v[4])
-    t, k = json.loads(v[5]), json.loads(v[6])
-    rows.append({"weights_mib": mib,
-                 "plain": {"dump_s": d, "copy_s": c, "restore_s": r, "stop_s": d + c + r,
-                           "bytes_during_stop": b},
-                 "transparent": t, "coop": k})
-print(f"engine with {kv} MiB of live KV, link {rate}; stop = dump start to running on B")
-print(f"{'weights':>8} {'mode':12} {'stop s':>7} {'pre-copy MiB':>12} {'stop MiB':>9}  phases (s)")
-mib = lambda x: x / 2**20
+for mib in sorted(runs):
+    rs = runs[mib]
+    row = {"weights_mib": mib, "rounds": rs}
+    ways = {w: med([r[w]["stop_s"] for r in rs]) for w in ("copy", "page_server") if rs[0][w]}
+    best = min(ways, key=ways.get)
+    row["plain_way"], row["plain_stop_s"], row["plain_ways_s"] = best, ways[best], ways
+    row["plain_bytes"] = med([r[best]["bytes_during_stop"] for r in rs])
+    # the live dynamic state: what plain CRIU sent, less the model
+    row["dynamic_bytes"] = max(row["plain_bytes"] - rs[0]["model_bytes"], kv << 20)
+    row["floor_s"] = row["dynamic_bytes"] * 8 / bps + floor_freeze + floor_restore
+    for mode in ("transparent", "coop"):
+        row[mode] = {"stop_s": med([r[mode]["stop_seconds"]["total"] for r in rs]),
+                     "before_bytes": med([r[mode]["bytes_sent_before_stop"] for r in rs]),
+                     "during_bytes": med([r[mode]["bytes_sent_during_stop"] for r in rs]),
+                     "during_wire_bytes": med([r[mode]["wire_bytes_during_stop"] for r in rs]),
+                     "dedup_bytes": med([r[mode]["bytes_deduplicated"] for r in rs]),
+                     "phases": {p: med([r[mode]["stop_seconds"][p] for r in rs]) for p in PHASES}}
+    rows.append(row)
+
+
+def M(x):
+    return x / 2**20
+
+
+print(f"engine with {kv} MiB of live KV, link {rate}; stop = dump start to running on B; floor = "
+      f"dynamic bytes / link + freeze {floor_freeze:.3f} s + restore {floor_restore:.3f} s (memproc)")
+print(f"{'weights':>9} {'mode':18} {'stop s':>7} {'x floor':>7} {'before MiB':>10} {'stop MiB':>9} "
+      f"{'wire MiB':>9}  phases (s)")
 for r in rows:
-    p = r["plain"]
-    print(f"{r['weights_mib']:>5} MiB {'plain':12} {p['stop_s']:7.2f} {0:12.1f} {mib(p['bytes_during_stop']):9.1f}  "
-          f"dump {p['dump_s']:.2f} copy {p['copy_s']:.2f} restore {p['restore_s']:.2f}")
-    for m in ["transparent", "coop"]:
-        x = r[m]; s = x["stop_seconds"]
-        print(f"{r['weights_mib']:>5} MiB {m:12} {s['total']:7.2f} {mib(x['bytes_sent_before_stop']):12.1f} "
-              f"{mib(x['bytes_sent_during_stop']):9.1f}  quiesce {s['quiesce']:.2f} freeze {s['freeze']:.2f} "
-              f"dump {s['dump']:.2f} split {s['split']:.2f} transfer {s['transfer']:.2f} "
-              f"join {s['join']:.2f} restore {s['restore']:.2f}")
+    w = f"{r['weights_mib']:>5} MiB"
+    for way, s in r["plain_ways_s"].items():
+        p = r["rounds"][0][way]
+        print(f"{w} {'plain ' + way:18} {s:7.2f} {s / r['floor_s']:7.2f} {0:10.1f} "
+              f"{M(p['bytes_during_stop']):9.1f} {'':>9}  "
+              f"dump {p['dump_s']:.2f} copy {p['copy_s']:.2f} restore {p['restore_s']:.2f}")
+    for mode in ("transparent", "coop"):
+        x = r[mode]
+        print(f"{w} {mode:18} {x['stop_s']:7.2f} {x['stop_s'] / r['floor_s']:7.2f} "
+              f"{M(x['before_bytes']):10.1f} {M(x['during_bytes']):9.1f} {M(x['during_wire_bytes']):9.1f}  "
+              + " ".join(f"{p} {x['phases'][p]:.3f}" for p in PHASES))
+    print(f"{w} {'floor':18} {r['floor_s']:7.2f} {1:7.2f} {'':>10} {M(r['dynamic_bytes']):9.1f}")
 by = {r["weights_mib"]: r for r in rows}
-summary = {}
+summary = {"floor_freeze_s": floor_freeze, "floor_restore_s": floor_restore}
+
+
+def target(name, value, ok):
+    summary[name] = {"value": value, "met": ok}
+    print(f"{name}: {value:.3f} ({'met' if ok else 'NOT met'})")
+
+
 if 2048 in by:
-    summary["coop_over_plain_2048"] = by[2048]["coop"]["stop_seconds"]["total"] / by[2048]["plain"]["stop_s"]
-    print(f"coop / plain stop at 2 GiB: {summary['coop_over_plain_2048']:.3f} (target <= 0.2)")
+    v = by[2048]["coop"]["stop_s"] / by[2048]["plain_stop_s"]
+    target("coop stop / plain stop at 2 GiB (<= 0.2)", v, v <= 0.2)
 if 4096 in by and 1024 in by:
-    summary["coop_4096_over_1024"] = by[4096]["coop"]["stop_seconds"]["total"] / by[1024]["coop"]["stop_seconds"]["total"]
-    print(f"coop stop 4 GiB / 1 GiB: {summary['coop_4096_over_1024']:.3f} (target <= 1.15)")
+    v = by[4096]["coop"]["stop_s"] / by[1024]["coop"]["stop_s"]
+    target("coop stop 4 GiB / 1 GiB (<= 1.15)", v, v <= 1.15)
+for r in rows:
+    v = r["transparent"]["stop_s"] / r["plain_stop_s"]
+    target(f"transparent stop / plain stop at {r['weights_mib']} MiB (< 1)", v, v < 1)
+    for mode in ("transparent", "coop"):
+        v = r[mode]["during_bytes"] / r["dynamic_bytes"]
+        target(f"{mode} bytes in the stop / dynamic bytes at {r['weights_mib']} MiB (<= 1)", v, v <= 1)
 if out:
     with open(out, "w") as f:
         json.dump({"kv_mib": kv, "rate": rate, "rows": rows, "summary": summary}, f, indent=1)
-EOF
+PY

@@ -13,7 +13,7 @@
  *          [--kv-mib N] [--kv-fill-mib N] [--kv-churn-mib N] [--threads N]
  *          [--step-delay-ms N]
  *          [--seed N] [--status PATH] [--status-socket NAME] [--status-file PATH]
- *          [--coop|--coop-upload [--store DIR]] [--quiet]
+ *          [--coop|--coop-upload [--store DIR]] [--keep-model-open] [--quiet]
  *   engine --query PATH|NAME   print the status line of a running engine
  *
  * A step: every active sequence contributes its next prompt chunk (prefill)
@@ -94,6 +94,7 @@ struct options {
 	unsigned delay_ms;
 	uint64_t total_seqs, seed, kv_mib, fill_mib, churn_mib;
 	bool quiet;
+	bool keep_model_open; /* as engines that keep a handle on their model files */
 	bool coop;
 	bool coop_upload; /* --coop-upload: keep an uploaded copy, as on a GPU */
 	const char *store; /* --coop: the kvmotion store (NULL: kvmotion's default) */
@@ -157,7 +158,7 @@ static void usage(FILE *f)
 	      "              [--threads N] [--step-delay-ms N] [--seed N] [--status PATH]\n"
 	      "              [--status-socket NAME] [--status-file PATH]\n"
 	      "              [--coop|--coop-upload [--store DIR]]\n"
-	      "              [--quiet]\n"
+	      "              [--keep-model-open] [--quiet]\n"
 	      "       engine --query PATH|NAME (a NAME without '/' is an abstract socket)\n",
 	      f);
 }
@@ -819,6 +820,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		{ "status-socket", required_argument, NULL, 'U' },
 		{ "status-file", required_argument, NULL, 'f' },
 		{ "quiet", no_argument, NULL, 'Q' },
+		{ "keep-model-open", no_argument, NULL, 'O' },
 		{ "coop", no_argument, NULL, 'C' },
 		{ "coop-upload", no_argument, NULL, 'u' },
 		{ "store", required_argument, NULL, 'D' },
@@ -851,6 +853,7 @@ static void parse_args(int argc, char **argv, struct options *o)
 		case 'U': o->status_name = optarg; break;
 		case 'f': o->status_file = optarg; break;
 		case 'Q': o->quiet = true; break;
+		case 'O': o->keep_model_open = true; break;
 		case 'C': o->coop = true; break;
 		case 'u': o->coop = o->coop_upload = true; break;
 		case 'D': o->store = optarg; break;
@@ -937,6 +940,9 @@ static void engine_init(struct engine *e)
 			seq_start(e, &e->seqs[i]);
 	}
 
+	/* kept for the process's life: kvmotion migrate finds model files this way */
+	if (o->keep_model_open && open(o->model, O_RDONLY | O_CLOEXEC) < 0)
+		die("cannot open %s: %s", o->model, strerror(errno));
 	e->out_fd = open(o->out, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 	if (e->out_fd < 0)
 		die("cannot open %s: %s", o->out, strerror(errno));

@@ -1021,8 +1021,12 @@ START_TEST(test_transport_live_busy_and_idle)
 }
 END_TEST
 
-/* Sends files[] as one image and commits; returns the answer to the commit or first refusal. */
-static int send_files(struct live *l, const char *const *names, size_t n, bool complete)
+/*
+ * Sends files[] as one image (split, or unsplit with pieces that carry no
+ * SHA-256) and commits; returns the answer to the commit or first refusal.
+ */
+static int send_files_as(struct live *l, const char *const *names, size_t n, bool complete,
+			 bool unsplit)
 {
 	Kvmotion__Wire__ImageBegin b = KVMOTION__WIRE__IMAGE_BEGIN__INIT;
 	Kvmotion__Wire__ImageCommit cm = KVMOTION__WIRE__IMAGE_COMMIT__INIT;
@@ -1032,6 +1036,8 @@ static int send_files(struct live *l, const char *const *names, size_t n, bool c
 
 	raw_connect(&r, l);
 	raw_hello(&r);
+	b.has_unsplit = unsplit;
+	b.unsplit = unsplit;
 	raw_send(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &b.base, NULL, 0);
 	ck_assert_int_eq(raw_expect(&r, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, NULL), 0);
 	for (size_t i = 0; i < n; i++) {
@@ -1052,6 +1058,11 @@ static int send_files(struct live *l, const char *const *names, size_t n, bool c
 	return k;
 }
 
+static int send_files(struct live *l, const char *const *names, size_t n, bool complete)
+{
+	return send_files_as(l, names, n, complete, false);
+}
+
 START_TEST(test_transport_live_file_rules)
 {
 	static const char *const four[] = { "a.img", "b.img", "c.img", "d.img" };
@@ -1069,6 +1080,9 @@ START_TEST(test_transport_live_file_rules)
 	ck_assert_int_eq(count_dir(l.images), 0);
 	/* no manifest: the join refuses, and the directory goes */
 	ck_assert_int_eq(send_files(&l, four, 1, true), -ENOENT);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	/* an unsplit image: nothing but the piece's hash verifies it, so it must come */
+	ck_assert_int_eq(send_files_as(&l, four, 1, true, true), -EPROTO);
 	ck_assert_int_eq(count_dir(l.images), 0);
 	live_stop(&l);
 }
@@ -1159,6 +1173,83 @@ START_TEST(test_transport_live_image)
 }
 END_TEST
 
+/* An unsplit image (a cooperative dump): its files as they are, every piece verified. */
+START_TEST(test_transport_live_unsplit_image)
+{
+	struct live l;
+	struct km_client *c = NULL;
+	struct km_client_opts o;
+	struct km_send_stats st;
+	struct km_image_result res;
+	struct km_image_send_opts io = { .label = "unsplit", .restore = false };
+	struct km_error err = { { 0 } };
+	static uint8_t pages[(9 << 20) + 1], core[5000];
+	char img[160], path[400], path2[400], tail[256];
+	int dirfd;
+
+	live_start(&l, 0);
+	snprintf(img, sizeof(img), "%s/img", l.dir);
+	ck_assert_int_eq(mkdir(img, 0700), 0);
+	fill(pages, sizeof(pages), 41); /* three pieces: 4 + 4 MiB + 1 MiB and a byte */
+	memset(pages + (2 << 20), 0, 3 << 20);
+	fill(core, sizeof(core), 42);
+	snprintf(path, sizeof(path), "%s/pages-1.img", img);
+	write_bytes(path, pages, sizeof(pages));
+	snprintf(path, sizeof(path), "%s/core-1.img", img);
+	write_bytes(path, core, sizeof(core));
+	snprintf(path, sizeof(path), "%s/empty.img", img);
+	write_bytes(path, core, 0);
+	snprintf(path, sizeof(path), "%s/dump.log", img);
+	write_text(path, "CRIU's log stays home\n");
+	dirfd = open(img, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ck_assert_int_ge(dirfd, 0);
+
+	/* a piece damaged after the sender hashed it: refused, nothing stays */
+	for (int compress = 0; compress < 2; compress++) {
+		o = client_opts(&l, NULL);
+		o.compress = compress ? KM_COMPRESS_ALWAYS : KM_COMPRESS_NEVER;
+		o.test_corrupt_piece = 3;
+		ck_assert_msg(km_client_connect(l.address, &o, &c, &err) == 0, "%s", err.msg);
+		ck_assert_int_eq(km_client_send_image(c, dirfd, NULL, &io, &st, &res, tail,
+						      sizeof(tail), &err),
+				 -EBADMSG);
+		ck_assert_msg(strstr(err.msg, "corrupt in flight"), "%s", err.msg);
+		km_client_free(c);
+		for (int i = 0; i < 500 && count_dir(l.images) != 0; i++)
+			usleep(10000);
+		ck_assert_int_eq(count_dir(l.images), 0);
+	}
+
+	o = client_opts(&l, NULL);
+	ck_assert_msg(km_client_connect(l.address, &o, &c, &err) == 0, "%s", err.msg);
+	ck_assert(km_client_target(c)->can_unsplit);
+	ck_assert_msg(
+		km_client_send_image(c, dirfd, NULL, &io, &st, &res, tail, sizeof(tail), &err) == 0,
+		"%s", err.msg);
+	km_client_free(c);
+	close(dirfd);
+	ck_assert(res.unsplit);
+	ck_assert_uint_eq(st.files, 3);
+	ck_assert_uint_eq(st.file_bytes, sizeof(pages) + sizeof(core));
+	ck_assert_uint_eq(st.chunks, 0);
+	ck_assert_uint_eq(st.bytes_sent, 0);
+	ck_assert_uint_eq(res.bytes_joined, 0);
+	ck_assert_uint_eq(res.bytes, sizeof(pages) + sizeof(core));
+	snprintf(path, sizeof(path), "%s/%s/pages-1.img", l.images, res.dir);
+	snprintf(path2, sizeof(path2), "%s/pages-1.img", img);
+	assert_same_file(path, path2);
+	snprintf(path, sizeof(path), "%s/%s/core-1.img", l.images, res.dir);
+	snprintf(path2, sizeof(path2), "%s/core-1.img", img);
+	assert_same_file(path, path2);
+	snprintf(path, sizeof(path), "%s/%s/empty.img", l.images, res.dir);
+	snprintf(path2, sizeof(path2), "%s/empty.img", img);
+	assert_same_file(path, path2);
+	snprintf(path, sizeof(path), "%s/%s", l.images, res.dir);
+	ck_assert_int_eq(count_dir(path), 3); /* no log, no marker */
+	live_stop(&l);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("transport");
@@ -1186,6 +1277,7 @@ int main(void)
 	tcase_add_test(live, test_transport_live_busy_and_idle);
 	tcase_add_test(live, test_transport_live_file_rules);
 	tcase_add_test(live, test_transport_live_image);
+	tcase_add_test(live, test_transport_live_unsplit_image);
 	suite_add_tcase(s, live);
 	return km_check_run(s);
 }
