@@ -14,7 +14,8 @@ static const char *const env_vars[] = {
 	"KVMOTION_ADD_CHUNKS", "KVMOTION_MIN_SPLIT_SIZE", "KVMOTION_CHUNK_MIN",
 	"KVMOTION_CHUNK_AVG", "KVMOTION_CHUNK_MAX", "KVMOTION_DELTA_LEVEL", "KVMOTION_THREADS",
 	"KVMOTION_SYNC", "KVMOTION_GPU_MAP", "KVMOTION_LIBCUDA", "KVMOTION_LOCK_TIMEOUT_MS",
-	"KVMOTION_LEAVE_RUNNING",
+	"KVMOTION_LEAVE_RUNNING", "KVMOTION_SPLIT_ENGINES", "KVMOTION_QUIESCE_TIMEOUT_MS",
+	"KVMOTION_WEIGHTS_DIR",
 };
 
 static void clear_env(void)
@@ -148,6 +149,74 @@ START_TEST(test_config_empty_comm_list_selects_all)
 }
 END_TEST
 
+static void assert_same_settings(const struct km_config *a, const struct km_config *b)
+{
+	ck_assert_str_eq(a->store, b->store);
+	ck_assert_int_eq(a->split, b->split);
+	ck_assert_str_eq(a->split_comm, b->split_comm);
+	ck_assert_int_eq(a->add_chunks, b->add_chunks);
+	ck_assert_int_eq(a->split_engines, b->split_engines);
+	ck_assert_uint_eq(a->min_split_size, b->min_split_size);
+	ck_assert_uint_eq(a->chunker.min_size, b->chunker.min_size);
+	ck_assert_uint_eq(a->chunker.avg_size, b->chunker.avg_size);
+	ck_assert_uint_eq(a->chunker.max_size, b->chunker.max_size);
+	ck_assert_int_eq(a->delta_level, b->delta_level);
+	ck_assert_uint_eq(a->threads, b->threads);
+	ck_assert_int_eq(a->sync, b->sync);
+	ck_assert_str_eq(a->gpu_map, b->gpu_map);
+	ck_assert_str_eq(a->libcuda, b->libcuda);
+	ck_assert_uint_eq(a->lock_timeout_ms, b->lock_timeout_ms);
+	ck_assert_uint_eq(a->quiesce_timeout_ms, b->quiesce_timeout_ms);
+	ck_assert_str_eq(a->weights_dir, b->weights_dir);
+	ck_assert_int_eq(a->leave_running, b->leave_running);
+}
+
+/*
+ * The installed /etc/kvmotion/kvmotion.conf (criu-hooks/kvmotion.conf)
+ * loads as it is, and with every "# key = value" line uncommented it still
+ * loads and changes nothing: its lines name real keys with the defaults.
+ */
+START_TEST(test_config_installed_template)
+{
+	const char *src = getenv("KM_SOURCE_DIR");
+	struct km_config defaults, c;
+	struct km_error err = { { 0 } };
+	char template[4096], path[64], line[512], key[64];
+	FILE *in, *out;
+	int fd, keys = 0;
+
+	ck_assert_msg(src, "KM_SOURCE_DIR is not set (tests/meson.build sets it)");
+	snprintf(template, sizeof(template), "%s/criu-hooks/kvmotion.conf", src);
+	clear_env();
+	km_config_init(&defaults);
+	km_config_init(&c);
+	ck_assert_int_eq(km_config_load(&c, template, &err), 0);
+	assert_same_settings(&c, &defaults);
+
+	strcpy(path, "/tmp/km-test-config-XXXXXX");
+	fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	out = fdopen(fd, "w");
+	in = fopen(template, "r");
+	ck_assert(out && in);
+	while (fgets(line, sizeof(line), in)) {
+		int n = 0;
+
+		if (sscanf(line, "# %63[a-z_] =%n", key, &n) == 1 && n > 0) {
+			fputs(line + 2, out);
+			keys++;
+		}
+	}
+	fclose(in);
+	fclose(out);
+	ck_assert_int_ge(keys, 18);
+	km_config_init(&c);
+	ck_assert_msg(km_config_load(&c, path, &err) == 0, "%s", err.msg);
+	assert_same_settings(&c, &defaults);
+	unlink(path);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("config");
@@ -159,6 +228,7 @@ int main(void)
 	tcase_add_test(tc, test_config_rejects_bad_input);
 	tcase_add_test(tc, test_config_env_errors_and_missing_file);
 	tcase_add_test(tc, test_config_empty_comm_list_selects_all);
+	tcase_add_test(tc, test_config_installed_template);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
