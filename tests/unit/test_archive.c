@@ -7,6 +7,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-tar.h"
 #include <fcntl.h>
 #include <ftw.h>
 #include <stdio.h>
@@ -19,63 +20,6 @@
 #include "format.h"
 #include "hash.h"
 #include "oci.h"
-
-struct tarbuf {
-	uint8_t *p;
-	size_t n, cap;
-};
-
-static void tb_put(struct tarbuf *t, const void *p, size_t n)
-{
-	if (t->n + n > t->cap) {
-		t->cap = (t->n + n) * 2 + 4096;
-		t->p = realloc(t->p, t->cap);
-		ck_assert_ptr_nonnull(t->p);
-	}
-	memcpy(t->p + t->n, p, n);
-	t->n += n;
-}
-
-static void tb_pad(struct tarbuf *t)
-{
-	static const uint8_t zero[512];
-
-	if (t->n % 512)
-		tb_put(t, zero, 512 - t->n % 512);
-}
-
-/* One member: a ustar header (name split into prefix/name when given) and its data. */
-static void tb_entry(struct tarbuf *t, const char *prefix, const char *name, char type,
-		     const void *data, size_t len)
-{
-	uint8_t h[512] = { 0 };
-	unsigned sum = 0;
-
-	snprintf((char *)h, 100, "%s", name);
-	snprintf((char *)h + 100, 8, "%07o", 0644);
-	snprintf((char *)h + 108, 8, "%07o", 0);
-	snprintf((char *)h + 116, 8, "%07o", 0);
-	snprintf((char *)h + 124, 12, "%011zo", len);
-	snprintf((char *)h + 136, 12, "%011o", 0);
-	h[156] = (uint8_t)type;
-	memcpy(h + 257, "ustar\0" "00", 8);
-	if (prefix)
-		snprintf((char *)h + 345, 155, "%s", prefix);
-	memset(h + 148, ' ', 8);
-	for (int i = 0; i < 512; i++)
-		sum += h[i];
-	snprintf((char *)h + 148, 8, "%06o", sum);
-	tb_put(t, h, 512);
-	tb_put(t, data, len);
-	tb_pad(t);
-}
-
-static void tb_end(struct tarbuf *t)
-{
-	static const uint8_t zero[1024];
-
-	tb_put(t, zero, sizeof(zero));
-}
 
 static int tb_fd(const struct tarbuf *t, char *path)
 {
@@ -101,29 +45,6 @@ static void expect_member(int fd, const char *name, const char *want)
 	free(buf);
 }
 
-/* A small manifest: one file of two chunks and a zero run. */
-static void *small_manifest(size_t *ret_n, struct km_hash *ids)
-{
-	struct km_extent ext[3] = {
-		{ .kind = KM_EXTENT_CHUNK, .length = 4096 },
-		{ .kind = KM_EXTENT_ZERO, .length = 4096 },
-		{ .kind = KM_EXTENT_CHUNK, .length = 4096 },
-	};
-	struct km_file_entry fe = { .name = (char *)"pages-1.img", .size = 3 * 4096, .mode = 0600,
-				    .split = true, .extents = ext, .n_extents = 3 };
-	struct km_manifest m = { .major = KM_FORMAT_MAJOR, .minor = KM_FORMAT_MINOR,
-				 .chunker = KM_CHUNKER_PARAMS_DEFAULT, .files = &fe, .n_files = 1,
-				 .delta = { .name = (char *)KM_DELTA_NAME } };
-	void *buf = NULL;
-
-	km_hash_buf("one", 3, &ids[0]);
-	km_hash_buf("two", 3, &ids[1]);
-	ext[0].id = ids[0];
-	ext[2].id = ids[1];
-	ck_assert_int_eq(km_manifest_encode(&m, &buf, ret_n), 0);
-	return buf;
-}
-
 START_TEST(test_archive_members)
 {
 	struct tarbuf t = { 0 };
@@ -133,9 +54,12 @@ START_TEST(test_archive_members)
 	struct km_manifest *man = NULL;
 	struct km_hash ids[2], mid, want_mid;
 	size_t mlen;
-	void *mbuf = small_manifest(&mlen, ids);
+	void *mbuf;
 	int fd;
 
+	km_hash_buf("one", 3, &ids[0]);
+	km_hash_buf("two", 3, &ids[1]);
+	mbuf = km_test_manifest(ids, &mlen);
 	memset(longname, 'x', 150);
 	strcpy(longname + 150, "/deep-name");
 	tb_entry(&t, NULL, "./", '5', NULL, 0);
