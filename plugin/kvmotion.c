@@ -1770,8 +1770,8 @@ static int cmd_k8s_hook(struct cli *c, int argc, char **argv)
 			c->hook_timeout_s = phases[i].timeout_s;
 		snprintf(hook_timeout_json, sizeof(hook_timeout_json),
 			 "{\"ok\":false,\"phase\":\"%s\",\"error\":\"timed out after %u s\","
-			 "\"errno\":\"ETIMEDOUT\",\"retry\":true}\n",
-			 phases[i].name, c->hook_timeout_s);
+			 "\"errno\":\"ETIMEDOUT\",\"retry\":true,\"seconds\":%u}\n",
+			 phases[i].name, c->hook_timeout_s, c->hook_timeout_s);
 		signal(SIGALRM, hook_alarm);
 		signal(SIGPIPE, SIG_IGN);
 		alarm(c->hook_timeout_s);
