@@ -84,6 +84,7 @@ struct cli {
 	const char *oci_dir;
 	const char *image_ref;
 	const char *import_cmd;
+	const char *oci_runtime;
 	unsigned hook_timeout_s;
 	bool keep_archive;
 };
@@ -203,6 +204,7 @@ static void usage(FILE *f)
 	      "  --oci-dir DIR        k8s-hook before-restore: where the OCI image layout goes\n"
 	      "  --image-ref REF      k8s-hook before-restore: the layout's reference name\n"
 	      "  --import-cmd CMD     k8s-hook before-restore: run CMD OCI-DIR IMAGE after it\n"
+	      "  --oci-runtime NAME   k8s-hook before-restore: the runtime that checkpointed (runc)\n"
 	      "  --timeout S          k8s-hook: give up after S seconds (exit status 124)\n"
 	      "  --keep-archive       k8s-hook after-restore: keep the archive and its layout\n",
 	      f);
@@ -1596,7 +1598,8 @@ static int hook_before_restore(struct cli *c, uint64_t t0)
 	{
 		struct km_oci_opts oo = { .container = c->container,
 					  .ref = c->image_ref,
-					  .manifest_id = split ? &mid : NULL };
+					  .manifest_id = split ? &mid : NULL,
+					  .runtime = c->oci_runtime };
 
 		r = km_oci_write_layout(c->archive, oci, &oo, &res, &err);
 		if (r < 0)
@@ -1837,6 +1840,7 @@ enum {
 	OPT_IMPORT_CMD,
 	OPT_TIMEOUT,
 	OPT_KEEP_ARCHIVE,
+	OPT_OCI_RUNTIME,
 };
 
 int main(int argc, char **argv)
@@ -1898,6 +1902,7 @@ int main(int argc, char **argv)
 		{ "import-cmd", required_argument, NULL, OPT_IMPORT_CMD },
 		{ "timeout", required_argument, NULL, OPT_TIMEOUT },
 		{ "keep-archive", no_argument, NULL, OPT_KEEP_ARCHIVE },
+		{ "oci-runtime", required_argument, NULL, OPT_OCI_RUNTIME },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{}
@@ -1970,6 +1975,7 @@ int main(int argc, char **argv)
 		case OPT_IMAGE_REF: c.image_ref = optarg; break;
 		case OPT_IMPORT_CMD: c.import_cmd = optarg; break;
 		case OPT_KEEP_ARCHIVE: c.keep_archive = true; break;
+		case OPT_OCI_RUNTIME: c.oci_runtime = optarg; break;
 		case OPT_TIMEOUT:
 			if (parse_u64(optarg, &v) < 0 || v == 0 || v > 86400)
 				return fail("--timeout: '%s' is not a number of seconds (1 to 86400)", optarg);

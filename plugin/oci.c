@@ -140,6 +140,7 @@ int km_oci_write_layout(const char *archive, const char *dir, const struct km_oc
 	char hl[KM_HASH_HEX_SIZE], hc[KM_HASH_HEX_SIZE], hm[KM_HASH_HEX_SIZE], hx[KM_HASH_HEX_SIZE];
 	char path[PATH_MAX], created[32], text[4096], extra[160] = "";
 	const char *ref = o->ref ? o->ref : "latest";
+	const char *runtime = o->runtime ? o->runtime : "runc";
 	_cleanup_close_ int fd = -1;
 	struct tm tm;
 	time_t now = time(NULL);
@@ -148,6 +149,10 @@ int km_oci_write_layout(const char *archive, const char *dir, const struct km_oc
 	if (!name_ok(o->container, "_.-")) {
 		km_error_set(err, "container name '%.64s' is not [a-zA-Z0-9][a-zA-Z0-9_.-]*",
 			     o->container ? o->container : "");
+		return -EINVAL;
+	}
+	if (!name_ok(runtime, "_.-")) {
+		km_error_set(err, "runtime name '%.64s' is not [a-zA-Z0-9][a-zA-Z0-9_.-]*", runtime);
 		return -EINVAL;
 	}
 	if (!name_ok(ref, "_.-:/@")) {
@@ -209,10 +214,11 @@ int km_oci_write_layout(const char *archive, const char *dir, const struct km_oc
 		 "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\","
 		 "\"digest\":\"sha256:%s\",\"size\":%llu}],"
 		 "\"annotations\":{\"" KM_OCI_ANNOTATION_CRIO "\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU
-		 "\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN "\":\"%s\"%s}}",
+		 "\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN "\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN_RUNTIME
+		 "\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU_RUNTIME "\":\"%s\"%s}}",
 		 km_hash_to_hex(&res.config, hc), (unsigned long long)res.config_size, hl,
 		 (unsigned long long)res.layer_size, o->container, o->container, o->container,
-		 extra);
+		 runtime, runtime, extra);
 	r = put_blob(dir, text, &res.manifest, &res.manifest_size, err);
 	if (r < 0)
 		return r;

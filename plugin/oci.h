@@ -9,12 +9,15 @@
  * uncompressed tar whose top holds checkpoint/, config.dump, spec.dump),
  * and the manifest carries the annotations that mark it a checkpoint:
  *
- *   io.kubernetes.cri-o.annotations.checkpoint.name   CRI-O
- *   org.criu.checkpoint.container.name                containerd 2.x
+ *   io.kubernetes.cri-o.annotations.checkpoint.name   CRI-O (its first name)
+ *   org.criu.checkpoint.container.name                checkpointctl's metadata:
+ *                                                     containerd 2.x, current CRI-O
  *   io.podman.annotations.checkpoint.name             podman
  *
- * each with the container's name, plus io.kvmotion.checkpoint.manifest
- * (the split image's manifest id, when there is one). The layout is what
+ * each with the container's name, the runtime's name under podman's and
+ * checkpointctl's keys (podman refuses a checkpoint image without it), and
+ * io.kvmotion.checkpoint.manifest (the split image's manifest id, when there
+ * is one). The layout is what
  * `skopeo copy oci:DIR:REF containers-storage:REF` (CRI-O) or, packed with
  * tar, `ctr -n k8s.io images import` (containerd) load; docs/kubernetes.md.
  */
@@ -29,11 +32,15 @@
 #define KM_OCI_ANNOTATION_CRIU	   "org.criu.checkpoint.container.name"
 #define KM_OCI_ANNOTATION_PODMAN   "io.podman.annotations.checkpoint.name"
 #define KM_OCI_ANNOTATION_MANIFEST "io.kvmotion.checkpoint.manifest"
+/* The runtime that checkpointed it: podman restores only with the same. */
+#define KM_OCI_ANNOTATION_PODMAN_RUNTIME "io.podman.annotations.checkpoint.runtime.name"
+#define KM_OCI_ANNOTATION_CRIU_RUNTIME	 "org.criu.checkpoint.runtime.name"
 
 struct km_oci_opts {
 	const char *container; /* the checkpointed container's name: [a-zA-Z0-9][a-zA-Z0-9_.-]* */
 	const char *ref; /* index.json's org.opencontainers.image.ref.name (NULL: "latest") */
 	const struct km_hash *manifest_id; /* NULL: not a split image */
+	const char *runtime; /* the OCI runtime that checkpointed it (NULL: "runc") */
 };
 
 struct km_oci_result {

@@ -158,3 +158,50 @@ assert_eq "container on B" "$(pod_state B llm)" ""
 pod_wait_exit A llm 120
 cmp "$T/ref.out" "$POD_SHARE/run2.out" || fail "after the failed move: the token stream differs"
 pass "B's restore fails: '$(json_get "$T/f1.json" error | cut -c1-90)'; llm restored on A in $(json_get "$T/f1.json" stop_seconds.resume) s and finished, tokens identical"
+pod A rm -f llm >/dev/null
+
+# --- the Kubernetes path with a real runtime: the kubelet's archive (podman's
+# export has its layout) through the hook, restored from the OCI checkpoint
+# image that before-restore made, by podman (containers/storage, as CRI-O)
+
+start_server k8s 7482
+start_llm run3
+archive=$T/checkpoint-llm-0_default-llm-2026-11-26T16:00:00Z.tar
+rm -rf "$T/k8s.json"*
+in_node A "$KM_NS_A" "$KVMOTION" k8s-hook prepare --to "$KM_ADDR_B:7482" --psk-file "$T/psk" \
+	--store "$D/store" --weights model >"$T/k8s-prepare.json" 2>&1 ||
+	fail "k8s-hook prepare: $(cat "$T/k8s-prepare.json")"
+pod_checkpoint A llm "$archive" --compress none
+in_node A "$KM_NS_A" "$KVMOTION" k8s-hook checkpoint-done --to "$KM_ADDR_B:7482" --psk-file "$T/psk" \
+	--store "$D/store" --archive "$archive" >"$T/k8s-done.json" 2>"$T/k8s-done.err" ||
+	fail "k8s-hook checkpoint-done: $(cat "$T/k8s-done.json" "$T/k8s-done.err")"
+assert_eq "split" "$(json_get "$T/k8s-done.json" split)" True
+assert_eq "chunk bytes after the checkpoint" "$(json_get "$T/k8s-done.json" chunk_bytes_sent)" 0
+tarch=$(json_get "$T/k8s-done.json" target_archive)
+# the import: podman names an oci: image after its path, which must be lower case
+cat >"$T/import" <<EOF2
+#!/bin/sh
+set -e
+ln -sfn "\$1" /tmp/kvmotion-oci-\$\$
+id=\$($T/podman-node pull -q oci:/tmp/kvmotion-oci-\$\$:latest)
+rm -f /tmp/kvmotion-oci-\$\$
+$T/podman-node tag "\$id" "\$2"
+EOF2
+chmod 755 "$T/import"
+in_node B "$KM_NS_B" "$KVMOTION" k8s-hook before-restore --archive "$tarch" --store "$D/store" \
+	--container llm --import-cmd "$T/import" >"$T/k8s-before.json" 2>"$T/k8s-before.err" ||
+	fail "k8s-hook before-restore: $(cat "$T/k8s-before.json" "$T/k8s-before.err")"
+image=$(json_get "$T/k8s-before.json" image)
+assert_eq "imported" "$(json_get "$T/k8s-before.json" imported)" True
+pod A rm -f llm >/dev/null # the controller deletes the source pod once B runs; here first, one output file
+pod B container restore --keep "$image" >"$T/k8s-restore.out" 2>&1 || {
+	cat "$T/k8s-restore.out"
+	fail "podman could not restore the checkpoint image $image"
+}
+assert_eq "container on B" "$(pod_state B llm)" running
+rpid=$(pod_pid B llm)
+in_node B "$KM_NS_B" "$KVMOTION" k8s-hook after-restore --archive "$tarch" --store "$D/store" \
+	--pid "$rpid" >"$T/k8s-after.json" 2>&1 || fail "k8s-hook after-restore: $(cat "$T/k8s-after.json")"
+pod_wait_exit B llm 120
+cmp "$T/ref.out" "$POD_SHARE/run3.out" || fail "restored from the checkpoint image: the token stream differs"
+pass "Kubernetes path: podman's archive ($(file_size "$archive") B) through k8s-hook, restored by podman from the OCI checkpoint image $image on B; tokens identical"

@@ -262,6 +262,7 @@ START_TEST(test_archive_oci_layout)
 	ck_assert(strstr(man, "\"" KM_OCI_ANNOTATION_CRIO "\":\"engine-1\""));
 	ck_assert(strstr(man, "\"" KM_OCI_ANNOTATION_CRIU "\":\"engine-1\""));
 	ck_assert(strstr(man, "\"" KM_OCI_ANNOTATION_MANIFEST "\":\""));
+	ck_assert(strstr(man, "\"" KM_OCI_ANNOTATION_PODMAN_RUNTIME "\":\"runc\""));
 	cfg = blob_after(layout, man, "\"config\"", &n);
 	ck_assert(strstr(cfg, "\"os\":\"linux\""));
 	layer = blob_after(layout, man, "\"layers\"", &n);
@@ -282,6 +283,9 @@ START_TEST(test_archive_oci_layout)
 	snprintf(layout, sizeof(layout), "%s/oci2", dir);
 	ck_assert_int_eq(km_oci_write_layout(archive, layout, &o, &res, &err), -EINVAL);
 	o.container = "a\"b";
+	ck_assert_int_eq(km_oci_write_layout(archive, layout, &o, &res, &err), -EINVAL);
+	o.container = "ok";
+	o.runtime = "run c";
 	ck_assert_int_eq(km_oci_write_layout(archive, layout, &o, &res, &err), -EINVAL);
 	free(index);
 	free(man);
