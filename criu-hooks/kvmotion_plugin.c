@@ -93,13 +93,19 @@ static double now_s(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* --leave-running (-R) on CRIU's command line; swrk (RPC) cannot tell. */
+/*
+ * --leave-running (-R) on CRIU's command line. Only a command line with the
+ * "dump" command word can say no: a worker serving an RPC request (criu swrk
+ * under runc and podman) has retitled itself ("criu: dump --rpc -t PID -D
+ * DIR", or a truncated title when CRIU runs through a loader), and the
+ * request's leave_running is not visible to plugins: that is unknown.
+ */
 static enum km_tristate cmdline_leave_running(void)
 {
 	char buf[8192];
 	ssize_t n;
 	_cleanup_close_ int fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC);
-	bool swrk = false;
+	bool cli_dump = false;
 
 	if (fd < 0)
 		return KM_AUTO;
@@ -110,10 +116,10 @@ static enum km_tristate cmdline_leave_running(void)
 	for (char *p = buf; p < buf + n; p += strlen(p) + 1) {
 		if (strcmp(p, "--leave-running") == 0 || strcmp(p, "-R") == 0)
 			return KM_YES;
-		if (strcmp(p, "swrk") == 0 || strcmp(p, "service") == 0)
-			swrk = true;
+		if (strcmp(p, "dump") == 0 || strcmp(p, "pre-dump") == 0)
+			cli_dump = true;
 	}
-	return swrk ? KM_AUTO : KM_NO;
+	return cli_dump ? KM_NO : KM_AUTO;
 }
 
 /*

@@ -17,7 +17,8 @@
 #   pod_node_setup NODE [--no-plugin] [--plugin-dir DIR] [--config FILE]
 #                             makes node NODE: its directory $(pod_dir NODE)
 #                             (seen by the node as $POD_NODE_DIR) with podman
-#                             storage, weights/, store/ (not made: an
+#                             storage, store/ (weights files in store/weights;
+#                             not made: an
 #                             existing directory that is not a store makes
 #                             the plugin refuse dumps; seed or init it), kvmotion.conf, bin/criu, plugins/;
 #                             imports the engine image; its containers,
@@ -33,6 +34,14 @@
 #   pod_pid NODE NAME         the host pid of the container's process
 #   pod_state NODE NAME       podman's state: running, exited, ... ("" if none)
 #   pod_wait_exit NODE NAME [TIMEOUT_S]   waits until it has exited
+#   pod_file NODE NAME PATH   the host path of PATH in the container's own
+#                             layer (its upper dir): what the container
+#                             wrote in its rootfs, which an exported
+#                             checkpoint carries (rootfs-diff.tar) and a
+#                             restore puts back as it was at the checkpoint
+#   pod_engine_wait NODE NAME STATUS MIN [TIMEOUT_S]   waits until the
+#                             engine's --status-file STATUS (a path in its
+#                             rootfs) shows at least MIN tokens generated
 #   pod_checkpoint NODE NAME ARCHIVE [OPTIONS...]   checkpoint --export,
 #                             CRIU's dump.log kept as ARCHIVE.dump.log; sets
 #                             POD_SECONDS (wall time); fails the test on error
@@ -156,7 +165,7 @@ pod_node_setup() {
 		shift
 	done
 	n=$(pod_dir "$node")
-	mkdir -p "$n/root" "$n/runroot" "$n/tmp" "$n/bin" "$n/plugins" "$n/runc" "$n/weights"
+	mkdir -p "$n/root" "$n/runroot" "$n/tmp" "$n/bin" "$n/plugins" "$n/runc"
 	if [ -z "$plugin_dir" ]; then
 		plugin_dir=$d/plugins
 		if [ "$with_plugin" = 1 ]; then
@@ -170,7 +179,6 @@ pod_node_setup() {
 		cat >"$n/kvmotion.conf" <<EOF
 # node $node of $KM_TEST_NAME
 store = $d/store
-weights_dir = $d/weights
 sync = no
 EOF
 	fi
@@ -260,6 +268,32 @@ pod_wait_exit() {
 		sleep 0.1
 	done
 	fail "container $name on node $node still $state after $timeout s"
+}
+
+pod_file() {
+	local upper
+	upper=$(pod "$1" inspect -f '{{.GraphDriver.Data.UpperDir}}' "$2" 2>/dev/null) || upper=""
+	[ -n "$upper" ] || fail "no container $2 on node $1"
+	# the node sees its directory at $POD_NODE_DIR
+	printf '%s%s%s\n' "$(pod_dir "$1")" "${upper#"$POD_NODE_DIR"}" "$3"
+}
+
+pod_engine_wait() {
+	local node=$1 name=$2 status min=$4 timeout=${5:-30} n=0
+	status=$(pod_file "$1" "$2" "$3")
+	for _ in $(seq 1 $((timeout * 20))); do
+		if [ -s "$status" ]; then
+			n=$(json_get "$status" tokens_generated 2>/dev/null) || n=0
+			[ "$n" -ge "$min" ] && return 0
+		fi
+		case $(pod_state "$node" "$name") in
+		running | "") ;;
+		*) break ;;
+		esac
+		sleep 0.05
+	done
+	pod "$node" logs "$name" 2>&1 | tail -n 20
+	fail "engine $name on node $node: $n tokens, not $min, after $timeout s ($(pod_state "$node" "$name"))"
 }
 
 # The CRIU log of the last checkpoint or restore of container NAME, kept by
