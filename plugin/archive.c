@@ -9,10 +9,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#define BLOCK	      512u
-#define PAX_MAX	      (1u << 20) /* a pax header larger than this is not a checkpoint's */
-#define MANIFEST_MAX  (64u << 20)
-#define LONGNAME_MAX  4096u
+#define BLOCK	     512u
+#define PAX_MAX	     (1u << 20) /* a pax header larger than this is not a checkpoint's */
+#define MANIFEST_MAX (64u << 20)
+#define LONGNAME_MAX 4096u
 
 /* An octal field, or GNU's base-256 (high bit of the first byte set). */
 static int tar_number(const uint8_t *p, size_t n, uint64_t *ret)
@@ -79,7 +79,8 @@ static void pax_parse(const char *p, size_t n, char *path, size_t path_size, uin
 		kv = end + 1;
 		eq = memchr(kv, '=', (size_t)(p + off + len - kv));
 		if (eq) {
-			size_t klen = (size_t)(eq - kv), vlen = (size_t)(p + off + len - 1 - (eq + 1));
+			size_t klen = (size_t)(eq - kv),
+			       vlen = (size_t)(p + off + len - 1 - (eq + 1));
 
 			if (klen == 4 && memcmp(kv, "path", 4) == 0 && vlen < path_size) {
 				memcpy(path, eq + 1, vlen);
@@ -125,8 +126,9 @@ int km_archive_foreach(int fd, km_archive_fn fn, void *userdata, struct km_error
 		}
 		if (off == 0 && ((h[0] == 0x1f && h[1] == 0x8b) ||
 				 (h[0] == 0x28 && h[1] == 0xb5 && h[2] == 0x2f && h[3] == 0xfd))) {
-			km_error_set(err, "archive is %s-compressed: export it uncompressed "
-					  "(podman container checkpoint --compress none)",
+			km_error_set(err,
+				     "archive is %s-compressed: export it uncompressed "
+				     "(podman container checkpoint --compress none)",
 				     h[0] == 0x1f ? "gzip" : "zstd");
 			return -EPROTONOSUPPORT;
 		}
@@ -311,9 +313,9 @@ int km_archive_check_layout(int fd, struct km_error *err)
 		return r;
 	if (!l.inventory || !l.config || !l.spec) {
 		km_error_set(err, "not a container checkpoint archive: no %s",
-			     !l.inventory ? KM_ARCHIVE_CHECKPOINT_DIR "/inventory.img"
-			     : !l.config  ? "config.dump"
-					  : "spec.dump");
+			     !l.inventory ? KM_ARCHIVE_CHECKPOINT_DIR "/inventory.img" :
+			     !l.config	  ? "config.dump" :
+					    "spec.dump");
 		return -ENOENT;
 	}
 	return 0;

@@ -45,8 +45,7 @@ typedef int (*km_archive_fn)(const struct km_archive_member *m, void *userdata);
 int km_archive_foreach(int fd, km_archive_fn fn, void *userdata, struct km_error *err);
 
 /* The member 'name' (a regular file). */
-int km_archive_find(int fd, const char *name, struct km_archive_member *ret,
-		    struct km_error *err);
+int km_archive_find(int fd, const char *name, struct km_archive_member *ret, struct km_error *err);
 
 /* Reads member 'name' (at most max bytes) into a new buffer. */
 int km_archive_read(int fd, const char *name, size_t max, void **ret, size_t *ret_size,

@@ -21,9 +21,9 @@
 #include "format.h"
 #include "store.h"
 
-#define ARGS_MAX	   128
-#define TIMEOUT_S_DEFAULT  600u
-#define ARCHIVE_NAME	   "checkpoint.tar"
+#define ARGS_MAX	  128
+#define TIMEOUT_S_DEFAULT 600u
+#define ARCHIVE_NAME	  "checkpoint.tar"
 
 extern char **environ;
 
@@ -39,9 +39,9 @@ static uint64_t now_ns(void)
  * podman [global options] WORDS..., stdout to WORK/TAG.out, stderr to
  * WORK/TAG.err; *ret_status: its wait status.
  */
-static int podman(const struct km_container_move_opts *o, const char *tag,
-		  const char *const *words, size_t n_words, const char *const *extra,
-		  size_t n_extra, int *ret_status, struct km_error *err)
+static int podman(const struct km_container_move_opts *o, const char *tag, const char *const *words,
+		  size_t n_words, const char *const *extra, size_t n_extra, int *ret_status,
+		  struct km_error *err)
 {
 	const char *argv[ARGS_MAX];
 	char out[PATH_MAX], errp[PATH_MAX];
@@ -147,7 +147,8 @@ static int inspect(const struct km_container_move_opts *o, char *state, size_t s
 		return r;
 	if (!exited_ok(status)) {
 		output_line(o, "inspect", "err", true, line, sizeof(line));
-		km_error_set(err, "container %s: %s", o->name, line[0] ? line : "podman inspect failed");
+		km_error_set(err, "container %s: %s", o->name,
+			     line[0] ? line : "podman inspect failed");
 		return -ENOENT;
 	}
 	output_line(o, "inspect", "out", false, line, sizeof(line));
@@ -270,8 +271,8 @@ int km_container_move(const struct km_container_move_opts *o, struct km_migrate_
 		m.progress(m.userdata, KM_MIGRATE_DUMP, r);
 	t_stop = now_ns();
 	{
-		const char *words[] = { "container", "checkpoint", "--export", archive,
-					"--compress", "none", "--keep", o->name };
+		const char *words[] = { "container",  "checkpoint", "--export", archive,
+					"--compress", "none",	    "--keep",	o->name };
 
 		ret = podman(o, "checkpoint", words, KM_ARRAY_SIZE(words), o->checkpoint_args,
 			     o->n_checkpoint_args, &status, err);

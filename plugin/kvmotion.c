@@ -1226,7 +1226,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	if (argc != 0)
 		return fail("migrate: unexpected argument '%s'", argv[0]);
 	if ((c->pid <= 0) == !c->container || !c->to)
-		return fail("migrate: --pid PID or --container NAME, and --to HOST:PORT are required");
+		return fail(
+			"migrate: --pid PID or --container NAME, and --to HOST:PORT are required");
 	if (!o.work) {
 		if (!mkdtemp(work))
 			return fail("migrate: cannot create a work directory: %s", strerror(errno));
@@ -1257,8 +1258,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 
 		printf("migrated %s%s%spid %d to %s: restored as pid %d (%s mode)\n",
 		       c->container ? "container " : "", c->container ? c->container : "",
-		       c->container ? ", " : "", (int)rep.pid, c->to,
-		       rep.restored_pid, rep.cooperative ? "cooperative" : "transparent");
+		       c->container ? ", " : "", (int)rep.pid, c->to, rep.restored_pid,
+		       rep.cooperative ? "cooperative" : "transparent");
 		printf("  stop %.3f s: quiesce %.3f, freeze %.3f, GPU checkpoint %.3f, dump %.3f, "
 		       "split %.3f, transfer %.3f, join %.3f, restore %.3f\n",
 		       secs(rep.stop_ns), secs(rep.quiesce_ns), secs(rep.freeze_ns),
@@ -1297,7 +1298,8 @@ static void print_archive_json(const struct km_archive_result *res)
 
 static int cmd_send_archive(struct cli *c, int argc, char **argv)
 {
-	struct km_archive_send_opts o = { .label = c->label, .restore = c->restore,
+	struct km_archive_send_opts o = { .label = c->label,
+					  .restore = c->restore,
 					  .name = c->container };
 	struct km_archive_result res;
 	struct km_send_stats st;
@@ -1436,7 +1438,8 @@ static int hook_prepare(struct cli *c, uint64_t t0)
 	int r;
 
 	if (!c->to || (c->pid <= 0 && !c->weights_index))
-		return hook_usage("prepare", "--to HOST:PORT and --pid PID or --weights INDEX are required");
+		return hook_usage("prepare",
+				  "--to HOST:PORT and --pid PID or --weights INDEX are required");
 	if (c->hook_timeout_s)
 		o.client.io_timeout_ms = c->hook_timeout_s * 1000u;
 	r = km_store_open(c->store_path, 0, NULL, &s);
@@ -1477,7 +1480,8 @@ static int hook_checkpoint_done(struct cli *c, uint64_t t0)
 	int r;
 
 	if (!c->to || !c->archive)
-		return hook_usage("checkpoint-done", "--to HOST:PORT and --archive FILE are required");
+		return hook_usage("checkpoint-done",
+				  "--to HOST:PORT and --archive FILE are required");
 	if (c->hook_timeout_s)
 		co.io_timeout_ms = c->hook_timeout_s * 1000u;
 	if (km_store_open(c->store_path, 0, NULL, &s) < 0)
@@ -1544,7 +1548,8 @@ static int hook_before_restore(struct cli *c, uint64_t t0)
 	int r;
 
 	if (!c->archive || !c->container)
-		return hook_usage("before-restore", "--archive FILE and --container NAME are required");
+		return hook_usage("before-restore",
+				  "--archive FILE and --container NAME are required");
 	fd = open(c->archive, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		r = -errno;
@@ -1743,8 +1748,7 @@ static int hook_after_restore(struct cli *c, uint64_t t0)
 	else
 		printf("null");
 	printf(",\"archive_removed\":%s,\"dir_removed\":%s,\"seconds\":%.6f}\n",
-	       c->keep_archive ? "false" : "true", removed ? "true" : "false",
-	       secs(now_ns() - t0));
+	       c->keep_archive ? "false" : "true", removed ? "true" : "false", secs(now_ns() - t0));
 	return 0;
 }
 
@@ -1955,30 +1959,50 @@ int main(int argc, char **argv)
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
-		case OPT_CONTAINER: c.container = optarg; break;
-		case OPT_PODMAN: c.container_opts.podman = optarg; break;
+		case OPT_CONTAINER:
+			c.container = optarg;
+			break;
+		case OPT_PODMAN:
+			c.container_opts.podman = optarg;
+			break;
 		case OPT_PODMAN_ARG:
 			if (c.container_opts.n_args == KM_ARRAY_SIZE(c.podman_args))
-				return fail("--podman-arg: at most %zu", KM_ARRAY_SIZE(c.podman_args));
+				return fail("--podman-arg: at most %zu",
+					    KM_ARRAY_SIZE(c.podman_args));
 			c.podman_args[c.container_opts.n_args++] = optarg;
 			c.container_opts.args = c.podman_args;
 			break;
 		case OPT_CONTAINER_RESTORE_ARG:
-			if (c.container_opts.n_restore_args == KM_ARRAY_SIZE(c.container_restore_args))
+			if (c.container_opts.n_restore_args ==
+			    KM_ARRAY_SIZE(c.container_restore_args))
 				return fail("--container-restore-arg: at most %zu",
 					    KM_ARRAY_SIZE(c.container_restore_args));
 			c.container_restore_args[c.container_opts.n_restore_args++] = optarg;
 			c.container_opts.restore_args = c.container_restore_args;
 			break;
-		case OPT_ARCHIVE: c.archive = optarg; break;
-		case OPT_OCI_DIR: c.oci_dir = optarg; break;
-		case OPT_IMAGE_REF: c.image_ref = optarg; break;
-		case OPT_IMPORT_CMD: c.import_cmd = optarg; break;
-		case OPT_KEEP_ARCHIVE: c.keep_archive = true; break;
-		case OPT_OCI_RUNTIME: c.oci_runtime = optarg; break;
+		case OPT_ARCHIVE:
+			c.archive = optarg;
+			break;
+		case OPT_OCI_DIR:
+			c.oci_dir = optarg;
+			break;
+		case OPT_IMAGE_REF:
+			c.image_ref = optarg;
+			break;
+		case OPT_IMPORT_CMD:
+			c.import_cmd = optarg;
+			break;
+		case OPT_KEEP_ARCHIVE:
+			c.keep_archive = true;
+			break;
+		case OPT_OCI_RUNTIME:
+			c.oci_runtime = optarg;
+			break;
 		case OPT_TIMEOUT:
 			if (parse_u64(optarg, &v) < 0 || v == 0 || v > 86400)
-				return fail("--timeout: '%s' is not a number of seconds (1 to 86400)", optarg);
+				return fail(
+					"--timeout: '%s' is not a number of seconds (1 to 86400)",
+					optarg);
 			c.hook_timeout_s = (unsigned)v;
 			break;
 		case OPT_COMPRESS:

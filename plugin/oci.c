@@ -152,11 +152,13 @@ int km_oci_write_layout(const char *archive, const char *dir, const struct km_oc
 		return -EINVAL;
 	}
 	if (!name_ok(runtime, "_.-")) {
-		km_error_set(err, "runtime name '%.64s' is not [a-zA-Z0-9][a-zA-Z0-9_.-]*", runtime);
+		km_error_set(err, "runtime name '%.64s' is not [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+			     runtime);
 		return -EINVAL;
 	}
 	if (!name_ok(ref, "_.-:/@")) {
-		km_error_set(err, "image reference '%.64s' has characters other than [a-zA-Z0-9_.-:/@]",
+		km_error_set(err,
+			     "image reference '%.64s' has characters other than [a-zA-Z0-9_.-:/@]",
 			     ref);
 		return -EINVAL;
 	}
@@ -207,18 +209,20 @@ int km_oci_write_layout(const char *archive, const char *dir, const struct km_oc
 	if (o->manifest_id)
 		snprintf(extra, sizeof(extra), ",\"" KM_OCI_ANNOTATION_MANIFEST "\":\"%s\"",
 			 km_hash_to_hex(o->manifest_id, hx));
-	snprintf(text, sizeof(text),
-		 "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\","
-		 "\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\","
-		 "\"digest\":\"sha256:%s\",\"size\":%llu},"
-		 "\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\","
-		 "\"digest\":\"sha256:%s\",\"size\":%llu}],"
-		 "\"annotations\":{\"" KM_OCI_ANNOTATION_CRIO "\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU
-		 "\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN "\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN_RUNTIME
-		 "\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU_RUNTIME "\":\"%s\"%s}}",
-		 km_hash_to_hex(&res.config, hc), (unsigned long long)res.config_size, hl,
-		 (unsigned long long)res.layer_size, o->container, o->container, o->container,
-		 runtime, runtime, extra);
+	snprintf(
+		text, sizeof(text),
+		"{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\","
+		"\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\","
+		"\"digest\":\"sha256:%s\",\"size\":%llu},"
+		"\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar\","
+		"\"digest\":\"sha256:%s\",\"size\":%llu}],"
+		"\"annotations\":{\"" KM_OCI_ANNOTATION_CRIO "\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU
+		"\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN
+		"\":\"%s\",\"" KM_OCI_ANNOTATION_PODMAN_RUNTIME
+		"\":\"%s\",\"" KM_OCI_ANNOTATION_CRIU_RUNTIME "\":\"%s\"%s}}",
+		km_hash_to_hex(&res.config, hc), (unsigned long long)res.config_size, hl,
+		(unsigned long long)res.layer_size, o->container, o->container, o->container,
+		runtime, runtime, extra);
 	r = put_blob(dir, text, &res.manifest, &res.manifest_size, err);
 	if (r < 0)
 		return r;

@@ -1096,8 +1096,8 @@ static bool container_name_ok(const char *name)
 	return true;
 }
 
-static int container_restore(struct conn *c, const char *archive, const char *name,
-			     int *ret_pid, char *ret_id, size_t id_size, struct km_error *err)
+static int container_restore(struct conn *c, const char *archive, const char *name, int *ret_pid,
+			     char *ret_id, size_t id_size, struct km_error *err)
 {
 	const struct km_container_opts *co = &c->srv->o.container;
 	const struct km_restore_opts *ro = &c->srv->o.restore;
@@ -1138,8 +1138,9 @@ static int container_restore(struct conn *c, const char *archive, const char *na
 		}
 	}
 	{
-		const char *words[] = { "container", "restore", "--import", archive, "--name",
-					name };
+		const char *words[] = {
+			"container", "restore", "--import", archive, "--name", name
+		};
 
 		r = podman_argv(co, argv, words, KM_ARRAY_SIZE(words), co->restore_args,
 				co->n_restore_args, err);

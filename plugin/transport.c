@@ -680,8 +680,8 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 		c->info.chunker =
 			(struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
 	c->info.can_materialize = hr->has_can_materialize && hr->can_materialize;
-	c->info.can_restore_containers = hr->has_can_restore_containers &&
-					 hr->can_restore_containers;
+	c->info.can_restore_containers =
+		hr->has_can_restore_containers && hr->can_restore_containers;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
 	km_frame_clear(&f);
 	c->info.connect_ns = now_ns() - t0;
@@ -1656,7 +1656,8 @@ int km_client_send_archive(struct km_client *c, const char *path, struct km_stor
 		return -ENOMEM;
 	if (n_w) {
 		if (!s) {
-			km_error_set(err, "archive %s holds a split image: a store is needed", path);
+			km_error_set(err, "archive %s holds a split image: a store is needed",
+				     path);
 			return -EINVAL;
 		}
 		r = send_wants(c, s, w, n_w, &st, err);

@@ -41,7 +41,7 @@ static inline void tb_pad(struct tarbuf *t)
 
 /* One member: a ustar header (name split into prefix/name when given) and its data. */
 static inline void tb_entry(struct tarbuf *t, const char *prefix, const char *name, char type,
-		     const void *data, size_t len)
+			    const void *data, size_t len)
 {
 	uint8_t h[512] = { 0 };
 	unsigned sum = 0;
@@ -53,7 +53,10 @@ static inline void tb_entry(struct tarbuf *t, const char *prefix, const char *na
 	snprintf((char *)h + 124, 12, "%011zo", len);
 	snprintf((char *)h + 136, 12, "%011o", 0);
 	h[156] = (uint8_t)type;
-	memcpy(h + 257, "ustar\0" "00", 8);
+	memcpy(h + 257,
+	       "ustar\0"
+	       "00",
+	       8);
 	if (prefix)
 		snprintf((char *)h + 345, 155, "%s", prefix);
 	memset(h + 148, ' ', 8);
@@ -80,10 +83,17 @@ static inline void *km_test_manifest(const struct km_hash *ids, size_t *ret_n)
 		{ .kind = KM_EXTENT_ZERO, .length = 4096 },
 		{ .kind = KM_EXTENT_CHUNK, .length = 4096, .id = ids[1] },
 	};
-	struct km_file_entry fe = { .name = (char *)"pages-1.img", .size = 3 * 4096, .mode = 0600,
-				    .split = true, .extents = ext, .n_extents = 3 };
-	struct km_manifest m = { .major = KM_FORMAT_MAJOR, .minor = KM_FORMAT_MINOR,
-				 .chunker = KM_CHUNKER_PARAMS_DEFAULT, .files = &fe, .n_files = 1,
+	struct km_file_entry fe = { .name = (char *)"pages-1.img",
+				    .size = 3 * 4096,
+				    .mode = 0600,
+				    .split = true,
+				    .extents = ext,
+				    .n_extents = 3 };
+	struct km_manifest m = { .major = KM_FORMAT_MAJOR,
+				 .minor = KM_FORMAT_MINOR,
+				 .chunker = KM_CHUNKER_PARAMS_DEFAULT,
+				 .files = &fe,
+				 .n_files = 1,
 				 .delta = { .name = (char *)KM_DELTA_NAME } };
 	void *buf = NULL;
 

@@ -74,7 +74,8 @@ START_TEST(test_archive_members)
 	tb_entry(&t, NULL, "truncated-name", '0', "LONG", 4);
 	/* pax: path and size records override the header */
 	{
-		const char *pax = "29 path=checkpoint/pax-named\n" "10 size=3\n";
+		const char *pax = "29 path=checkpoint/pax-named\n"
+				  "10 size=3\n";
 
 		tb_entry(&t, NULL, "PaxHeaders/x", 'x', pax, strlen(pax));
 		tb_entry(&t, NULL, "ignored", '0', "PAX", 3);

@@ -1179,17 +1179,18 @@ static void fake_podman(const char *dir, char *ret_path, size_t size)
 	char text[2048];
 
 	snprintf(ret_path, size, "%s/podman", dir);
-	snprintf(text, sizeof(text),
-		 "#!/bin/sh\n"
-		 "echo \"$*\" >>%s/podman.log\n"
-		 "case \"$1 $2\" in\n"
-		 "'container exists') [ -f %s/exists ] && exit 0; exit 1 ;;\n"
-		 "'container restore') [ -f %s/fail ] && { echo 'Error: restore broke' >&2; exit 125; }\n"
-		 "  echo abc123 ;;\n"
-		 "'container inspect') if [ -f %s/exited ]; then echo 'exited 0'; else echo 'running 4242'; fi ;;\n"
-		 "esac\n"
-		 "exit 0\n",
-		 dir, dir, dir, dir);
+	snprintf(
+		text, sizeof(text),
+		"#!/bin/sh\n"
+		"echo \"$*\" >>%s/podman.log\n"
+		"case \"$1 $2\" in\n"
+		"'container exists') [ -f %s/exists ] && exit 0; exit 1 ;;\n"
+		"'container restore') [ -f %s/fail ] && { echo 'Error: restore broke' >&2; exit 125; }\n"
+		"  echo abc123 ;;\n"
+		"'container inspect') if [ -f %s/exited ]; then echo 'exited 0'; else echo 'running 4242'; fi ;;\n"
+		"esac\n"
+		"exit 0\n",
+		dir, dir, dir, dir);
 	write_text(ret_path, text);
 	ck_assert_int_eq(chmod(ret_path, 0755), 0);
 }
