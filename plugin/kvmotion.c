@@ -1959,12 +1959,8 @@ int main(int argc, char **argv)
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
-		case OPT_CONTAINER:
-			c.container = optarg;
-			break;
-		case OPT_PODMAN:
-			c.container_opts.podman = optarg;
-			break;
+		case OPT_CONTAINER: c.container = optarg; break;
+		case OPT_PODMAN: c.container_opts.podman = optarg; break;
 		case OPT_PODMAN_ARG:
 			if (c.container_opts.n_args == KM_ARRAY_SIZE(c.podman_args))
 				return fail("--podman-arg: at most %zu",
@@ -1980,24 +1976,12 @@ int main(int argc, char **argv)
 			c.container_restore_args[c.container_opts.n_restore_args++] = optarg;
 			c.container_opts.restore_args = c.container_restore_args;
 			break;
-		case OPT_ARCHIVE:
-			c.archive = optarg;
-			break;
-		case OPT_OCI_DIR:
-			c.oci_dir = optarg;
-			break;
-		case OPT_IMAGE_REF:
-			c.image_ref = optarg;
-			break;
-		case OPT_IMPORT_CMD:
-			c.import_cmd = optarg;
-			break;
-		case OPT_KEEP_ARCHIVE:
-			c.keep_archive = true;
-			break;
-		case OPT_OCI_RUNTIME:
-			c.oci_runtime = optarg;
-			break;
+		case OPT_ARCHIVE: c.archive = optarg; break;
+		case OPT_OCI_DIR: c.oci_dir = optarg; break;
+		case OPT_IMAGE_REF: c.image_ref = optarg; break;
+		case OPT_IMPORT_CMD: c.import_cmd = optarg; break;
+		case OPT_KEEP_ARCHIVE: c.keep_archive = true; break;
+		case OPT_OCI_RUNTIME: c.oci_runtime = optarg; break;
 		case OPT_TIMEOUT:
 			if (parse_u64(optarg, &v) < 0 || v == 0 || v > 86400)
 				return fail(
