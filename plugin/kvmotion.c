@@ -136,7 +136,7 @@ static void usage(FILE *f)
 	      "  kvmotion engine status|quiesce|resume|probe --pid PID [--timeout-ms N] [--restored]\n"
 	      "                                                  talk to a cooperative engine (libkvmotion-engine)\n"
 	      "  kvmotion serve --listen ADDR:PORT --store S --images DIR AUTH [--max-bytes N]\n"
-	      "                [--restore-cmd CRIU] [--restore-libdir DIR] [--restore-arg ARG]...\n"
+	      "                [--restore-cmd CRIU] [--restore-libdir DIR] [--restore-arg ARG]... [--podman P]\n"
 	      "                                                   receive migrations (foreground; SIGTERM stops)\n"
 	      "  kvmotion send-weights INDEX --store S --to HOST:PORT AUTH [--json]\n"
 	      "                                                   pre-copy a weights index, materialize it there\n"

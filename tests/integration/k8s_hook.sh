@@ -236,15 +236,19 @@ hook "$T/f-unreach.json" 75 "$KM_NS_A" prepare --to "$KM_ADDR_B:7479" "${auth[@]
 assert_eq "retry" "$(json_get "$T/f-unreach.json" retry)" True
 
 # a listener that never answers the TLS handshake
-python3 -c 'import socket, time; s = socket.socket(); s.bind(("127.0.0.1", 7478)); s.listen(); time.sleep(30)' &
+python3 -c 'import socket, sys, time; s = socket.socket(); s.bind(("127.0.0.1", 7478)); s.listen(); open(sys.argv[1], "w").close(); time.sleep(30)' "$T/listening" &
 hang=$!
-KM_PIDS+=("$hang")
-sleep 0.3
+for _ in $(seq 500); do
+	[ -e "$T/listening" ] && break
+	sleep 0.02
+done
+[ -e "$T/listening" ] || fail "the silent listener did not start"
 t0=$SECONDS
 hook "$T/f-timeout.json" 124 - prepare --to 127.0.0.1:7478 "${auth[@]}" --store "$storeA" --weights model --timeout 2
 assert_lt "seconds until the timeout" $((SECONDS - t0)) 6
 assert_eq "errno" "$(json_get "$T/f-timeout.json" errno)" ETIMEDOUT
 kill -KILL "$hang" 2>/dev/null || true
+wait "$hang" 2>/dev/null || true
 
 run "$KVMOTION" store init --store "$T/storeC" --no-sync
 cp "$archive" "$T/again.tar"
