@@ -1440,8 +1440,6 @@ static int hook_prepare(struct cli *c, uint64_t t0)
 	if (!c->to || (c->pid <= 0 && !c->weights_index))
 		return hook_usage("prepare",
 				  "--to HOST:PORT and --pid PID or --weights INDEX are required");
-	if (c->hook_timeout_s)
-		o.client.io_timeout_ms = c->hook_timeout_s * 1000u;
 	r = km_store_open(c->store_path, 0, NULL, &s);
 	if (r < 0) {
 		km_error_set(&err, "store %s: %s", c->store_path, strerror(-r));
@@ -1482,8 +1480,6 @@ static int hook_checkpoint_done(struct cli *c, uint64_t t0)
 	if (!c->to || !c->archive)
 		return hook_usage("checkpoint-done",
 				  "--to HOST:PORT and --archive FILE are required");
-	if (c->hook_timeout_s)
-		co.io_timeout_ms = c->hook_timeout_s * 1000u;
 	if (km_store_open(c->store_path, 0, NULL, &s) < 0)
 		s = NULL; /* an archive without a split image needs none */
 	r = km_client_connect(c->to, &co, &cl, &err);
