@@ -1236,7 +1236,7 @@ static int send_archive(struct live *l, const char *path, bool restore,
 
 START_TEST(test_transport_live_archive)
 {
-	char sdir[] = "/tmp/km-test-podman-XXXXXX", podman[128], path[256], got[700], root[400];
+	char sdir[] = "/tmp/km-test-podman-XXXXXX", podman[128], path[256], got[4200], root[400];
 	char hex[KM_HASH_HEX_SIZE], tail[512], logp[160], text[4096];
 	struct km_archive_result res;
 	struct km_error err = { { 0 } };
