@@ -22,6 +22,8 @@ struct tarbuf {
 
 static inline void tb_put(struct tarbuf *t, const void *p, size_t n)
 {
+	if (n == 0)
+		return; /* memcpy may not take NULL, even for nothing */
 	if (t->n + n > t->cap) {
 		t->cap = (t->n + n) * 2 + 4096;
 		t->p = realloc(t->p, t->cap);
