@@ -11,7 +11,11 @@
 #     and the archive follow, B's podman restores it; the container is gone
 #     from A, runs on B and ends with the tokens of a run never stopped;
 #   - B's restore fails (a bad restore option): the container is restored
-#     on A from the checkpoint podman kept and goes on, tokens identical.
+#     on A from the checkpoint podman kept and goes on, tokens identical;
+#   - a cooperative engine (store bind-mounted read-only): its weights file,
+#     found from its mappings, is written on B ahead; quiesced, moved, resumed;
+#   - the Kubernetes path (k8s-hook) on podman's archive, restored by podman
+#     from the OCI checkpoint image before-restore made.
 #
 #   KM_LINK_RATE (10gbit)
 set -euo pipefail
@@ -159,6 +163,36 @@ pod_wait_exit A llm 120
 cmp "$T/ref.out" "$POD_SHARE/run2.out" || fail "after the failed move: the token stream differs"
 pass "B's restore fails: '$(json_get "$T/f1.json" error | cut -c1-90)'; llm restored on A in $(json_get "$T/f1.json" stop_seconds.resume) s and finished, tokens identical"
 pod A rm -f llm >/dev/null
+
+# --- a cooperative engine: its weights file found from its mappings, written
+# on B before the stop; the archive holds no weights
+
+run pod_in A "$KVMOTION" weights materialize model --store "$D/store" >/dev/null
+start_server coop 7483 --weights-dir "$D/store/weights"
+rm -f "$POD_SHARE/run4.out" "$POD_SHARE/run4.json"
+pod_run_engine A llm -v "$D/store:$D/store:ro" -- --coop --store "$D/store" --model index:model \
+	"${args[@]}" --step-delay-ms 60 --out "$POD_SHARE/run4.out" --status-file "$POD_SHARE/run4.json" --quiet
+for _ in $(seq 400); do
+	[ -s "$POD_SHARE/run4.json" ] && [ "$(json_get "$POD_SHARE/run4.json" tokens_generated)" -ge 6 ] && break
+	sleep 0.05
+done
+move "$T/m4.json" 7483 --weights-dir "$D/store/weights"
+if [ "$MOVE_RC" != 0 ]; then
+	cat "$T/m4.json.err"
+	tail -n 20 "${SLOG[coop]}"
+	fail "migrate --container of a cooperative engine failed (status $MOVE_RC)"
+fi
+assert_eq "mode" "$(json_get "$T/m4.json" mode)" cooperative
+# B has the chunks from the first move: the pre-copy sends the index, and B writes the file
+assert_ge "weights bytes of the pre-copy (sent or had)" "$(json_get "$T/m4.json" precopy.bytes)" $((model_bytes * 9 / 10))
+compgen -G "$(pod_dir B)/store/weights/*.kmw" >/dev/null || fail "no weights file on B"
+assert_lt "archive bytes (no weights)" "$(json_get "$T/m4.json" image_bytes)" $((model_bytes / 4))
+assert_eq "container on B" "$(pod_state B llm)" running
+pod_wait_exit B llm 120
+cmp "$T/ref.out" "$POD_SHARE/run4.out" || fail "cooperative move: the token stream differs"
+assert_eq "restores seen by the engine" "$(json_get "$POD_SHARE/run4.json" restores)" 1
+pass "cooperative container A -> B: weights file written on B ahead ($(json_get "$T/m4.json" precopy.bytes) B of index, $(json_get "$T/m4.json" bytes_sent_before_stop) B sent), archive $(json_get "$T/m4.json" image_bytes) B; stop $(json_get "$T/m4.json" stop_seconds.total) s (quiesce $(json_get "$T/m4.json" stop_seconds.quiesce)); tokens identical"
+pod B rm -f llm >/dev/null
 
 # --- the Kubernetes path with a real runtime: the kubelet's archive (podman's
 # export has its layout) through the hook, restored from the OCI checkpoint
