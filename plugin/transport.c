@@ -680,6 +680,8 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 		c->info.chunker =
 			(struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
 	c->info.can_materialize = hr->has_can_materialize && hr->can_materialize;
+	/* The field's presence, true or false, says the receiver knows archives. */
+	c->info.takes_archives = hr->has_can_restore_containers;
 	c->info.can_restore_containers =
 		hr->has_can_restore_containers && hr->can_restore_containers;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
@@ -1603,7 +1605,7 @@ int km_client_send_archive(struct km_client *c, const char *path, struct km_stor
 		km_error_set(err, "the connection failed earlier");
 		return -ENOTCONN;
 	}
-	if (c->info.major == 1 && c->info.minor < 1) {
+	if (!c->info.takes_archives) {
 		km_error_set(err, "the target (%s, protocol %u.%u) takes no container archives",
 			     c->info.software, c->info.major, c->info.minor);
 		return -ENOSYS;

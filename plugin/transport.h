@@ -87,7 +87,8 @@ struct km_target_info {
 	uint32_t max_files;
 	struct km_chunker_params chunker; /* of the target's store; zeros if not told */
 	bool can_materialize;
-	bool can_restore_containers; /* 1.1: ArchiveCommit with restore */
+	bool takes_archives; /* it sent can_restore_containers at all: ArchiveCommit is known */
+	bool can_restore_containers; /* ArchiveCommit with restore */
 	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
 	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
 };
@@ -220,7 +221,8 @@ struct km_archive_result {
  * `kvmotion store release`) and keeps the archive in a directory of its
  * image area; with o->restore its container engine restores it as o->name
  * and the result names the running container's pid. -ENOSYS: the target
- * speaks 1.0 or restores no containers; -ENOENT: a chunk is missing there;
+ * knows no archives (its HelloReply has no can_restore_containers) or
+ * restores no containers; -ENOENT: a chunk is missing there;
  * -ECHILD: the restore failed (log_tail: the engine's output's tail).
  */
 int km_client_send_archive(struct km_client *c, const char *path, struct km_store *s,
