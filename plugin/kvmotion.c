@@ -4,22 +4,29 @@
  * calls one library function per command and prints what it did; every
  * error is printed once, here, as "kvmotion: what: why".
  */
+#include <dirent.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
+#include "archive.h"
+#include "container.h"
 #include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
 #include "migrate.h"
+#include "oci.h"
 #include "serve.h"
 #include "store.h"
 #include "transport.h"
@@ -69,6 +76,18 @@ struct cli {
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
+	/* containers */
+	const char *container;
+	struct km_container_opts container_opts;
+	const char *podman_args[32];
+	const char *container_restore_args[32];
+	const char *archive;
+	const char *oci_dir;
+	const char *image_ref;
+	const char *import_cmd;
+	const char *oci_runtime;
+	unsigned hook_timeout_s;
+	bool keep_archive;
 };
 
 static __attribute__((format(printf, 1, 2))) int fail(const char *fmt, ...)
@@ -118,7 +137,7 @@ static void usage(FILE *f)
 	      "  kvmotion engine status|quiesce|resume|probe --pid PID [--timeout-ms N] [--restored]\n"
 	      "                                                  talk to a cooperative engine (libkvmotion-engine)\n"
 	      "  kvmotion serve --listen ADDR:PORT --store S --images DIR AUTH [--max-bytes N]\n"
-	      "                [--restore-cmd CRIU] [--restore-libdir DIR] [--restore-arg ARG]...\n"
+	      "                [--restore-cmd CRIU] [--restore-libdir DIR] [--restore-arg ARG]... [--podman P]\n"
 	      "                                                   receive migrations (foreground; SIGTERM stops)\n"
 	      "  kvmotion send-weights INDEX --store S --to HOST:PORT AUTH [--json]\n"
 	      "                                                   pre-copy a weights index, materialize it there\n"
@@ -127,6 +146,12 @@ static void usage(FILE *f)
 	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
+	      "  kvmotion migrate --container NAME --to HOST:PORT AUTH [--podman P] [--podman-arg ARG]...\n"
+	      "                                                   live-migrate a podman container (docs/podman.md)\n"
+	      "  kvmotion send-archive ARCHIVE --to HOST:PORT AUTH [--store S] [--restore --container NAME]\n"
+	      "                                                   send a container checkpoint archive (and restore it)\n"
+	      "  kvmotion k8s-hook prepare|checkpoint-done|before-restore|after-restore [OPTIONS]\n"
+	      "                                                   Kubernetes migration hook (docs/kubernetes.md)\n"
 	      "  AUTH: --psk-file F (TLS 1.3 pre-shared key) or --cert C --key K --ca CA (mutual TLS)\n"
 	      "\n"
 	      "Options:\n"
@@ -173,7 +198,19 @@ static void usage(FILE *f)
 	      "                       process (transparent mode)\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
-	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n",
+	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
+	      "  --container NAME     migrate, send-archive, k8s-hook: the container\n"
+	      "  --podman P           serve: restore container archives with podman P (or a\n"
+	      "                       wrapper taking its arguments); migrate: podman to use\n"
+	      "  --podman-arg ARG     serve, migrate: podman's global option (repeatable)\n"
+	      "  --container-restore-arg ARG   serve: extra option of podman container restore\n"
+	      "  --archive FILE       k8s-hook: the checkpoint archive\n"
+	      "  --oci-dir DIR        k8s-hook before-restore: where the OCI image layout goes\n"
+	      "  --image-ref REF      k8s-hook before-restore: the layout's reference name\n"
+	      "  --import-cmd CMD     k8s-hook before-restore: run CMD OCI-DIR IMAGE after it\n"
+	      "  --oci-runtime NAME   k8s-hook before-restore: the runtime that checkpointed (runc)\n"
+	      "  --timeout S          k8s-hook: give up after S seconds (exit status 124)\n"
+	      "  --keep-archive       k8s-hook after-restore: keep the archive and its layout\n",
 	      f);
 }
 
@@ -867,6 +904,7 @@ static int cmd_serve(struct cli *c, int argc, char **argv)
 		.idle_timeout_s = c->idle_timeout_s,
 		.sync = c->sync,
 		.restore = c->restore_opts,
+		.container = c->container_opts,
 		.log = serve_log,
 	};
 	struct km_error err = { { 0 } };
@@ -1116,6 +1154,10 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 
 	printf("{\"ok\":%s,\"pid\":%d,\"target\":", rc == 0 ? "true" : "false", (int)r->pid);
 	json_string(c->to);
+	if (c->container) {
+		printf(",\"container\":");
+		json_string(c->container);
+	}
 	printf(",\"mode\":\"%s\",\"weights\":[", r->cooperative ? "cooperative" : "transparent");
 	for (size_t i = 0; i < r->n_weights; i++) {
 		if (i)
@@ -1209,8 +1251,9 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 
 	if (argc != 0)
 		return fail("migrate: unexpected argument '%s'", argv[0]);
-	if (c->pid <= 0 || !c->to)
-		return fail("migrate: --pid PID and --to HOST:PORT are required");
+	if ((c->pid <= 0) == !c->container || !c->to)
+		return fail(
+			"migrate: --pid PID or --container NAME, and --to HOST:PORT are required");
 	if (!o.work) {
 		if (!mkdtemp(work))
 			return fail("migrate: cannot create a work directory: %s", strerror(errno));
@@ -1223,14 +1266,28 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
-	r = km_migrate(&o, &rep, &err);
+	if (c->container) {
+		struct km_container_move_opts co = {
+			.name = c->container,
+			.podman = c->container_opts.podman,
+			.podman_args = c->container_opts.args,
+			.n_podman_args = c->container_opts.n_args,
+			.m = o,
+		};
+
+		r = km_container_move(&co, &rep, &err);
+	} else {
+		r = km_migrate(&o, &rep, &err);
+	}
 	if (c->json) {
 		print_migrate_json(c, &rep, r, &err);
 	} else if (r == 0) {
 		char b1[32], b2[32], b3[32];
 
-		printf("migrated pid %d to %s: restored as pid %d (%s mode)\n", (int)rep.pid, c->to,
-		       rep.restored_pid, rep.cooperative ? "cooperative" : "transparent");
+		printf("migrated %s%s%spid %d to %s: restored as pid %d (%s mode)\n",
+		       c->container ? "container " : "", c->container ? c->container : "",
+		       c->container ? ", " : "", (int)rep.pid, c->to, rep.restored_pid,
+		       rep.cooperative ? "cooperative" : "transparent");
 		printf("  stop %.3f s: quiesce %.3f, freeze %.3f, GPU checkpoint %.3f, dump %.3f, "
 		       "split %.3f, transfer %.3f, join %.3f, restore %.3f, GPU restore %.3f, "
 		       "resume %.3f\n",
@@ -1250,6 +1307,511 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		return EXIT_FAILURE;
 	}
 	return EXIT_SUCCESS;
+}
+
+static void print_archive_json(const struct km_archive_result *res)
+{
+	char hex[KM_HASH_HEX_SIZE];
+
+	printf("\"target_dir\":");
+	json_string(res->dir);
+	printf(",\"target_archive\":");
+	json_string(res->path);
+	printf(",\"archive_bytes\":%" PRIu64 ",\"split\":%s,\"manifest_id\":", res->bytes,
+	       res->split ? "true" : "false");
+	if (res->split)
+		printf("\"%s\"", km_hash_to_hex(&res->manifest_id, hex));
+	else
+		printf("null");
+	printf(",\"chunk_references\":%" PRIu64, res->chunks);
+}
+
+static int cmd_send_archive(struct cli *c, int argc, char **argv)
+{
+	struct km_archive_send_opts o = { .label = c->label,
+					  .restore = c->restore,
+					  .name = c->container };
+	struct km_archive_result res;
+	struct km_send_stats st;
+	struct km_error err = { { 0 } };
+	struct km_client *cl = NULL;
+	struct km_store *s = NULL;
+	char tail[4096] = "";
+	int r, ret = EXIT_FAILURE;
+
+	if (argc != 1)
+		return fail("send-archive: expected one archive");
+	if (c->restore && !c->container)
+		return fail("send-archive: --restore needs --container NAME");
+	/* A plain archive needs no store; a split one is refused below without it. */
+	if (km_store_open(c->store_path, c->sync ? 0 : KM_STORE_NOSYNC, NULL, &s) < 0)
+		s = NULL;
+	if (client_connect(c, "send-archive", &cl) < 0)
+		goto out;
+	r = km_client_send_archive(cl, argv[0], s, &o, &st, &res, tail, sizeof(tail), &err);
+	if (r < 0) {
+		fail_net("send-archive", r, &err);
+		if (tail[0])
+			fprintf(stderr, "kvmotion: the target's podman said:\n%s\n", tail);
+		goto out;
+	}
+	if (c->json) {
+		printf("{\"archive\":");
+		json_string(argv[0]);
+		printf(",\"target\":");
+		json_string(c->to);
+		printf(",");
+		print_archive_json(&res);
+		printf(",\"file_bytes\":%" PRIu64 ",", st.file_bytes);
+		print_send_stats_json(&st);
+		printf(",\"container_id\":");
+		json_string(res.container_id);
+		printf(",\"restored_pid\":%d,\"seconds\":{\"chunks\":%.6f,\"files\":%.6f,"
+		       "\"commit\":%.6f,\"total\":%.6f},\"target_seconds\":{\"check\":%.6f,"
+		       "\"restore\":%.6f}}\n",
+		       res.restored_pid, secs(st.chunks_ns), secs(st.files_ns), secs(st.commit_ns),
+		       secs(st.total_ns), secs(res.check_ns), secs(res.restore_ns));
+	} else {
+		printf("sent archive %s to %s: %s\n", argv[0], c->to, res.path);
+		print_bytes_line("archive bytes", st.file_bytes);
+		print_bytes_line("chunk bytes sent", st.bytes_sent);
+		print_bytes_line("deduplicated (target had)", st.bytes_deduplicated);
+		if (res.restored_pid)
+			printf("  container %s restored as pid %d in %.3f s\n", c->container,
+			       res.restored_pid, secs(res.restore_ns));
+	}
+	ret = EXIT_SUCCESS;
+out:
+	km_client_free(cl);
+	km_store_free(s);
+	return ret;
+}
+
+/* ------------------------------------------------------------ Kubernetes hook */
+
+/*
+ * The contract is docs/kubernetes.md's: one JSON object on stdout, exit 0
+ * done, 1 failed (the migration must be abandoned: the source keeps
+ * running), 2 bad arguments, 75 failed but worth retrying (the target
+ * unreachable, busy or stopping), 124 out of time.
+ */
+extern char **environ;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+#define HOOK_EXIT_FAILED  1
+#define HOOK_EXIT_USAGE	  2
+#define HOOK_EXIT_RETRY	  75
+#define HOOK_EXIT_TIMEOUT 124
+
+static char hook_timeout_json[256];
+
+static void hook_alarm(int sig)
+{
+	(void)sig;
+	/* Only async-signal-safe calls: the line was made before. */
+	(void)!write(STDOUT_FILENO, hook_timeout_json, strlen(hook_timeout_json));
+	_exit(HOOK_EXIT_TIMEOUT);
+}
+
+static bool hook_retryable(int r)
+{
+	return r == -ECONNREFUSED || r == -EHOSTUNREACH || r == -ENETUNREACH || r == -EBUSY ||
+	       r == -ESHUTDOWN || r == -ECONNRESET || r == -EPIPE || r == -ETIMEDOUT ||
+	       r == -EAGAIN;
+}
+
+static int hook_fail(const char *phase, int r, const struct km_error *err, uint64_t t0)
+{
+	const char *name = strerrorname_np(-r);
+	bool retry = hook_retryable(r);
+
+	printf("{\"ok\":false,\"phase\":\"%s\",\"error\":", phase);
+	json_string(err && err->msg[0] ? err->msg : strerror(-r));
+	printf(",\"errno\":\"%s\",\"retry\":%s,\"seconds\":%.6f}\n", name ? name : "?",
+	       retry ? "true" : "false", secs(now_ns() - t0));
+	fprintf(stderr, "kvmotion: k8s-hook %s: %s\n", phase,
+		err && err->msg[0] ? err->msg : strerror(-r));
+	return retry ? HOOK_EXIT_RETRY : HOOK_EXIT_FAILED;
+}
+
+static int hook_usage(const char *phase, const char *what)
+{
+	printf("{\"ok\":false,\"phase\":\"%s\",\"error\":", phase);
+	json_string(what);
+	printf(",\"errno\":\"EINVAL\",\"retry\":false,\"seconds\":0}\n");
+	fprintf(stderr, "kvmotion: k8s-hook %s: %s\n", phase, what);
+	return HOOK_EXIT_USAGE;
+}
+
+/* Source node, while the pod serves: the weights go ahead. */
+static int hook_prepare(struct cli *c, uint64_t t0)
+{
+	struct km_migrate_opts o = {
+		.pid = c->pid,
+		.to = c->to,
+		.client = { .tls = c->tls, .label = c->label, .compress = c->compress },
+		.store = c->store_path,
+		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
+		.weights_index = c->weights_index,
+	};
+	struct km_migrate_report rep = { 0 };
+	struct km_error err = { { 0 } };
+	struct km_client *cl = NULL;
+	struct km_store *s = NULL;
+	int r;
+
+	if (!c->to || (c->pid <= 0 && !c->weights_index))
+		return hook_usage("prepare",
+				  "--to HOST:PORT and --pid PID or --weights INDEX are required");
+	r = km_store_open(c->store_path, 0, NULL, &s);
+	if (r < 0) {
+		km_error_set(&err, "store %s: %s", c->store_path, strerror(-r));
+		return hook_fail("prepare", r, &err, t0);
+	}
+	r = km_migrate_precopy(&o, s, &rep, &cl, &err);
+	km_client_free(cl);
+	km_store_free(s);
+	if (r < 0)
+		return hook_fail("prepare", r, &err, t0);
+	printf("{\"ok\":true,\"phase\":\"prepare\",\"target\":");
+	json_string(c->to);
+	printf(",\"mode\":\"%s\",\"weights\":[", rep.cooperative ? "cooperative" : "transparent");
+	for (size_t i = 0; i < rep.n_weights; i++) {
+		if (i)
+			putchar(',');
+		json_string(rep.weights_index[i]);
+	}
+	printf("],\"bytes_sent\":%" PRIu64 ",\"bytes_deduplicated\":%" PRIu64
+	       ",\"wire_bytes\":%" PRIu64 ",\"seconds\":%.6f}\n",
+	       rep.precopy.bytes_sent, rep.precopy.bytes_deduplicated, rep.precopy.wire_bytes,
+	       secs(now_ns() - t0));
+	return 0;
+}
+
+/* Source node, after the kubelet wrote the archive: the small remainder goes. */
+static int hook_checkpoint_done(struct cli *c, uint64_t t0)
+{
+	struct km_client_opts co = { .tls = c->tls, .label = c->label, .compress = c->compress };
+	struct km_archive_send_opts o = { .label = c->label ? c->label : "k8s" };
+	struct km_archive_result res;
+	struct km_send_stats st;
+	struct km_error err = { { 0 } };
+	struct km_client *cl = NULL;
+	struct km_store *s = NULL;
+	int r;
+
+	if (!c->to || !c->archive)
+		return hook_usage("checkpoint-done",
+				  "--to HOST:PORT and --archive FILE are required");
+	if (km_store_open(c->store_path, 0, NULL, &s) < 0)
+		s = NULL; /* an archive without a split image needs none */
+	r = km_client_connect(c->to, &co, &cl, &err);
+	if (r == 0)
+		r = km_client_send_archive(cl, c->archive, s, &o, &st, &res, NULL, 0, &err);
+	km_client_free(cl);
+	km_store_free(s);
+	if (r < 0)
+		return hook_fail("checkpoint-done", r, &err, t0);
+	printf("{\"ok\":true,\"phase\":\"checkpoint-done\",\"target\":");
+	json_string(c->to);
+	printf(",\"archive\":");
+	json_string(c->archive);
+	printf(",");
+	print_archive_json(&res);
+	printf(",\"bytes_sent\":%" PRIu64 ",\"chunk_bytes_sent\":%" PRIu64
+	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes\":%" PRIu64 ",\"seconds\":%.6f}\n",
+	       st.file_bytes + st.bytes_sent, st.bytes_sent, st.bytes_deduplicated, st.wire_bytes,
+	       secs(now_ns() - t0));
+	if (!res.split)
+		fprintf(stderr, "kvmotion: k8s-hook checkpoint-done: warning: the archive's image "
+				"is not split (was kvmotion's CRIU plugin loaded?): sent whole\n");
+	return 0;
+}
+
+/* Runs CMD OCI-DIR IMAGE, waiting for it. */
+static int hook_import(const char *cmd, const char *dir, const char *image, struct km_error *err)
+{
+	const char *argv[] = { cmd, dir, image, NULL };
+	pid_t pid;
+	int r, status;
+
+	r = posix_spawnp(&pid, cmd, NULL, NULL, (char *const *)argv, environ);
+	if (r != 0) {
+		km_error_set(err, "cannot run %s: %s", cmd, strerror(r));
+		return -r;
+	}
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR)
+			return -errno;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+		km_error_set(err, "%s %s %s failed (%s %d)", cmd, dir, image,
+			     WIFEXITED(status) ? "status" : "signal",
+			     WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+		return -ECHILD;
+	}
+	return 0;
+}
+
+/* Target node, before the pod is created: the archive as a checkpoint image. */
+static int hook_before_restore(struct cli *c, uint64_t t0)
+{
+	struct km_error err = { { 0 } };
+	struct km_manifest *m = NULL;
+	struct km_store *s = NULL;
+	struct km_hash mid;
+	struct km_oci_result res;
+	_cleanup_close_ int fd = -1;
+	char oci[PATH_MAX], image[512], hex[KM_HASH_HEX_SIZE], first[KM_HASH_HEX_SIZE] = "";
+	uint64_t chunks = 0, missing = 0;
+	bool split;
+	int r;
+
+	if (!c->archive || !c->container)
+		return hook_usage("before-restore",
+				  "--archive FILE and --container NAME are required");
+	fd = open(c->archive, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(&err, "archive %s: %s", c->archive, strerror(-r));
+		return hook_fail("before-restore", r, &err, t0);
+	}
+	r = km_archive_check_layout(fd, &err);
+	if (r < 0)
+		return hook_fail("before-restore", r, &err, t0);
+	r = km_archive_manifest(fd, &m, &mid, &err);
+	split = r == 0;
+	if (r < 0 && r != -ENOENT)
+		return hook_fail("before-restore", r, &err, t0);
+	if (split) {
+		/* The runtime's CRIU joins the image with this node's store: it must be complete. */
+		r = km_store_open(c->store_path, 0, NULL, &s);
+		if (r < 0) {
+			km_manifest_free(m);
+			km_error_set(&err, "store %s: %s", c->store_path, strerror(-r));
+			return hook_fail("before-restore", r, &err, t0);
+		}
+		for (size_t i = 0; i < m->n_files; i++)
+			for (size_t j = 0; j < m->files[i].n_extents; j++) {
+				const struct km_extent *e = &m->files[i].extents[j];
+
+				if (e->kind != KM_EXTENT_CHUNK)
+					continue;
+				chunks++;
+				if (km_store_has(s, &e->id) <= 0 && missing++ == 0)
+					km_hash_to_hex(&e->id, first);
+			}
+		km_manifest_free(m);
+		km_store_free(s);
+		if (missing) {
+			km_error_set(&err,
+				     "store %s lacks %" PRIu64 " of the %" PRIu64
+				     " chunks the archive refers to, the first %s (run prepare "
+				     "and checkpoint-done towards this node first)",
+				     c->store_path, missing, chunks, first);
+			return hook_fail("before-restore", -ENOENT, &err, t0);
+		}
+	}
+	if (c->oci_dir) {
+		snprintf(oci, sizeof(oci), "%s", c->oci_dir);
+	} else {
+		const char *slash = strrchr(c->archive, '/');
+
+		snprintf(oci, sizeof(oci), "%.*s/oci", slash ? (int)(slash - c->archive) : 1,
+			 slash ? c->archive : ".");
+	}
+	{
+		struct km_oci_opts oo = { .container = c->container,
+					  .ref = c->image_ref,
+					  .manifest_id = split ? &mid : NULL,
+					  .runtime = c->oci_runtime };
+
+		r = km_oci_write_layout(c->archive, oci, &oo, &res, &err);
+		if (r < 0)
+			return hook_fail("before-restore", r, &err, t0);
+	}
+	snprintf(image, sizeof(image), "localhost/kvmotion-checkpoint-%s:%.12s", c->container,
+		 km_hash_to_hex(&res.manifest, hex));
+	if (c->import_cmd) {
+		r = hook_import(c->import_cmd, oci, image, &err);
+		if (r < 0)
+			return hook_fail("before-restore", r, &err, t0);
+	}
+	printf("{\"ok\":true,\"phase\":\"before-restore\",\"archive\":");
+	json_string(c->archive);
+	printf(",\"container\":");
+	json_string(c->container);
+	printf(",\"split\":%s,\"manifest_id\":", split ? "true" : "false");
+	if (split)
+		printf("\"%s\"", km_hash_to_hex(&mid, hex));
+	else
+		printf("null");
+	printf(",\"chunk_references\":%" PRIu64 ",\"oci_layout\":", chunks);
+	json_string(oci);
+	printf(",\"oci_ref\":");
+	json_string(c->image_ref ? c->image_ref : "latest");
+	printf(",\"image\":");
+	json_string(image);
+	printf(",\"imported\":%s,\"layer_digest\":\"sha256:%s\"", c->import_cmd ? "true" : "false",
+	       km_hash_to_hex(&res.layer, hex));
+	printf(",\"manifest_digest\":\"sha256:%s\",\"layer_linked\":%s,\"annotations\":{\"%s\":",
+	       km_hash_to_hex(&res.manifest, hex), res.linked ? "true" : "false",
+	       KM_OCI_ANNOTATION_CRIO);
+	json_string(c->container);
+	printf(",\"%s\":", KM_OCI_ANNOTATION_CRIU);
+	json_string(c->container);
+	printf("},\"seconds\":%.6f}\n", secs(now_ns() - t0));
+	return 0;
+}
+
+/* Removes an OCI layout this hook wrote: its known files only. */
+static int remove_layout(const char *dir)
+{
+	char path[PATH_MAX + 64];
+	DIR *d;
+	struct dirent *de;
+
+	snprintf(path, sizeof(path), "%s/index.json", dir);
+	if (access(path, F_OK) < 0)
+		return errno == ENOENT ? 0 : -errno;
+	snprintf(path, sizeof(path), "%s/blobs/sha256", dir);
+	d = opendir(path);
+	while (d && (de = readdir(d))) {
+		char f[sizeof(path) + 300];
+
+		if (km_hash_from_hex(de->d_name, &(struct km_hash){ { 0 } }) == 0) {
+			snprintf(f, sizeof(f), "%s/%s", path, de->d_name);
+			(void)unlink(f);
+		}
+	}
+	if (d)
+		closedir(d);
+	(void)rmdir(path);
+	snprintf(path, sizeof(path), "%s/blobs", dir);
+	(void)rmdir(path);
+	snprintf(path, sizeof(path), "%s/oci-layout", dir);
+	(void)unlink(path);
+	snprintf(path, sizeof(path), "%s/index.json", dir);
+	(void)unlink(path);
+	return rmdir(dir) < 0 ? -errno : 0;
+}
+
+/* Target node, once the restored container runs: what the migration left goes. */
+static int hook_after_restore(struct cli *c, uint64_t t0)
+{
+	struct km_error err = { { 0 } };
+	struct km_store *s = NULL;
+	struct km_hash mid;
+	struct km_manifest *m = NULL;
+	_cleanup_close_ int fd = -1;
+	char hex[KM_HASH_HEX_SIZE], root[KM_HASH_HEX_SIZE + 8], dir[PATH_MAX], oci[PATH_MAX + 8];
+	bool released = false, removed = false;
+	const char *slash;
+	int r;
+
+	if (!c->archive)
+		return hook_usage("after-restore", "--archive FILE is required");
+	if (c->pid > 0 && kill(c->pid, 0) < 0) {
+		r = -errno;
+		km_error_set(&err, "the restored container's process %d: %s", (int)c->pid,
+			     strerror(-r));
+		return hook_fail("after-restore", r == -ESRCH ? -ESRCH : r, &err, t0);
+	}
+	fd = open(c->archive, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(&err, "archive %s: %s", c->archive, strerror(-r));
+		return hook_fail("after-restore", r, &err, t0);
+	}
+	r = km_archive_manifest(fd, &m, &mid, &err);
+	if (r < 0 && r != -ENOENT)
+		return hook_fail("after-restore", r, &err, t0);
+	if (r == 0) {
+		km_manifest_free(m);
+		/* The runtime joined it: the store need not keep its chunks for it. */
+		r = km_store_open(c->store_path, 0, NULL, &s);
+		if (r < 0) {
+			km_error_set(&err, "store %s: %s", c->store_path, strerror(-r));
+			return hook_fail("after-restore", r, &err, t0);
+		}
+		snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(&mid, hex));
+		r = km_store_root_remove(s, "manifests", root);
+		km_store_free(s);
+		if (r < 0 && r != -ENOENT) {
+			km_error_set(&err, "store %s: cannot release %s: %s", c->store_path, root,
+				     strerror(-r));
+			return hook_fail("after-restore", r, &err, t0);
+		}
+		released = r == 0;
+	}
+	slash = strrchr(c->archive, '/');
+	snprintf(dir, sizeof(dir), "%.*s", slash ? (int)(slash - c->archive) : 1,
+		 slash ? c->archive : ".");
+	snprintf(oci, sizeof(oci), "%s", c->oci_dir ? c->oci_dir : dir);
+	if (!c->oci_dir)
+		snprintf(oci, sizeof(oci), "%s/oci", dir);
+	if (!c->keep_archive) {
+		(void)remove_layout(oci);
+		if (unlink(c->archive) < 0) {
+			r = -errno;
+			km_error_set(&err, "cannot remove %s: %s", c->archive, strerror(-r));
+			return hook_fail("after-restore", r, &err, t0);
+		}
+		/* The receiver's directory of this archive, if nothing else is left in it. */
+		removed = rmdir(dir) == 0;
+	}
+	printf("{\"ok\":true,\"phase\":\"after-restore\",\"archive\":");
+	json_string(c->archive);
+	printf(",\"released_manifest\":");
+	if (released)
+		printf("\"%s\"", hex);
+	else
+		printf("null");
+	printf(",\"archive_removed\":%s,\"dir_removed\":%s,\"seconds\":%.6f}\n",
+	       c->keep_archive ? "false" : "true", removed ? "true" : "false", secs(now_ns() - t0));
+	return 0;
+}
+
+static int cmd_k8s_hook(struct cli *c, int argc, char **argv)
+{
+	static const struct {
+		const char *name;
+		int (*fn)(struct cli *c, uint64_t t0);
+		unsigned timeout_s;
+	} phases[] = {
+		{ "prepare", hook_prepare, 1800 },
+		{ "checkpoint-done", hook_checkpoint_done, 300 },
+		{ "before-restore", hook_before_restore, 300 },
+		{ "after-restore", hook_after_restore, 60 },
+	};
+	uint64_t t0 = now_ns();
+
+	if (argc != 1)
+		return hook_usage(argc ? argv[0] : "none",
+				  "expected one phase: prepare, checkpoint-done, before-restore, "
+				  "after-restore");
+	for (size_t i = 0; i < KM_ARRAY_SIZE(phases); i++) {
+		if (strcmp(argv[0], phases[i].name) != 0)
+			continue;
+		if (!c->hook_timeout_s)
+			c->hook_timeout_s = phases[i].timeout_s;
+		snprintf(hook_timeout_json, sizeof(hook_timeout_json),
+			 "{\"ok\":false,\"phase\":\"%s\",\"error\":\"timed out after %u s\","
+			 "\"errno\":\"ETIMEDOUT\",\"retry\":true,\"seconds\":%u}\n",
+			 phases[i].name, c->hook_timeout_s, c->hook_timeout_s);
+		signal(SIGALRM, hook_alarm);
+		signal(SIGPIPE, SIG_IGN);
+		alarm(c->hook_timeout_s);
+		return phases[i].fn(c, t0);
+	}
+	return hook_usage(argv[0], "unknown phase: expected prepare, checkpoint-done, "
+				   "before-restore or after-restore");
 }
 
 enum {
@@ -1299,6 +1861,17 @@ enum {
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
+	OPT_CONTAINER,
+	OPT_PODMAN,
+	OPT_PODMAN_ARG,
+	OPT_CONTAINER_RESTORE_ARG,
+	OPT_ARCHIVE,
+	OPT_OCI_DIR,
+	OPT_IMAGE_REF,
+	OPT_IMPORT_CMD,
+	OPT_TIMEOUT,
+	OPT_KEEP_ARCHIVE,
+	OPT_OCI_RUNTIME,
 };
 
 int main(int argc, char **argv)
@@ -1351,6 +1924,17 @@ int main(int argc, char **argv)
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
+		{ "container", required_argument, NULL, OPT_CONTAINER },
+		{ "podman", required_argument, NULL, OPT_PODMAN },
+		{ "podman-arg", required_argument, NULL, OPT_PODMAN_ARG },
+		{ "container-restore-arg", required_argument, NULL, OPT_CONTAINER_RESTORE_ARG },
+		{ "archive", required_argument, NULL, OPT_ARCHIVE },
+		{ "oci-dir", required_argument, NULL, OPT_OCI_DIR },
+		{ "image-ref", required_argument, NULL, OPT_IMAGE_REF },
+		{ "import-cmd", required_argument, NULL, OPT_IMPORT_CMD },
+		{ "timeout", required_argument, NULL, OPT_TIMEOUT },
+		{ "keep-archive", no_argument, NULL, OPT_KEEP_ARCHIVE },
+		{ "oci-runtime", required_argument, NULL, OPT_OCI_RUNTIME },
 		{ "help", no_argument, NULL, 'h' },
 		{ "version", no_argument, NULL, 'V' },
 		{}
@@ -1404,6 +1988,36 @@ int main(int argc, char **argv)
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
+		case OPT_CONTAINER: c.container = optarg; break;
+		case OPT_PODMAN: c.container_opts.podman = optarg; break;
+		case OPT_PODMAN_ARG:
+			if (c.container_opts.n_args == KM_ARRAY_SIZE(c.podman_args))
+				return fail("--podman-arg: at most %zu",
+					    KM_ARRAY_SIZE(c.podman_args));
+			c.podman_args[c.container_opts.n_args++] = optarg;
+			c.container_opts.args = c.podman_args;
+			break;
+		case OPT_CONTAINER_RESTORE_ARG:
+			if (c.container_opts.n_restore_args ==
+			    KM_ARRAY_SIZE(c.container_restore_args))
+				return fail("--container-restore-arg: at most %zu",
+					    KM_ARRAY_SIZE(c.container_restore_args));
+			c.container_restore_args[c.container_opts.n_restore_args++] = optarg;
+			c.container_opts.restore_args = c.container_restore_args;
+			break;
+		case OPT_ARCHIVE: c.archive = optarg; break;
+		case OPT_OCI_DIR: c.oci_dir = optarg; break;
+		case OPT_IMAGE_REF: c.image_ref = optarg; break;
+		case OPT_IMPORT_CMD: c.import_cmd = optarg; break;
+		case OPT_KEEP_ARCHIVE: c.keep_archive = true; break;
+		case OPT_OCI_RUNTIME: c.oci_runtime = optarg; break;
+		case OPT_TIMEOUT:
+			if (parse_u64(optarg, &v) < 0 || v == 0 || v > 86400)
+				return fail(
+					"--timeout: '%s' is not a number of seconds (1 to 86400)",
+					optarg);
+			c.hook_timeout_s = (unsigned)v;
+			break;
 		case OPT_COMPRESS:
 			if (strcmp(optarg, "auto") == 0)
 				c.compress = KM_COMPRESS_AUTO;
@@ -1520,6 +2134,10 @@ int main(int argc, char **argv)
 		return cmd_send_image(&c, argc, argv);
 	if (strcmp(cmd, "migrate") == 0)
 		return cmd_migrate(&c, argc, argv);
+	if (strcmp(cmd, "send-archive") == 0)
+		return cmd_send_archive(&c, argc, argv);
+	if (strcmp(cmd, "k8s-hook") == 0)
+		return cmd_k8s_hook(&c, argc, argv);
 	fail("unknown command '%s'", cmd);
 	usage(stderr);
 	return 2;

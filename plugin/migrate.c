@@ -666,6 +666,99 @@ static int resume_source(const struct km_migrate_opts *o, const pid_t *pids, siz
 	return ret;
 }
 
+int km_migrate_precopy(const struct km_migrate_opts *o, struct km_store *s,
+		       struct km_migrate_report *r, struct km_client **ret_client,
+		       struct km_error *err)
+{
+	struct km_client *c = NULL;
+	char wdir[PATH_MAX];
+	uint64_t t;
+	int ret, q;
+
+	ret = km_weights_dir(s, o->weights_dir, wdir, sizeof(wdir));
+	if (ret < 0) {
+		km_error_set(err, "weights directory: %s", strerror(-ret));
+		return ret;
+	}
+	q = o->pid > 0 ? km_engine_probe(o->pid) : 0;
+	r->cooperative = q == 1;
+	if (o->weights_index) {
+		_cleanup_free_ void *buf = NULL;
+		char root[300];
+		size_t n;
+
+		/* refuse a missing index now, before the target is even asked */
+		snprintf(root, sizeof(root), "%s%s", o->weights_index, INDEX_SUFFIX);
+		ret = km_store_root_read(s, "indexes", root, &buf, &n);
+		if (ret < 0) {
+			km_error_set(err, "weights index %s: %s in store %s", o->weights_index,
+				     strerror(-ret), o->store);
+			return ret;
+		}
+		snprintf(r->weights_index[0], sizeof(r->weights_index[0]), "%s", o->weights_index);
+		snprintf(r->weights_from[0], sizeof(r->weights_from[0]), "index");
+		r->n_weights = 1;
+	} else if (o->pid > 0) {
+		ret = mapped_weights(o->pid, s, wdir, r, err);
+		if (ret < 0)
+			return ret;
+	}
+	/* a plain process: its weights are anonymous memory read from model files */
+	if (o->pid > 0 && !o->weights_index && r->n_weights == 0 && !r->cooperative) {
+		t = now_ns();
+		ret = open_model_files(o->pid, s, r, err);
+		r->discover_ns += now_ns() - t;
+		if (ret < 0)
+			return ret;
+	}
+	if (o->pid > 0 && o->snapshot && !r->cooperative) {
+		t = now_ns();
+		ret = snapshot(o, s, r, err);
+		r->discover_ns += now_ns() - t;
+		if (ret < 0)
+			return ret;
+	}
+	ret = km_client_connect(o->to, &o->client, &c, err);
+	if (ret < 0)
+		return ret;
+	t = now_ns();
+	for (size_t i = 0; i < r->n_weights; i++) {
+		struct km_send_stats st;
+		struct km_remote_weights rw;
+
+		ret = km_client_send_weights(c, s, r->weights_index[i], &st, err);
+		if (ret < 0)
+			goto fail;
+		add_stats(&r->precopy, &st);
+		/* a plain process needs only the chunks; an engine maps the file */
+		if (r->cooperative) {
+			if (!km_client_target(c)->can_materialize) {
+				km_error_set(err, "the target cannot materialize weights files");
+				ret = -ENOSYS;
+				goto fail;
+			}
+			ret = km_client_materialize(c, r->weights_index[i], &rw, err);
+			if (ret < 0)
+				goto fail;
+			if (strncmp(rw.path, wdir, strlen(wdir)) != 0) {
+				km_error_set(
+					err,
+					"the target materialized %s outside %s: the engine would "
+					"not find it (use the same weights directory on both)",
+					rw.path, wdir);
+				ret = -EXDEV;
+				goto fail;
+			}
+		}
+	}
+	r->precopy_ns = now_ns() - t;
+	*ret_client = c;
+	return 0;
+fail:
+	km_client_free(c);
+	return ret;
+}
+
 /* --- the migration ---------------------------------------------------------- */
 
 int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, struct km_error *err)
@@ -674,7 +767,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	struct km_store *s = NULL;
 	_cleanup_free_ pid_t *pids = NULL;
 	_cleanup_close_ int dirfd = -1;
-	char wdir[PATH_MAX], tail[2048] = "";
+	char tail[2048] = "";
 	size_t n_pids;
 	uint64_t t_all = now_ns(), t_stop = 0, t;
 	struct km_image_result res = { 0 };
@@ -731,83 +824,9 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 		km_error_set(err, "cannot open store %s: %s", o->store, strerror(-ret));
 		goto out;
 	}
-	ret = km_weights_dir(s, o->weights_dir, wdir, sizeof(wdir));
-	if (ret < 0) {
-		km_error_set(err, "weights directory: %s", strerror(-ret));
-		goto out;
-	}
-	q = km_engine_probe(o->pid);
-	r->cooperative = q == 1;
-	if (o->weights_index) {
-		_cleanup_free_ void *buf = NULL;
-		char root[300];
-		size_t n;
-
-		/* refuse a missing index now, before the target is even asked */
-		snprintf(root, sizeof(root), "%s%s", o->weights_index, INDEX_SUFFIX);
-		ret = km_store_root_read(s, "indexes", root, &buf, &n);
-		if (ret < 0) {
-			km_error_set(err, "weights index %s: %s in store %s", o->weights_index,
-				     strerror(-ret), o->store);
-			goto out;
-		}
-		snprintf(r->weights_index[0], sizeof(r->weights_index[0]), "%s", o->weights_index);
-		snprintf(r->weights_from[0], sizeof(r->weights_from[0]), "index");
-		r->n_weights = 1;
-	} else {
-		ret = mapped_weights(o->pid, s, wdir, r, err);
-		if (ret < 0)
-			goto out;
-	}
-	/* a plain process: its weights are anonymous memory read from model files */
-	if (!o->weights_index && r->n_weights == 0 && !r->cooperative) {
-		t = now_ns();
-		ret = open_model_files(o->pid, s, r, err);
-		r->discover_ns += now_ns() - t;
-		if (ret < 0)
-			goto out;
-	}
-	if (o->snapshot && !r->cooperative) {
-		t = now_ns();
-		ret = snapshot(o, s, r, err);
-		r->discover_ns += now_ns() - t;
-		if (ret < 0)
-			goto out;
-	}
-	ret = km_client_connect(o->to, &o->client, &c, err);
+	ret = km_migrate_precopy(o, s, r, &c, err);
 	if (ret < 0)
 		goto out;
-	t = now_ns();
-	for (size_t i = 0; i < r->n_weights; i++) {
-		struct km_send_stats st;
-		struct km_remote_weights rw;
-
-		ret = km_client_send_weights(c, s, r->weights_index[i], &st, err);
-		if (ret < 0)
-			goto out;
-		add_stats(&r->precopy, &st);
-		/* a plain process needs only the chunks; an engine maps the file */
-		if (r->cooperative) {
-			if (!km_client_target(c)->can_materialize) {
-				km_error_set(err, "the target cannot materialize weights files");
-				ret = -ENOSYS;
-				goto out;
-			}
-			ret = km_client_materialize(c, r->weights_index[i], &rw, err);
-			if (ret < 0)
-				goto out;
-			if (strncmp(rw.path, wdir, strlen(wdir)) != 0) {
-				km_error_set(
-					err,
-					"the target materialized %s outside %s: the engine would "
-					"not find it (use the same weights directory on both)",
-					rw.path, wdir);
-				ret = -EXDEV;
-				goto out;
-			}
-		}
-	}
-	r->precopy_ns = now_ns() - t;
 
 	/* --- stop --- */
 	n_pids = tree_pids(o->pid, pids, MAX_TREE);

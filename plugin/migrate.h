@@ -120,6 +120,20 @@ int km_migrate(const struct km_migrate_opts *opts, struct km_migrate_report *rep
 	       struct km_error *err);
 
 /*
+ * The pre-copy alone, for callers that stop the process their own way
+ * (container.h): finds the weights (opts->weights_index, else the weights
+ * files opts->pid maps; pid 0: none but the index), connects to opts->to,
+ * sends them and, for a cooperative engine, has the target materialize
+ * them. Fills the report's weights, cooperative, precopy and precopy_ns;
+ * *ret_client is the connection, to be used for the stop and freed by the
+ * caller.
+ */
+struct km_store;
+int km_migrate_precopy(const struct km_migrate_opts *opts, struct km_store *s,
+		       struct km_migrate_report *r, struct km_client **ret_client,
+		       struct km_error *err);
+
+/*
  * Parses the plugin's and CRIU's lines of a dump.log (criu -v4) into the
  * report's quiesce, freeze, GPU checkpoint and split times; total_ns is
  * the criu dump's wall time, of which dump_ns gets what is left. For tests.

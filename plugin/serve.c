@@ -2,6 +2,7 @@
 #include "serve.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -22,6 +23,7 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include "archive.h"
 #include "format.h"
 #include "image.h"
 #include "store.h"
@@ -283,6 +285,8 @@ static int handle_hello(struct conn *c, const Kvmotion__Wire__Hello *h, struct k
 	hr.can_materialize = true;
 	hr.has_can_unsplit = true;
 	hr.can_unsplit = true;
+	hr.has_can_restore_containers = true;
+	hr.can_restore_containers = c->srv->o.container.podman != NULL;
 	c->hello = true;
 	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &hr.base, NULL, 0,
 			    NULL, err);
@@ -1028,6 +1032,410 @@ static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, s
 			    NULL, err);
 }
 
+/* ------------------------------------------------------------ container archives */
+
+#define CMD_ARGS_MAX 96
+
+/*
+ * Runs argv with stdout into DIR/out_name and stderr into DIR/err_name (the
+ * image directory), kvmotion's plugin settings in its environment, at most
+ * timeout_s seconds; *ret_status gets its wait status.
+ */
+static int run_cmd(struct conn *c, const char *const *argv, const char *out_name,
+		   const char *err_name, unsigned timeout_s, int *ret_status, struct km_error *err)
+{
+	char dir[PATH_MAX + NAME_MAX + 2], out[sizeof(dir) + 32], errp[sizeof(dir) + 32];
+	char store_env[PATH_MAX + 32], wdir_env[PATH_MAX + 32];
+	_cleanup_free_ char **envp = NULL;
+	posix_spawn_file_actions_t fa;
+	posix_spawnattr_t attr;
+	sigset_t none, defaults;
+	size_t n_env = 0, n = 0;
+	uint64_t deadline;
+	pid_t pid;
+	int r, status = 0;
+
+	snprintf(dir, sizeof(dir), "%s/%s", c->srv->images_path, c->image_name);
+	snprintf(out, sizeof(out), "%s/%s", dir, out_name);
+	snprintf(errp, sizeof(errp), "%s/%s", dir, err_name);
+	while (environ[n_env])
+		n_env++;
+	envp = calloc(n_env + 3, sizeof(*envp));
+	if (!envp)
+		return -ENOMEM;
+	/* The plugin joins the split image with this receiver's store. */
+	for (size_t i = 0; i < n_env; i++)
+		if (strncmp(environ[i], "KVMOTION_STORE=", 15) != 0 &&
+		    strncmp(environ[i], "KVMOTION_WEIGHTS_DIR=", 21) != 0)
+			envp[n++] = environ[i];
+	snprintf(store_env, sizeof(store_env), "KVMOTION_STORE=%s", c->srv->o.store);
+	envp[n++] = store_env;
+	if (c->srv->o.weights_dir) {
+		snprintf(wdir_env, sizeof(wdir_env), "KVMOTION_WEIGHTS_DIR=%s",
+			 c->srv->o.weights_dir);
+		envp[n++] = wdir_env;
+	}
+	envp[n] = NULL;
+
+	sigemptyset(&none);
+	sigemptyset(&defaults);
+	sigaddset(&defaults, SIGPIPE);
+	sigaddset(&defaults, SIGTERM);
+	sigaddset(&defaults, SIGINT);
+	sigaddset(&defaults, SIGHUP);
+	posix_spawnattr_init(&attr);
+	posix_spawnattr_setsigmask(&attr, &none);
+	posix_spawnattr_setsigdefault(&attr, &defaults);
+	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	posix_spawn_file_actions_addopen(&fa, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+	posix_spawn_file_actions_addopen(&fa, 2, errp, O_WRONLY | O_CREAT | O_APPEND, 0600);
+	r = posix_spawnp(&pid, argv[0], &fa, &attr, (char *const *)argv, envp);
+	posix_spawn_file_actions_destroy(&fa);
+	posix_spawnattr_destroy(&attr);
+	if (r != 0) {
+		km_error_set(err, "cannot run %s: %s", argv[0], strerror(r));
+		return -r;
+	}
+	deadline = now_ns() + (uint64_t)timeout_s * 1000000000u;
+	for (;;) {
+		pid_t w = waitpid(pid, &status, WNOHANG);
+
+		if (w == pid)
+			break;
+		if (w < 0 && errno != EINTR) {
+			r = -errno;
+			km_error_set(err, "waiting for %s: %s", argv[0], strerror(-r));
+			return r;
+		}
+		if (now_ns() > deadline) {
+			kill(pid, SIGKILL);
+			(void)waitpid(pid, &status, 0);
+			km_error_set(err, "%s %s did not finish in %u s (killed)", argv[0],
+				     argv[1] ? argv[1] : "", timeout_s);
+			return -ETIMEDOUT;
+		}
+		usleep(10000);
+	}
+	*ret_status = status;
+	return 0;
+}
+
+/* PODMAN GLOBAL-ARGS WORDS... ARGS..., NULL-terminated, into argv[CMD_ARGS_MAX]. */
+static int podman_argv(const struct km_container_opts *co, const char **argv,
+		       const char *const *words, size_t n_words, const char *const *extra,
+		       size_t n_extra, struct km_error *err)
+{
+	size_t n = 0;
+
+	if (1 + co->n_args + n_words + n_extra + 1 > CMD_ARGS_MAX) {
+		km_error_set(err, "too many podman arguments");
+		return -E2BIG;
+	}
+	argv[n++] = co->podman;
+	for (size_t i = 0; i < co->n_args; i++)
+		argv[n++] = co->args[i];
+	for (size_t i = 0; i < n_words; i++)
+		argv[n++] = words[i];
+	for (size_t i = 0; i < n_extra; i++)
+		argv[n++] = extra[i];
+	argv[n] = NULL;
+	return 0;
+}
+
+/* Best effort: a container that did not come up is not left behind. */
+static void container_remove(struct conn *c, const char *name)
+{
+	const struct km_container_opts *co = &c->srv->o.container;
+	const char *words[] = { "container", "rm", "-f", name }, *argv[CMD_ARGS_MAX];
+	struct km_error e = { { 0 } };
+	int st = 0;
+
+	if (podman_argv(co, argv, words, KM_ARRAY_SIZE(words), NULL, 0, &e) < 0 ||
+	    run_cmd(c, argv, "rm.out", "rm.out", 60, &st, &e) < 0)
+		conn_log(c, "cannot remove container %s: %s", name, e.msg);
+	else
+		conn_log(c, "container %s removed (%s)", name,
+			 WIFEXITED(st) && WEXITSTATUS(st) == 0 ? "done" : "podman rm failed");
+}
+
+/* podman's container names: [a-zA-Z0-9][a-zA-Z0-9_.-]*, and not an option. */
+static bool container_name_ok(const char *name)
+{
+	if (!name || !name[0] || strlen(name) > 253 || !isalnum((unsigned char)name[0]))
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!label_char_ok(*p))
+			return false;
+	return true;
+}
+
+static int container_restore(struct conn *c, const char *archive, const char *name, int *ret_pid,
+			     char *ret_id, size_t id_size, struct km_error *err)
+{
+	const struct km_container_opts *co = &c->srv->o.container;
+	const struct km_restore_opts *ro = &c->srv->o.restore;
+	unsigned timeout_s = ro->timeout_s ? ro->timeout_s : KM_SERVE_RESTORE_TIMEOUT_S_DEFAULT;
+	const char *argv[CMD_ARGS_MAX];
+	_cleanup_free_ void *out = NULL;
+	size_t out_len;
+	char errline[300], state[32] = "";
+	int r, st = 0, pid = 0;
+
+	if (!co->podman) {
+		km_error_set(err, "this receiver restores no containers (kvmotion serve --podman)");
+		return -ENOSYS;
+	}
+	if (!container_name_ok(name)) {
+		km_error_set(err, "container name '%.64s' is not [a-zA-Z0-9][a-zA-Z0-9_.-]*",
+			     name ? name : "");
+		return -EINVAL;
+	}
+	{
+		const char *words[] = { "container", "exists", name };
+
+		r = podman_argv(co, argv, words, KM_ARRAY_SIZE(words), NULL, 0, err);
+		if (r < 0)
+			return r;
+		r = run_cmd(c, argv, "exists.out", "exists.out", 60, &st, err);
+		if (r < 0)
+			return r;
+		if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+			km_error_set(err, "a container named %s exists on the target already",
+				     name);
+			return -EEXIST;
+		}
+		if (!WIFEXITED(st) || WEXITSTATUS(st) != 1) {
+			file_tail(c->image_fd, "exists.out", c->detail, sizeof(c->detail));
+			km_error_set(err, "%s container exists failed", co->podman);
+			return -ECHILD;
+		}
+	}
+	{
+		const char *words[] = {
+			"container", "restore", "--import", archive, "--name", name
+		};
+
+		r = podman_argv(co, argv, words, KM_ARRAY_SIZE(words), co->restore_args,
+				co->n_restore_args, err);
+		if (r < 0)
+			return r;
+		conn_log(c, "image %s: restoring container %s with %s", c->image_name, name,
+			 co->podman);
+		r = run_cmd(c, argv, "restore.out", "restore.err", timeout_s, &st, err);
+		if (r < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+			file_tail(c->image_fd, "restore.err", c->detail, sizeof(c->detail));
+			if (r == 0) {
+				first_error_line(c->detail, errline, sizeof(errline));
+				if (!errline[0])
+					snprintf(errline, sizeof(errline), "%.*s",
+						 (int)strcspn(c->detail, "\n"), c->detail);
+				km_error_set(err, "podman container restore failed (%s %d)%s%s",
+					     WIFEXITED(st) ? "exit status" : "signal",
+					     WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st),
+					     errline[0] ? ": " : "", errline);
+				r = -ECHILD;
+			}
+			container_remove(c, name);
+			return r;
+		}
+		if (km_read_file_at(c->image_fd, "restore.out", 4096, &out, &out_len) == 0) {
+			char *p = out;
+
+			p[out_len ? out_len - 1 : 0] = 0;
+			snprintf(ret_id, id_size, "%.*s", (int)strcspn(p, "\n"), p);
+			free(out);
+			out = NULL;
+		}
+	}
+	{
+		const char *words[] = { "container", "inspect", "--format",
+					"{{.State.Status}} {{.State.Pid}}", name };
+
+		r = podman_argv(co, argv, words, KM_ARRAY_SIZE(words), NULL, 0, err);
+		if (r == 0)
+			r = run_cmd(c, argv, "inspect.out", "inspect.err", 60, &st, err);
+		if (r == 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0 &&
+		    km_read_file_at(c->image_fd, "inspect.out", 4096, &out, &out_len) == 0) {
+			char *p = out;
+
+			p[out_len ? out_len - 1 : 0] = 0;
+			if (sscanf(p, "%31s %d", state, &pid) != 2)
+				state[0] = 0;
+		}
+		if (r == 0 && (strcmp(state, "running") != 0 || pid <= 0)) {
+			km_error_set(err, "container %s was restored but is %s, not running", name,
+				     state[0] ? state : "in an unknown state");
+			r = -ECHILD;
+		}
+		if (r < 0) {
+			container_remove(c, name);
+			return r;
+		}
+	}
+	*ret_pid = pid;
+	return 0;
+}
+
+/* The manifest's chunks must all be here; its root keeps them until released. */
+static int archive_check(struct conn *c, int fd, const char *file,
+			 Kvmotion__Wire__ArchiveDone *reply, struct km_hash *mid,
+			 struct km_error *err)
+{
+	_cleanup_free_ void *buf = NULL;
+	struct km_manifest *m = NULL;
+	struct km_archive_member dm;
+	char hex[KM_HASH_HEX_SIZE], first[KM_HASH_HEX_SIZE] = "", root[KM_HASH_HEX_SIZE + 8];
+	uint64_t chunks = 0, missing = 0;
+	size_t n;
+	int r;
+
+	r = km_archive_check_layout(fd, err);
+	if (r < 0) {
+		km_error_prefix(err, "archive %s", file);
+		return r == -ENOENT ? -EINVAL : r;
+	}
+	r = km_archive_read(fd, KM_ARCHIVE_MANIFEST, 64u << 20, &buf, &n, err);
+	if (r == -ENOENT) {
+		err->msg[0] = 0;
+		reply->split = false;
+		return 0; /* a plain image: nothing to check */
+	}
+	if (r < 0)
+		return r;
+	r = km_manifest_decode(buf, n, &m, err);
+	if (r < 0) {
+		km_error_prefix(err, "archive %s: %s", file, KM_ARCHIVE_MANIFEST);
+		return r;
+	}
+	km_hash_buf(buf, n, mid);
+	for (size_t i = 0; i < m->n_files && r == 0; i++)
+		for (size_t j = 0; j < m->files[i].n_extents; j++) {
+			const struct km_extent *e = &m->files[i].extents[j];
+
+			if (e->kind != KM_EXTENT_CHUNK)
+				continue;
+			chunks++;
+			r = km_store_has(c->store, &e->id);
+			if (r < 0) {
+				km_error_set(err, "store %s: %s", c->srv->o.store, strerror(-r));
+				break;
+			}
+			if (r == 0 && missing++ == 0)
+				km_hash_to_hex(&e->id, first);
+			r = 0;
+		}
+	km_manifest_free(m);
+	if (r < 0)
+		return r;
+	if (missing) {
+		km_error_set(err,
+			     "archive %s refers to %llu chunks (of %llu) that the target's store "
+			     "lacks, the first %s: send the weights ahead",
+			     file, (unsigned long long)missing, (unsigned long long)chunks, first);
+		return -ENOENT;
+	}
+	r = km_archive_find(fd, "checkpoint/" KM_DELTA_NAME, &dm, err);
+	if (r < 0) {
+		km_error_prefix(err, "archive %s: a split image without its delta", file);
+		return r == -ENOENT ? -EINVAL : r;
+	}
+	snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(mid, hex));
+	r = km_store_root_write(c->store, "manifests", root, buf, n);
+	if (r < 0) {
+		km_error_set(err, "store %s: cannot record manifest %s: %s", c->srv->o.store, root,
+			     strerror(-r));
+		return r;
+	}
+	reply->split = true;
+	reply->chunks = chunks;
+	return 0;
+}
+
+static int handle_archive_commit(struct conn *c, const Kvmotion__Wire__ArchiveCommit *m,
+				 struct km_error *err)
+{
+	Kvmotion__Wire__ArchiveDone reply = KVMOTION__WIRE__ARCHIVE_DONE__INIT;
+	char path[PATH_MAX + 2 * NAME_MAX + 4], id[128] = "";
+	_cleanup_close_ int fd = -1;
+	struct km_hash mid;
+	struct stat st;
+	uint64_t t0 = now_ns();
+	int r, pid = 0;
+
+	if (!c->image_active) {
+		km_error_set(err, "protocol error: ARCHIVE_COMMIT outside an image");
+		return -EPROTO;
+	}
+	if (c->file_fd >= 0) {
+		km_error_set(err, "protocol error: ARCHIVE_COMMIT while file %s is incomplete",
+			     c->file_name);
+		return -EPROTO;
+	}
+	r = check_name(m->file, "archive", err);
+	if (r < 0)
+		return r;
+	fd = openat(c->image_fd, m->file, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		r = -errno;
+		km_error_set(err, "archive %s: %s", m->file,
+			     r == -ENOENT ? "not sent in this image" : strerror(-r));
+		return r == -ENOENT ? -EPROTO : r;
+	}
+	snprintf(path, sizeof(path), "%s/%s/%s", c->srv->images_path, c->image_name, m->file);
+	r = archive_check(c, fd, m->file, &reply, &mid, err);
+	if (r < 0)
+		return r;
+	reply.check_ns = now_ns() - t0;
+	conn_log(c, "archive %s: %s, %llu chunk references present (%.3f s)", m->file,
+		 reply.split ? "split image" : "plain image", (unsigned long long)reply.chunks,
+		 (double)reply.check_ns / 1e9);
+	if (m->restore) {
+		t0 = now_ns();
+		r = container_restore(c, path, m->name, &pid, id, sizeof(id), err);
+		if (r < 0) {
+			char hex[KM_HASH_HEX_SIZE], root[KM_HASH_HEX_SIZE + 8];
+
+			/* The archive goes with its directory: so does its root. */
+			if (reply.split) {
+				snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(&mid, hex));
+				(void)km_store_root_remove(c->store, "manifests", root);
+			}
+			km_error_prefix(err, "image %s", c->image_name);
+			return r;
+		}
+		reply.has_restore_ns = true;
+		reply.restore_ns = now_ns() - t0;
+		reply.has_restored_pid = true;
+		reply.restored_pid = pid;
+		reply.container_id = id;
+		conn_log(c, "container %s restored from %s: pid %d in %.3f s", m->name, m->file,
+			 pid, (double)reply.restore_ns / 1e9);
+	}
+	reply.dir = c->image_name;
+	reply.path = path;
+	reply.bytes = (uint64_t)st.st_size;
+	if (reply.split) {
+		reply.has_manifest_id = true;
+		reply.manifest_id = (ProtobufCBinaryData){ KM_HASH_SIZE, mid.b };
+	}
+	/* Kept: the directory holds the archive until someone removes it. */
+	if (unlinkat(c->image_fd, INCOMPLETE_MARKER, 0) < 0) {
+		r = -errno;
+		km_error_set(err, "image %s: cannot remove its marker: %s", c->image_name,
+			     strerror(-r));
+		return r;
+	}
+	close(c->marker_fd);
+	c->marker_fd = -1;
+	close(c->image_fd);
+	c->image_fd = -1;
+	c->image_active = false;
+	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_DONE, &reply.base, NULL,
+			    0, NULL, err);
+}
+
 /* ------------------------------------------------------------ connections */
 
 static ssize_t conn_read(void *userdata, void *buf, size_t n, struct km_error *err)
@@ -1086,6 +1494,8 @@ static int dispatch(struct conn *c, const struct km_frame *f, struct km_error *e
 				   f->payload_len, err);
 	case KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_COMMIT:
 		return handle_commit(c, (const Kvmotion__Wire__ImageCommit *)f->msg, err);
+	case KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_COMMIT:
+		return handle_archive_commit(c, (const Kvmotion__Wire__ArchiveCommit *)f->msg, err);
 	case KVMOTION__WIRE__MSG_TYPE__MSG_BYE:
 		return 1;
 	default:

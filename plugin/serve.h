@@ -14,7 +14,11 @@
  *   - receives a split CRIU image into a directory of its own under the
  *     image area, joins it with the store and runs criu restore there
  *     (detached, inside the receiver's own namespaces), reporting the
- *     restored pid or CRIU's log tail.
+ *     restored pid or CRIU's log tail;
+ *   - receives a container checkpoint archive (podman's or the kubelet's),
+ *     checks that the store holds every chunk its split image refers to,
+ *     keeps it and, if asked and configured, restores the container from
+ *     it with podman.
  *
  * Limits per connection: max_bytes of chunk, index and file bytes
  * (decoded), max_files image files, max_payload bytes per frame; file names
@@ -52,6 +56,22 @@ struct km_restore_opts {
 	unsigned timeout_s; /* 0: KM_SERVE_RESTORE_TIMEOUT_S_DEFAULT */
 };
 
+/*
+ * Container restores of checkpoint archives (protocol 1.1, archive.h):
+ * `PODMAN ARGS... container restore --import ARCHIVE --name NAME
+ * RESTORE_ARGS...`, then `container inspect` must say it runs. PODMAN may
+ * be a wrapper taking podman's arguments. It runs with KVMOTION_STORE and
+ * KVMOTION_WEIGHTS_DIR set to the receiver's, for kvmotion's CRIU plugin,
+ * which joins the split image at the restore; restore.timeout_s bounds it.
+ */
+struct km_container_opts {
+	const char *podman; /* NULL: archives are kept, never restored */
+	const char *const *args; /* podman's global options (--root, --runroot, ...) */
+	size_t n_args;
+	const char *const *restore_args; /* after kvmotion's own */
+	size_t n_restore_args;
+};
+
 /* Strings are borrowed: they must outlive the server. */
 struct km_serve_opts {
 	const char *listen; /* "ADDR:PORT", "[V6]:PORT", ":PORT"; port 0 picks one */
@@ -66,6 +86,7 @@ struct km_serve_opts {
 	unsigned idle_timeout_s; /* a silent sender is dropped; 0: default */
 	bool sync; /* fsync chunks, files, directories */
 	struct km_restore_opts restore;
+	struct km_container_opts container;
 	int stop_fd; /* km_serve_run returns once it is readable; -1: none */
 	km_serve_log_fn log;
 	void *log_userdata;

@@ -555,10 +555,17 @@ ssize_t km_tls_read(struct km_tls_conn *c, void *buf, size_t n, struct km_error 
 
 	if (n == 0)
 		return 0;
-	ERR_clear_error();
-	errno = 0;
-	k = SSL_read_ex(c->ssl, buf, n, &got);
-	saved = errno;
+	/*
+	 * A read that has SO_RCVTIMEO is not restarted after a signal: it
+	 * fails with EINTR, which OpenSSL reports as "retry" (seen when a
+	 * receiver thread of the same process reaps its podman child): retry.
+	 */
+	do {
+		ERR_clear_error();
+		errno = 0;
+		k = SSL_read_ex(c->ssl, buf, n, &got);
+		saved = errno;
+	} while (k != 1 && saved == EINTR && SSL_get_error(c->ssl, k) == SSL_ERROR_WANT_READ);
 	if (k == 1) {
 		c->got_data = true;
 		return (ssize_t)got;

@@ -16,6 +16,7 @@
 
 #include <zstd.h>
 
+#include "archive.h"
 #include "format.h"
 #include "image.h"
 #include "workpool.h"
@@ -76,6 +77,8 @@ static const struct {
 	FRAME_TYPE(IMAGE_COMMIT, image_commit, false),
 	FRAME_TYPE(IMAGE_DONE, image_done, false),
 	FRAME_TYPE(BYE, bye, false),
+	FRAME_TYPE(ARCHIVE_COMMIT, archive_commit, false),
+	FRAME_TYPE(ARCHIVE_DONE, archive_done, false),
 };
 
 const ProtobufCMessageDescriptor *km_wire_descriptor(uint32_t type)
@@ -701,6 +704,10 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 			(struct km_chunker_params){ hr->chunk_min, hr->chunk_avg, hr->chunk_max };
 	c->info.can_materialize = hr->has_can_materialize && hr->can_materialize;
 	c->info.can_unsplit = hr->has_can_unsplit && hr->can_unsplit;
+	/* The field's presence, true or false, says the receiver knows archives. */
+	c->info.takes_archives = hr->has_can_restore_containers;
+	c->info.can_restore_containers =
+		hr->has_can_restore_containers && hr->can_restore_containers;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
 	km_frame_clear(&f);
 	c->info.connect_ns = now_ns() - t0;
@@ -1763,4 +1770,176 @@ out:
 		*ret = st;
 	km_free_names(names, n_names);
 	return r;
+}
+
+/* ------------------------------------------------------------ archives */
+
+static int archive_commit(struct km_client *c, const char *name,
+			  const struct km_archive_send_opts *o, struct km_archive_result *res,
+			  char *log_tail, size_t log_tail_size, struct km_error *err)
+{
+	Kvmotion__Wire__ArchiveCommit commit = KVMOTION__WIRE__ARCHIVE_COMMIT__INIT;
+	const Kvmotion__Wire__ArchiveDone *done;
+	struct km_frame f = { 0 };
+	int r;
+
+	commit.file = (char *)name;
+	commit.restore = o->restore;
+	commit.name = (char *)o->name;
+	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_COMMIT, &commit.base, NULL,
+			 0, NULL, err);
+	if (r < 0)
+		return send_failed(c, r, "archive commit", err);
+	r = km_wire_recv(&c->io, &c->rx, &c->lim, &f, err);
+	if (r == 0 && f.type == KVMOTION__WIRE__MSG_TYPE__MSG_ERROR) {
+		const Kvmotion__Wire__Error *e = (const Kvmotion__Wire__Error *)f.msg;
+
+		r = km_wire_errno_from_code(e->code);
+		km_error_set(err, "target: %s", e->message);
+		if (log_tail && log_tail_size)
+			snprintf(log_tail, log_tail_size, "%s", e->detail ? e->detail : "");
+		km_frame_clear(&f);
+		return broken(c, r);
+	}
+	if (r == 0 && f.type != KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_DONE) {
+		km_frame_clear(&f);
+		km_error_set(err, "protocol error: expected ARCHIVE_DONE");
+		r = -EPROTO;
+	}
+	if (r < 0)
+		return broken(c, r);
+	done = (const Kvmotion__Wire__ArchiveDone *)f.msg;
+	snprintf(res->dir, sizeof(res->dir), "%s", done->dir);
+	snprintf(res->path, sizeof(res->path), "%s", done->path);
+	res->bytes = done->bytes;
+	res->split = done->split;
+	res->chunks = done->chunks;
+	res->check_ns = done->check_ns;
+	if (done->has_manifest_id && done->manifest_id.len == KM_HASH_SIZE)
+		memcpy(res->manifest_id.b, done->manifest_id.data, KM_HASH_SIZE);
+	snprintf(res->container_id, sizeof(res->container_id), "%s",
+		 done->container_id ? done->container_id : "");
+	res->restored_pid = done->has_restored_pid ? done->restored_pid : 0;
+	res->restore_ns = done->has_restore_ns ? done->restore_ns : 0;
+	km_frame_clear(&f);
+	return 0;
+}
+
+int km_client_send_archive(struct km_client *c, const char *path, struct km_store *s,
+			   const struct km_archive_send_opts *o, struct km_send_stats *ret,
+			   struct km_archive_result *ret_result, char *log_tail,
+			   size_t log_tail_size, struct km_error *err)
+{
+	Kvmotion__Wire__ImageBegin begin = KVMOTION__WIRE__IMAGE_BEGIN__INIT;
+	struct km_send_stats st = { 0 };
+	struct km_archive_result res = { 0 };
+	struct km_manifest *m = NULL;
+	_cleanup_free_ struct want *w = NULL;
+	_cleanup_free_ char *dir = NULL;
+	_cleanup_close_ int fd = -1, dirfd = -1;
+	struct km_frame f = { 0 };
+	struct image_file af;
+	struct stat ast;
+	const char *name;
+	size_t n_w = 0;
+	uint64_t t0 = now_ns(), t1;
+	int r;
+
+	if (c->broken) {
+		km_error_set(err, "the connection failed earlier");
+		return -ENOTCONN;
+	}
+	if (!c->info.takes_archives) {
+		km_error_set(err, "the target (%s, protocol %u.%u) takes no container archives",
+			     c->info.software, c->info.major, c->info.minor);
+		return -ENOSYS;
+	}
+	if (o->restore && !c->info.can_restore_containers) {
+		km_error_set(err, "the target restores no containers (kvmotion serve --podman)");
+		return -ENOSYS;
+	}
+	if (o->restore && (!o->name || !o->name[0])) {
+		km_error_set(err, "a container restore needs the container's name");
+		return -EINVAL;
+	}
+	/* Sent under its own name, which must be a plain one for the target. */
+	name = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+	dir = name == path ? strdup(".") : strndup(path, (size_t)(name - path));
+	if (!dir)
+		return -ENOMEM;
+	if (!km_filename_is_plain(name) || name[0] == '.') {
+		km_error_set(err, "archive %s: its name must be a plain file name", path);
+		return -EINVAL;
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0 || dirfd < 0) {
+		r = -errno;
+		km_error_set(err, "archive %s: %s", path, strerror(-r));
+		return r;
+	}
+	r = km_archive_check_layout(fd, err);
+	if (r < 0) {
+		km_error_prefix(err, "archive %s", path);
+		return r;
+	}
+	/* A split image refers to chunks: those the target lacks go first. */
+	r = km_archive_manifest(fd, &m, NULL, err);
+	if (r == 0) {
+		r = wants_of(m->files, m->n_files, &w, &n_w);
+		km_manifest_free(m);
+		if (r < 0)
+			return r;
+	} else if (r != -ENOENT) {
+		km_error_prefix(err, "archive %s", path);
+		return r;
+	}
+	err->msg[0] = 0;
+	if (fstat(fd, &ast) < 0) {
+		r = -errno;
+		km_error_set(err, "archive %s: %s", path, strerror(-r));
+		return r;
+	}
+	if (n_w) {
+		if (!s) {
+			km_error_set(err, "archive %s holds a split image: a store is needed",
+				     path);
+			return -EINVAL;
+		}
+		r = send_wants(c, s, w, n_w, &st, err);
+		if (r < 0)
+			return r;
+	}
+
+	t1 = now_ns();
+	begin.label = (char *)(o->label ? o->label : "archive");
+	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &begin.base, NULL, 0,
+			 &st.wire_bytes, err);
+	if (r < 0)
+		return send_failed(c, r, "image begin", err);
+	r = km_wire_expect(&c->io, &c->rx, &c->lim, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, &f,
+			   err);
+	if (r < 0)
+		return broken(c, r);
+	km_frame_clear(&f);
+	/* The archive's own files are verified by nothing else: hash its pieces. */
+	af = (struct image_file){ .name = (char *)name,
+				  .size = (uint64_t)ast.st_size,
+				  .mode = ast.st_mode & 0777,
+				  .may_compress = true };
+	r = stream_files(c, dirfd, &af, 1, true, &st, err);
+	if (r < 0)
+		return r;
+	st.files_ns = now_ns() - t1;
+	t1 = now_ns();
+	r = archive_commit(c, name, o, &res, log_tail, log_tail_size, err);
+	if (r < 0)
+		return r;
+	st.commit_ns = now_ns() - t1;
+	st.total_ns = now_ns() - t0;
+	if (ret)
+		*ret = st;
+	if (ret_result)
+		*ret_result = res;
+	return 0;
 }

@@ -51,7 +51,7 @@
 #include "util.h"
 
 #define KM_WIRE_MAJOR		1
-#define KM_WIRE_MINOR		1
+#define KM_WIRE_MINOR		2
 #define KM_WIRE_HEADER_SIZE	12
 #define KM_WIRE_META_MAX	(1u << 20) /* packed message of one frame */
 #define KM_WIRE_PAYLOAD_MAX	KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
@@ -98,6 +98,8 @@ struct km_target_info {
 	struct km_chunker_params chunker; /* of the target's store; zeros if not told */
 	bool can_materialize;
 	bool can_unsplit; /* takes unsplit images (protocol 1.1) */
+	bool takes_archives; /* it sent can_restore_containers at all: ArchiveCommit is known */
+	bool can_restore_containers; /* ArchiveCommit with restore */
 	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
 	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
 };
@@ -214,6 +216,43 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 			 const struct km_image_send_opts *o, struct km_send_stats *ret,
 			 struct km_image_result *ret_result, char *log_tail, size_t log_tail_size,
 			 struct km_error *err);
+
+struct km_archive_send_opts {
+	const char *label; /* prefix of the target's directory name (NULL: "archive") */
+	bool restore; /* the target's container engine restores it */
+	const char *name; /* the container's name there (restore: required) */
+};
+
+struct km_archive_result {
+	char dir[256]; /* the directory's name in the target's image area */
+	char path[4096]; /* the archive's path on the target */
+	uint64_t bytes;
+	bool split; /* its checkpoint/ is a split image */
+	struct km_hash manifest_id; /* split: the store root on the target is HEX.kmman */
+	uint64_t chunks; /* chunk references of the manifest, all present there */
+	uint64_t check_ns; /* target: reading the manifest, checking the chunks */
+	char container_id[128]; /* restore: as the target's container engine printed it */
+	int restored_pid; /* restore: the container's init on the target; else 0 */
+	uint64_t restore_ns; /* target */
+};
+
+/*
+ * Protocol 1.1: sends a container checkpoint archive (archive.h: an
+ * uncompressed tar, podman's --export or the kubelet's) at path, under its
+ * own file name, which must be plain. The chunks its split image refers to
+ * that the target lacks go first, read from store s; the target checks that
+ * it holds them all, records the manifest as a store root (released with
+ * `kvmotion store release`) and keeps the archive in a directory of its
+ * image area; with o->restore its container engine restores it as o->name
+ * and the result names the running container's pid. -ENOSYS: the target
+ * knows no archives (its HelloReply has no can_restore_containers) or
+ * restores no containers; -ENOENT: a chunk is missing there;
+ * -ECHILD: the restore failed (log_tail: the engine's output's tail).
+ */
+int km_client_send_archive(struct km_client *c, const char *path, struct km_store *s,
+			   const struct km_archive_send_opts *o, struct km_send_stats *ret,
+			   struct km_archive_result *ret_result, char *log_tail,
+			   size_t log_tail_size, struct km_error *err);
 
 /*
  * Splits "HOST:PORT" or "[V6]:PORT" (host may be empty: any address) into

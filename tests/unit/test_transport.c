@@ -9,6 +9,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-tar.h"
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -536,8 +537,8 @@ static void *serve_thread(void *arg)
 	return NULL;
 }
 
-static void live_start_with(struct live *l, uint64_t max_bytes, unsigned max_connections,
-			    unsigned idle_timeout_s)
+static void live_start_full(struct live *l, uint64_t max_bytes, unsigned max_connections,
+			    unsigned idle_timeout_s, const char *podman)
 {
 	struct km_serve_opts o = { 0 };
 	struct km_error err = { { 0 } };
@@ -564,11 +565,18 @@ static void live_start_with(struct live *l, uint64_t max_bytes, unsigned max_con
 	o.max_connections = max_connections;
 	o.idle_timeout_s = idle_timeout_s;
 	o.stop_fd = l->stop[0];
+	o.container.podman = podman;
 	ck_assert_msg(km_serve_new(&o, &l->srv, &err) == 0, "%s", err.msg);
 	snprintf(l->address, sizeof(l->address), "%s", km_serve_address(l->srv));
 	ck_assert_int_eq(pthread_create(&l->thread, NULL, serve_thread, l), 0);
 	ck_assert_int_eq(
 		km_store_open(l->client_store, KM_STORE_CREATE | KM_STORE_NOSYNC, NULL, &l->cs), 0);
+}
+
+static void live_start_with(struct live *l, uint64_t max_bytes, unsigned max_connections,
+			    unsigned idle_timeout_s)
+{
+	live_start_full(l, max_bytes, max_connections, idle_timeout_s, NULL);
 }
 
 static void live_start(struct live *l, uint64_t max_bytes)
@@ -1250,6 +1258,229 @@ START_TEST(test_transport_live_unsplit_image)
 }
 END_TEST
 
+/* ------------------------------------------------------------ container archives */
+
+/*
+ * A stand-in for podman: logs its arguments; "container exists" answers
+ * from STATE/exists, "restore" fails with STATE/fail, "inspect" says
+ * exited with STATE/exited.
+ */
+static void fake_podman(const char *dir, char *ret_path, size_t size)
+{
+	char text[2048];
+
+	snprintf(ret_path, size, "%s/podman", dir);
+	snprintf(
+		text, sizeof(text),
+		"#!/bin/sh\n"
+		"echo \"$*\" >>%s/podman.log\n"
+		"case \"$1 $2\" in\n"
+		"'container exists') [ -f %s/exists ] && exit 0; exit 1 ;;\n"
+		"'container restore') [ -f %s/fail ] && { echo 'Error: restore broke' >&2; exit 125; }\n"
+		"  echo abc123 ;;\n"
+		"'container inspect') if [ -f %s/exited ]; then echo 'exited 0'; else echo 'running 4242'; fi ;;\n"
+		"esac\n"
+		"exit 0\n",
+		dir, dir, dir, dir);
+	write_text(ret_path, text);
+	ck_assert_int_eq(chmod(ret_path, 0755), 0);
+}
+
+/* A checkpoint archive whose split image refers to chunks ids[0..1]. */
+static void write_archive(const char *path, const struct km_hash *ids, struct km_hash *ret_mid)
+{
+	struct tarbuf t = { 0 };
+	size_t mlen;
+	void *mbuf = km_test_manifest(ids, &mlen);
+	FILE *f;
+
+	km_hash_buf(mbuf, mlen, ret_mid);
+	tb_entry(&t, NULL, "checkpoint/inventory.img", '0', "INV", 3);
+	tb_entry(&t, NULL, "checkpoint/" KM_MANIFEST_NAME, '0', mbuf, mlen);
+	tb_entry(&t, NULL, "checkpoint/" KM_DELTA_NAME, '0', "DELTA", 5);
+	tb_entry(&t, NULL, "config.dump", '0', "{}", 2);
+	tb_entry(&t, NULL, "spec.dump", '0', "{}", 2);
+	tb_end(&t);
+	f = fopen(path, "wb");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fwrite(t.p, 1, t.n, f), t.n);
+	ck_assert_int_eq(fclose(f), 0);
+	free(mbuf);
+	free(t.p);
+}
+
+static int send_archive(struct live *l, const char *path, bool restore,
+			struct km_archive_result *res, char *tail, size_t tail_size,
+			struct km_error *err)
+{
+	struct km_client_opts o = client_opts(l, NULL);
+	struct km_archive_send_opts ao = { .label = "unit", .restore = restore, .name = "llm" };
+	struct km_send_stats st;
+	struct km_client *c = NULL;
+	int r;
+
+	ck_assert_msg(km_client_connect(l->address, &o, &c, err) == 0, "%s", err->msg);
+	r = km_client_send_archive(c, path, l->cs, &ao, &st, res, tail, tail_size, err);
+	km_client_free(c);
+	return r;
+}
+
+START_TEST(test_transport_live_archive)
+{
+	char sdir[] = "/tmp/km-test-podman-XXXXXX", podman[128], path[256], got[4200], root[400];
+	char hex[KM_HASH_HEX_SIZE], tail[512], logp[160], text[4096];
+	struct km_archive_result res;
+	struct km_error err = { { 0 } };
+	struct km_hash ids[2], mid;
+	struct live l;
+	FILE *f;
+	size_t n;
+	int r;
+
+	ck_assert_ptr_nonnull(mkdtemp(sdir));
+	fake_podman(sdir, podman, sizeof(podman));
+	snprintf(logp, sizeof(logp), "%s/podman.log", sdir);
+	live_start_full(&l, 0, 0, 30, podman);
+	put_chunks(&l, ids, 2, 4096, 77); /* the manifest says 4096 */
+	snprintf(path, sizeof(path), "%s/checkpoint-llm.tar", l.dir);
+	write_archive(path, ids, &mid);
+
+	/* kept: the chunks go, the manifest becomes a root there */
+	ck_assert_msg(send_archive(&l, path, false, &res, tail, sizeof(tail), &err) == 0, "%s",
+		      err.msg);
+	ck_assert(res.split);
+	ck_assert_uint_eq(res.chunks, 2);
+	ck_assert(km_hash_equal(&res.manifest_id, &mid));
+	ck_assert_int_eq(res.restored_pid, 0);
+	ck_assert_int_eq(server_has(&l, &ids[0]), 1);
+	ck_assert_int_eq(server_has(&l, &ids[1]), 1);
+	snprintf(got, sizeof(got), "%s/%s/checkpoint-llm.tar", l.images, res.dir);
+	ck_assert_str_eq(res.path + strlen(res.path) - strlen(got + strlen(l.images)),
+			 got + strlen(l.images));
+	assert_same_file(got, path);
+	snprintf(root, sizeof(root), "%s/manifests/%s.kmman", l.server_store,
+		 km_hash_to_hex(&mid, hex));
+	ck_assert_int_eq(access(root, F_OK), 0);
+	ck_assert_int_ne(access(logp, F_OK), 0); /* no restore asked: podman not run */
+
+	/* restored: podman's restore, then inspect says it runs */
+	ck_assert_msg(send_archive(&l, path, true, &res, tail, sizeof(tail), &err) == 0, "%s",
+		      err.msg);
+	ck_assert_int_eq(res.restored_pid, 4242);
+	ck_assert_str_eq(res.container_id, "abc123");
+	f = fopen(logp, "r");
+	ck_assert_ptr_nonnull(f);
+	n = fread(text, 1, sizeof(text) - 1, f);
+	text[n] = 0;
+	fclose(f);
+	snprintf(got, sizeof(got), "container restore --import %s --name llm", res.path);
+	ck_assert_msg(strstr(text, got), "%s", text);
+	ck_assert(strstr(text, "container exists llm"));
+
+	/* a container of that name exists there: refused, nothing run */
+	write_text(strcat(strcpy(got, sdir), "/exists"), "");
+	r = send_archive(&l, path, true, &res, tail, sizeof(tail), &err);
+	ck_assert_int_eq(r, -EEXIST);
+	ck_assert(strstr(err.msg, "exists"));
+	unlink(got);
+
+	/* restored but not running: removed again, the error says so */
+	write_text(strcat(strcpy(got, sdir), "/exited"), "");
+	r = send_archive(&l, path, true, &res, tail, sizeof(tail), &err);
+	ck_assert_int_eq(r, -ECHILD);
+	ck_assert_msg(strstr(err.msg, "not running"), "%s", err.msg);
+	unlink(got);
+	f = fopen(logp, "r");
+	n = fread(text, 1, sizeof(text) - 1, f);
+	text[n] = 0;
+	fclose(f);
+	ck_assert(strstr(text, "container rm -f llm"));
+
+	/* podman's restore fails: its complaint comes back */
+	write_text(strcat(strcpy(got, sdir), "/fail"), "");
+	r = send_archive(&l, path, true, &res, tail, sizeof(tail), &err);
+	ck_assert_int_eq(r, -ECHILD);
+	ck_assert_msg(strstr(err.msg, "restore broke"), "%s", err.msg);
+	ck_assert(strstr(tail, "restore broke"));
+	unlink(got);
+	/* the failed ones left no directory (removed once the sender hung up) */
+	for (int i = 0; i < 150 && count_dir(l.images) != 2; i++)
+		usleep(20000);
+	ck_assert_int_eq(count_dir(l.images), 2);
+
+	/* chunks the target lacks: refused at the commit, directory removed */
+	{
+		struct raw rw;
+		Kvmotion__Wire__ImageBegin b = KVMOTION__WIRE__IMAGE_BEGIN__INIT;
+		Kvmotion__Wire__File fm = KVMOTION__WIRE__FILE__INIT;
+		Kvmotion__Wire__ArchiveCommit ac = KVMOTION__WIRE__ARCHIVE_COMMIT__INIT;
+		struct km_hash other[2];
+		void *buf;
+		long len;
+
+		km_hash_buf("absent-1", 8, &other[0]);
+		km_hash_buf("absent-2", 8, &other[1]);
+		snprintf(path, sizeof(path), "%s/other.tar", l.dir);
+		write_archive(path, other, &mid);
+		f = fopen(path, "rb");
+		fseek(f, 0, SEEK_END);
+		len = ftell(f);
+		fseek(f, 0, SEEK_SET);
+		buf = malloc((size_t)len);
+		ck_assert_uint_eq(fread(buf, 1, (size_t)len, f), (size_t)len);
+		fclose(f);
+		raw_connect(&rw, &l);
+		raw_hello(&rw);
+		raw_send(&rw, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &b.base, NULL, 0);
+		ck_assert_int_eq(raw_expect(&rw, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGUN, NULL),
+				 0);
+		fm.name = (char *)"other.tar";
+		fm.mode = 0600;
+		fm.size = (uint64_t)len;
+		fm.raw_size = (uint32_t)len;
+		fm.codec = KVMOTION__WIRE__CODEC__CODEC_NONE;
+		raw_send(&rw, KVMOTION__WIRE__MSG_TYPE__MSG_FILE, &fm.base, buf, (uint32_t)len);
+		ac.file = (char *)"other.tar";
+		ac.restore = false;
+		raw_send(&rw, KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_COMMIT, &ac.base, NULL, 0);
+		r = raw_expect(&rw, KVMOTION__WIRE__MSG_TYPE__MSG_ARCHIVE_DONE, &err);
+		ck_assert_int_eq(r, -ENOENT);
+		ck_assert_msg(strstr(err.msg, "2 chunks (of 2)"), "%s", err.msg);
+		raw_close(&rw);
+		free(buf);
+	}
+	/* the receiver removes the refused directory before it closes */
+	for (int i = 0; i < 100 && count_dir(l.images) != 2; i++)
+		usleep(20000);
+	ck_assert_int_eq(count_dir(l.images), 2);
+	live_stop(&l);
+	snprintf(got, sizeof(got), "rm -rf %s", sdir);
+	ck_assert_int_eq(system(got), 0);
+}
+END_TEST
+
+START_TEST(test_transport_live_archive_no_podman)
+{
+	struct km_archive_result res;
+	struct km_error err = { { 0 } };
+	struct km_hash ids[2], mid;
+	char path[256], tail[64];
+	struct live l;
+
+	live_start(&l, 0);
+	put_chunks(&l, ids, 2, 4096, 3);
+	snprintf(path, sizeof(path), "%s/a.tar", l.dir);
+	write_archive(path, ids, &mid);
+	ck_assert_int_eq(send_archive(&l, path, true, &res, tail, sizeof(tail), &err), -ENOSYS);
+	ck_assert(strstr(err.msg, "--podman"));
+	/* a file that is no checkpoint archive is refused before anything is sent */
+	write_text(path, "hello");
+	ck_assert_int_lt(send_archive(&l, path, false, &res, tail, sizeof(tail), &err), 0);
+	ck_assert_int_eq(count_dir(l.images), 0);
+	live_stop(&l);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("transport");
@@ -1278,6 +1509,8 @@ int main(void)
 	tcase_add_test(live, test_transport_live_file_rules);
 	tcase_add_test(live, test_transport_live_image);
 	tcase_add_test(live, test_transport_live_unsplit_image);
+	tcase_add_test(live, test_transport_live_archive);
+	tcase_add_test(live, test_transport_live_archive_no_podman);
 	suite_add_tcase(s, live);
 	return km_check_run(s);
 }
