@@ -222,21 +222,24 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		return r;
 	chunks = calloc(max_chunks, sizeof(*chunks));
 	jobs = calloc(max_jobs, sizeof(*jobs));
-	hasher = km_hasher_new();
-	if (!chunks || !jobs || !hasher) {
+	if (ret_file_hash)
+		hasher = km_hasher_new();
+	if (!chunks || !jobs || (ret_file_hash && !hasher)) {
 		km_hasher_free(hasher);
 		return -ENOMEM;
 	}
 
 	/*
-	 * The whole-file hash is the longest serial task of a split: it gets
+	 * The whole-file hash (seed's) is the longest serial task: it gets
 	 * all the file at once and never waits for the scan.
 	 */
-	hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
-	r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
-	if (r < 0)
-		goto out;
-	/* Its page faults taken here, ahead of it (~5% of its time). */
+	if (hasher) {
+		hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
+		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
+		if (r < 0)
+			goto out;
+	}
+	/* Page faults in one batch, cheaper than one at a time while reading. */
 	km_prefault(base, size);
 	if (sc->known && !sc->put) {
 		r = scan_known(sc, base, size, what, emit, userdata, err);
@@ -311,14 +314,14 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 			goto out;
 	}
 out:
-	{
+	if (hasher) {
 		int w = km_workpool_wait(sc->file_hash_pool);
 
 		if (r == 0)
 			r = w;
+		if (r == 0)
+			km_hasher_final(hasher, ret_file_hash);
 	}
-	if (r == 0)
-		km_hasher_final(hasher, ret_file_hash);
 	km_hasher_free(hasher);
 	return r;
 }
