@@ -424,9 +424,14 @@ static int cmd_inspect(struct cli *c, int argc, char **argv)
 				t[f->extents[j].kind] += f->extents[j].length;
 			printf("%s{\"name\":", i ? "," : "");
 			json_string(f->name);
-			printf(",\"size\":%" PRIu64 ",\"mode\":%u,\"sha256\":\"%s\",\"storage\":\"%s\"",
-			       f->size, f->mode, km_hash_to_hex(&f->sha256, hex),
-			       f->split ? "split" : "kept");
+			printf(",\"size\":%" PRIu64 ",\"mode\":%u", f->size, f->mode);
+			/* 1.2 split files: the extent digest instead of the whole file's. */
+			if (!km_hash_is_null(&f->sha256))
+				printf(",\"sha256\":\"%s\"", km_hash_to_hex(&f->sha256, hex));
+			if (!km_hash_is_null(&f->extents_sha256))
+				printf(",\"extents_sha256\":\"%s\"",
+				       km_hash_to_hex(&f->extents_sha256, hex));
+			printf(",\"storage\":\"%s\"", f->split ? "split" : "kept");
 			if (f->split)
 				printf(",\"extents\":%zu,\"bytes_referenced\":%" PRIu64
 				       ",\"bytes_zero\":%" PRIu64 ",\"bytes_delta\":%" PRIu64,
@@ -455,8 +460,11 @@ static int cmd_inspect(struct cli *c, int argc, char **argv)
 		const struct km_file_entry *f = &m->files[i];
 		char b[32];
 
-		printf("    %-32s %-5s %12s  %04o  %.16s", f->name, f->split ? "split" : "kept",
-		       km_format_bytes(f->size, b), f->mode, km_hash_to_hex(&f->sha256, hex));
+		printf("    %-32s %-5s %12s  %04o  %s%.16s", f->name, f->split ? "split" : "kept",
+		       km_format_bytes(f->size, b), f->mode,
+		       km_hash_is_null(&f->sha256) ? "extents " : "",
+		       km_hash_to_hex(km_hash_is_null(&f->sha256) ? &f->extents_sha256 : &f->sha256,
+				      hex));
 		if (f->split)
 			printf("  %zu extents", f->n_extents);
 		putchar('\n');
