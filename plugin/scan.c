@@ -221,6 +221,8 @@ static int part_run(void *arg)
 	int r;
 
 	r = state_init(j->sc, &j->last);
+	/* Its pages mapped in one batch, by the thread that reads them. */
+	km_prefault(j->base + j->start, j->end - j->start);
 	while (r == 0 && pos < j->end) {
 		if (j->n == j->cap) {
 			size_t cap = j->cap ? 2 * j->cap : 1024;
@@ -314,6 +316,7 @@ static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t
 	first_end = n_parts > 1 ? parts[1].start : size;
 	if (r == 0)
 		r = state_init(sc, &st);
+	km_prefault(base, first_end);
 	/* The first part, emitted as it is scanned. */
 	while (r == 0 && pos < first_end) {
 		r = scan_one(sc, base, size, pos, &st, &c);
@@ -408,12 +411,12 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		if (r < 0)
 			goto out;
 	}
-	/* Page faults in one batch, cheaper than one at a time while reading. */
-	km_prefault(base, size);
 	if (sc->known && !sc->put) {
 		r = scan_known(sc, base, size, what, emit, userdata, err);
 		goto out;
 	}
+	/* Page faults in one batch, cheaper than one at a time while reading. */
+	km_prefault(base, size);
 
 	while (pos < size) {
 		uint64_t window_end = KM_MIN(size, pos + SCAN_WINDOW);
