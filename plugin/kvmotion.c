@@ -345,9 +345,10 @@ static int cmd_join(struct cli *c, int argc, char **argv)
 	if (c->json) {
 		printf("{\"files_joined\":%" PRIu64 ",\"bytes_written\":%" PRIu64
 		       ",\"bytes_from_store\":%" PRIu64 ",\"chunks_read\":%" PRIu64
-		       ",\"bytes_from_delta\":%" PRIu64 ",\"bytes_zero\":%" PRIu64 "}\n",
+		       ",\"bytes_from_delta\":%" PRIu64 ",\"bytes_zero\":%" PRIu64
+		       ",\"chunks_recorded\":%" PRIu64 ",\"chunks_hashed\":%" PRIu64 "}\n",
 		       st.files_joined, st.bytes_written, st.bytes_from_store, st.chunks_read,
-		       st.bytes_from_delta, st.bytes_zero);
+		       st.bytes_from_delta, st.bytes_zero, st.chunks_recorded, st.chunks_hashed);
 		return EXIT_SUCCESS;
 	}
 	printf("joined %s: %" PRIu64 " files rebuilt and verified\n", argv[0], st.files_joined);
@@ -355,6 +356,8 @@ static int cmd_join(struct cli *c, int argc, char **argv)
 	print_bytes_line("from the store", st.bytes_from_store);
 	print_bytes_line("from the delta", st.bytes_from_delta);
 	print_bytes_line("zero", st.bytes_zero);
+	printf("  %-28s %15" PRIu64 "\n", "chunks vouched for (record)", st.chunks_recorded);
+	printf("  %-28s %15" PRIu64 "\n", "chunks hashed", st.chunks_hashed);
 	return EXIT_SUCCESS;
 }
 
