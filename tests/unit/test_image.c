@@ -1047,6 +1047,43 @@ START_TEST(test_image_join_damaged_extents)
 }
 END_TEST
 
+/*
+ * The comparing scan in many parts (4 threads: 5 parts of ~4 MiB, their
+ * borders inside the model and inside random bytes, small chunks): the
+ * extents are exactly the serial scan's, and the image joins.
+ */
+START_TEST(test_image_split_parts_as_serial)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	struct km_split_opts o = { .threads = 4 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_error err = { { 0 } };
+	uint8_t *model;
+	size_t n;
+
+	fixture_setup(&f, &p);
+	seed_model(&f);
+	model = read_all(AT_FDCWD, f.model_path, &n);
+	free(f.pages);
+	/* random, model, random, the model again from its middle, zeros */
+	f.pages_size = (3u << 20) + MODEL_SIZE + 777 + MODEL_SIZE / 2 + (1u << 20);
+	f.pages = calloc(1, f.pages_size);
+	fill_random(f.pages, 3u << 20, 61);
+	memcpy(f.pages + (3u << 20), model, MODEL_SIZE);
+	fill_random(f.pages + (3u << 20) + MODEL_SIZE, 777, 62);
+	memcpy(f.pages + (3u << 20) + MODEL_SIZE + 777, model + MODEL_SIZE / 2, MODEL_SIZE / 2);
+	free(model);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+	ck_assert_int_eq(km_image_split(f.dirfd, f.store, &o, &st, &err), 0);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE + MODEL_SIZE / 2 - 4 * 32768);
+	join_ok(&f, &js);
+	fixture_teardown(&f);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("image");
@@ -1074,6 +1111,7 @@ int main(void)
 	tcase_add_test(tc, test_image_join_without_record);
 	tcase_add_test(tc, test_image_join_v11_manifest);
 	tcase_add_test(tc, test_image_join_damaged_extents);
+	tcase_add_test(tc, test_image_split_parts_as_serial);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
