@@ -376,8 +376,10 @@ out:
 /* ----------------------------------------------------------------- join */
 
 /*
- * How join verifies: every rebuilt file must hash to its SHA-256 in the
- * manifest, and every delta frame to its zstd checksum. Chunks are copied
+ * How join verifies files with a whole-file hash (1.0, 1.1; 1.2 files are
+ * proven by their extents, see write_by_extents): every rebuilt file must
+ * hash to its SHA-256 in the manifest, and every delta frame to its zstd
+ * checksum. Chunks are copied
  * in the kernel without hashing each one on the way: the file hash covers
  * every byte of every chunk, so hashing both would double the CPU on the
  * restore's critical path for no extra assurance. When a file hash does
@@ -698,9 +700,10 @@ static int open_delta(int dirfd, const struct km_manifest *m, struct km_delta_re
 		return k;
 	}
 	/*
-	 * Identity, not content: every frame is checked by its checksum while
-	 * it is decoded and every rebuilt file by its SHA-256, so hashing the
-	 * whole delta here would only add to the restore's critical path.
+	 * Identity, not content: the content is checked while the files are
+	 * written (every frame by its checksum; for 1.2 files the whole delta
+	 * by its SHA-256 on another thread, for 1.1 files each rebuilt file by
+	 * its own SHA-256).
 	 */
 	image_id = km_delta_reader_image_id(r);
 	if (km_delta_reader_raw_size(r) != m->delta.raw_size ||

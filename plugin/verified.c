@@ -394,8 +394,8 @@ static int replace_file(struct km_verified *v, const uint8_t *entries, size_t n)
 	header_encode(buf);
 	if (n)
 		memcpy(buf + KM_VERIFIED_HEADER_SIZE, entries, n);
-	return km_write_file_atomic_at(v->dirfd, KM_VERIFIED_NAME, buf,
-				       KM_VERIFIED_HEADER_SIZE + n, v->sync);
+	return km_write_file_atomic_at(v->dirfd, KM_VERIFIED_NAME, buf, KM_VERIFIED_HEADER_SIZE + n,
+				       v->sync);
 }
 
 /* Appends encoded entries; a file that is not a record is replaced. */
@@ -413,7 +413,8 @@ static int append_entries(struct km_verified *v, const uint8_t *entries, size_t 
 		r = create_file(v);
 		if (r < 0)
 			return r;
-		fd = openat(v->dirfd, KM_VERIFIED_NAME, O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
+		fd = openat(v->dirfd, KM_VERIFIED_NAME,
+			    O_WRONLY | O_APPEND | O_CLOEXEC | O_NOFOLLOW);
 	}
 	if (fd < 0)
 		return -errno;
@@ -422,8 +423,8 @@ static int append_entries(struct km_verified *v, const uint8_t *entries, size_t 
 	if (!S_ISREG(st.st_mode))
 		return -EBADMSG;
 	{
-		_cleanup_close_ int rfd = openat(v->dirfd, KM_VERIFIED_NAME,
-						 O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		_cleanup_close_ int rfd =
+			openat(v->dirfd, KM_VERIFIED_NAME, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		ssize_t k = rfd < 0 ? -1 : km_pread_full(rfd, header, sizeof(header), 0);
 
 		if (k != (ssize_t)sizeof(header) || !header_ok(header, sizeof(header)))
@@ -500,8 +501,8 @@ void km_verified_flush(struct km_verified *v)
 		(void)append_entries(v, out, k * KM_VERIFIED_ENTRY_SIZE);
 }
 
-int km_verified_compact(struct km_verified *v, bool (*keep)(const struct km_hash *id, void *userdata),
-			void *userdata)
+int km_verified_compact(struct km_verified *v,
+			bool (*keep)(const struct km_hash *id, void *userdata), void *userdata)
 {
 	_cleanup_free_ uint8_t *out = NULL;
 	size_t k = 0;

@@ -29,10 +29,10 @@
 #include "hash.h"
 #include "util.h"
 
-#define KM_VERIFIED_NAME "verified.kmok"
-#define KM_VERIFIED_MAGIC "KMCHKOK\n"
+#define KM_VERIFIED_NAME	"verified.kmok"
+#define KM_VERIFIED_MAGIC	"KMCHKOK\n"
 #define KM_VERIFIED_HEADER_SIZE 16
-#define KM_VERIFIED_ENTRY_SIZE 88
+#define KM_VERIFIED_ENTRY_SIZE	88
 
 /* The stat of a chunk file now, by id: 0, or <0 (-ENOENT). */
 typedef int (*km_verified_stat_fn)(const struct km_hash *id, struct stat *ret, void *userdata);
@@ -71,8 +71,8 @@ void km_verified_flush(struct km_verified *v);
  * Rewrites the record with the entries whose id keep() accepts and whose
  * file still has the recorded stat (gc, under the store's exclusive lock).
  */
-int km_verified_compact(struct km_verified *v, bool (*keep)(const struct km_hash *id, void *userdata),
-			void *userdata);
+int km_verified_compact(struct km_verified *v,
+			bool (*keep)(const struct km_hash *id, void *userdata), void *userdata);
 
 /* Counters for tests: entries in the table, entries written by this handle. */
 size_t km_verified_count(struct km_verified *v);
