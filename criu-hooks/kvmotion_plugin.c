@@ -389,9 +389,11 @@ static int init_restore(void)
 		pr_err("join failed, refusing to restore: %s", err.msg[0] ? err.msg : strerror(-r));
 		return r;
 	}
-	pr_info("joined %llu files (%llu bytes: %llu from the store, %llu from the delta) in %.3f s",
+	pr_info("joined %llu files (%llu bytes: %llu from the store, %llu from the delta; "
+		"chunks: %llu vouched for by the store's record, %llu hashed) in %.3f s",
 		(unsigned long long)st.files_joined, (unsigned long long)st.bytes_written,
 		(unsigned long long)st.bytes_from_store, (unsigned long long)st.bytes_from_delta,
+		(unsigned long long)st.chunks_recorded, (unsigned long long)st.chunks_hashed,
 		now_s() - t0);
 	return 0;
 }

@@ -140,7 +140,7 @@ static void byteplane_merge(uint8_t *restrict dst, const uint8_t *restrict src, 
 /* ---- writer ---- */
 
 /* One frame in flight: filled by the producer, compressed by a worker,
- * written by the producer in raw order. */
+ * written in raw order by whichever worker finds it next in line. */
 struct frame_slot {
 	struct km_delta_writer *w;
 	uint8_t *raw;	  /* frame_size */
@@ -173,17 +173,25 @@ struct km_delta_writer {
 	struct km_hasher *hasher;
 
 	pthread_mutex_t lock;
-	pthread_cond_t frame_done;
+	pthread_cond_t frame_done; /* a frame was written, or writing failed */
 	struct cctx *free_cctx; /* under lock */
 
 	/* Ring of frames: head is the oldest not yet written, tail the one
-	 * being filled (fill bytes so far). tail - head <= n_slots. */
+	 * being filled (fill bytes so far). tail - head <= n_slots. head,
+	 * tail, writing and write_error under lock. */
 	struct frame_slot *slots;
 	unsigned n_slots;
 	uint64_t head, tail;
 	uint32_t fill;
+	/*
+	 * The file is written (and hashed) by the workers, in frame order:
+	 * the one that finishes the frame at head writes it and every
+	 * compressed one after it, so the producer only fills frames.
+	 */
+	bool writing;
+	int write_error;
 
-	uint64_t raw_size, written, frames, frames_filtered;
+	uint64_t raw_size, written, frames, frames_filtered; /* written: by the one writing */
 	int error; /* sticky: every later call returns it */
 	bool finished;
 };
@@ -339,6 +347,8 @@ static int compress_frame(struct km_delta_writer *w, struct cctx *c, struct fram
 	return 0;
 }
 
+static void drain_locked(struct km_delta_writer *w);
+
 static int compress_job(void *arg)
 {
 	struct frame_slot *s = arg;
@@ -351,11 +361,11 @@ static int compress_job(void *arg)
 		cctx_put(w, c);
 	}
 	pthread_mutex_lock(&w->lock);
+	/* Errors travel in the slot, so they surface in frame order. */
 	s->error = r;
 	s->done = true;
-	pthread_cond_signal(&w->frame_done);
+	drain_locked(w);
 	pthread_mutex_unlock(&w->lock);
-	/* Errors travel in the slot, so they surface in frame order. */
 	return 0;
 }
 
@@ -390,31 +400,13 @@ static int writer_write_header(struct km_delta_writer *w)
 	return writer_write(w, buf, KM_MAGIC_SIZE + 4 + len);
 }
 
-/*
- * Writes the oldest frame in flight if it is compressed; with 'block',
- * waits for it. Returns 1 if a frame was written, 0 if not, or an error.
- */
-static int writer_write_head(struct km_delta_writer *w, bool block)
+/* The record and the compressed bytes of one frame; by the one writing only. */
+static int write_frame(struct km_delta_writer *w, const struct frame_slot *s)
 {
 	Kvmotion__DeltaFrame f = KVMOTION__DELTA_FRAME__INIT;
-	struct frame_slot *s;
 	uint8_t rec[4 + 64];
 	size_t len;
-	bool done;
 	int r;
-
-	if (w->head == w->tail)
-		return 0;
-	s = &w->slots[w->head % w->n_slots];
-	pthread_mutex_lock(&w->lock);
-	while (!s->done && block)
-		pthread_cond_wait(&w->frame_done, &w->lock);
-	done = s->done;
-	pthread_mutex_unlock(&w->lock);
-	if (!done)
-		return 0;
-	if (s->error < 0)
-		return s->error;
 
 	f.raw_offset = s->raw_offset;
 	f.raw_size = s->raw_size;
@@ -431,8 +423,41 @@ static int writer_write_head(struct km_delta_writer *w, bool block)
 		return r;
 	w->frames++;
 	w->frames_filtered += s->filtered;
-	w->head++;
-	return 1;
+	return 0;
+}
+
+/*
+ * Writes, in order, every compressed frame from head on, unless another
+ * thread is at it (it will get to them). Called with the lock held; drops
+ * it while writing.
+ */
+static void drain_locked(struct km_delta_writer *w)
+{
+	if (w->writing)
+		return;
+	w->writing = true;
+	while (w->head < w->tail && !w->write_error) {
+		struct frame_slot *s = &w->slots[w->head % w->n_slots];
+		int r;
+
+		if (!s->done)
+			break;
+		if (s->error < 0) {
+			w->write_error = s->error;
+			break;
+		}
+		pthread_mutex_unlock(&w->lock);
+		r = write_frame(w, s);
+		pthread_mutex_lock(&w->lock);
+		if (r < 0) {
+			w->write_error = r;
+			break;
+		}
+		w->head++;
+		pthread_cond_broadcast(&w->frame_done);
+	}
+	w->writing = false;
+	pthread_cond_broadcast(&w->frame_done);
 }
 
 /* Makes slot 'tail' ready to fill, writing the oldest frame first if the
@@ -442,11 +467,13 @@ static int writer_begin_frame(struct km_delta_writer *w)
 	struct frame_slot *s;
 	int r;
 
-	while (w->tail - w->head >= w->n_slots) {
-		r = writer_write_head(w, true);
-		if (r < 0)
-			return r;
-	}
+	pthread_mutex_lock(&w->lock);
+	while (w->tail - w->head >= w->n_slots && !w->write_error)
+		pthread_cond_wait(&w->frame_done, &w->lock);
+	r = w->write_error;
+	pthread_mutex_unlock(&w->lock);
+	if (r < 0)
+		return r;
 	s = &w->slots[w->tail % w->n_slots];
 	if (!s->raw) {
 		s->raw = malloc(w->frame_size);
@@ -469,24 +496,25 @@ static int writer_submit_frame(struct km_delta_writer *w)
 	struct frame_slot *s = &w->slots[w->tail % w->n_slots];
 	int r;
 
-	/* The slot is ours until it is queued: no lock needed. */
+	/* The slot is ours until it is queued. */
 	s->raw_size = w->fill;
 	s->done = false;
 	s->error = 0;
-	w->tail++;
 	w->fill = 0;
+	pthread_mutex_lock(&w->lock);
+	w->tail++;
+	pthread_mutex_unlock(&w->lock);
 	r = km_workpool_submit(w->pool, compress_job, s);
 	if (r < 0) {
 		/* Not queued: nothing will complete it. */
+		pthread_mutex_lock(&w->lock);
 		s->error = r;
 		s->done = true;
+		drain_locked(w);
+		pthread_mutex_unlock(&w->lock);
 		return r;
 	}
-	/* Write whatever is ready without waiting, to keep the ring short. */
-	do
-		r = writer_write_head(w, false);
-	while (r > 0);
-	return r;
+	return 0;
 }
 
 int km_delta_writer_new(int fd, const struct km_delta_params *p, struct km_delta_writer **ret)
@@ -527,8 +555,12 @@ int km_delta_writer_new(int fd, const struct km_delta_params *p, struct km_delta
 		r = -ENOMEM;
 		goto fail;
 	}
-	/* Behind the split's serial file hash: see workpool.h. */
-	r = km_workpool_new_background(threads, w->n_slots, &w->pool);
+	/*
+	 * Not in the background (workpool.h): since format 1.2 no serial file
+	 * hash runs beside it, and these threads also write the file in order,
+	 * so the producer would wait for them.
+	 */
+	r = km_workpool_new(threads, w->n_slots, &w->pool);
 	if (r < 0)
 		goto fail;
 	r = writer_write_header(w);
@@ -587,11 +619,13 @@ int km_delta_writer_finish(struct km_delta_writer *w, struct km_delta_summary *r
 		if (r < 0)
 			return (w->error = r);
 	}
-	while (w->head < w->tail) {
-		r = writer_write_head(w, true);
-		if (r < 0)
-			return (w->error = r);
-	}
+	pthread_mutex_lock(&w->lock);
+	while (w->head < w->tail && !w->write_error)
+		pthread_cond_wait(&w->frame_done, &w->lock);
+	r = w->write_error;
+	pthread_mutex_unlock(&w->lock);
+	if (r < 0)
+		return (w->error = r);
 	r = writer_write(w, end, sizeof(end));
 	if (r < 0)
 		return (w->error = r);

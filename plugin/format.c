@@ -159,6 +159,60 @@ int km_file_entry_add_extent(struct km_file_entry *f, const struct km_extent *e)
 	return 0;
 }
 
+/*
+ * The extent digest, byte for byte as docs/formats.md says: it binds the
+ * extent list to the delta it reads from, so that a damaged manifest (an
+ * offset, a length, a chunk id) is caught before any byte is written.
+ */
+#define EXTENTS_DIGEST_MAGIC "KMXTNTS\n"
+
+static void put_u64_le(struct km_hasher *h, uint64_t v)
+{
+	uint64_t le = htole64(v);
+
+	km_hasher_update(h, &le, sizeof(le));
+}
+
+void km_file_entry_extents_digest(const struct km_file_entry *f, const struct km_hash *delta_sha256,
+				  struct km_hash *ret)
+{
+	struct km_hasher *h = km_hasher_new();
+	uint8_t buf[1 + 8 + KM_HASH_SIZE];
+	size_t name_len = strlen(f->name);
+	uint32_t le32 = htole32((uint32_t)name_len);
+
+	if (!h) {
+		/* No digest that could match: the caller's comparison fails. */
+		memset(ret, 0xff, sizeof(*ret));
+		return;
+	}
+	km_hasher_update(h, EXTENTS_DIGEST_MAGIC, 8);
+	km_hasher_update(h, &le32, 4);
+	km_hasher_update(h, f->name, name_len);
+	put_u64_le(h, f->size);
+	put_u64_le(h, f->n_extents);
+	for (size_t i = 0; i < f->n_extents; i++) {
+		const struct km_extent *e = &f->extents[i];
+		uint64_t le = htole64(e->length);
+		size_t n = 9;
+
+		buf[0] = (uint8_t)e->kind;
+		memcpy(buf + 1, &le, 8);
+		if (e->kind == KM_EXTENT_CHUNK) {
+			memcpy(buf + n, e->id.b, KM_HASH_SIZE);
+			n += KM_HASH_SIZE;
+		} else if (e->kind == KM_EXTENT_DELTA) {
+			le = htole64(e->delta_offset);
+			memcpy(buf + n, &le, 8);
+			n += 8;
+		}
+		km_hasher_update(h, buf, n);
+	}
+	km_hasher_update(h, delta_sha256->b, KM_HASH_SIZE);
+	km_hasher_final(h, ret);
+	km_hasher_free(h);
+}
+
 /* --- shared encode/decode pieces --- */
 
 static void chunker_to_pb(const struct km_chunker_params *p, Kvmotion__ChunkerParams *pb)
@@ -241,7 +295,14 @@ static int pb_files_build(const struct km_file_entry *files, size_t n, struct pb
 		e->name = f->name;
 		e->size = f->size;
 		e->mode = f->mode;
-		e->sha256 = hash_to_pb(&f->sha256);
+		if (!km_hash_is_null(&f->sha256)) {
+			e->has_sha256 = 1;
+			e->sha256 = hash_to_pb(&f->sha256);
+		}
+		if (f->split && !km_hash_is_null(&f->extents_sha256)) {
+			e->has_extents_sha256 = 1;
+			e->extents_sha256 = hash_to_pb(&f->extents_sha256);
+		}
 		e->storage = f->split ? KVMOTION__FILE_STORAGE__FILE_SPLIT
 				      : KVMOTION__FILE_STORAGE__FILE_KEPT;
 		e->n_extents = f->n_extents;
@@ -269,10 +330,13 @@ static int pb_files_build(const struct km_file_entry *files, size_t n, struct pb
 
 /*
  * Converts and validates pb file entries. delta_size: extents must lie
- * inside it; UINT64_MAX forbids delta extents (weights indexes).
+ * inside it; UINT64_MAX forbids delta extents (weights indexes). delta_sha256:
+ * the manifest's delta hash, for extent digests (NULL: none may appear).
+ * minor: before 2, every file has its whole-file SHA-256.
  */
 static int files_from_pb(Kvmotion__FileEntry **pbs, size_t n, uint64_t delta_size,
-			 const char *what, struct km_file_entry **ret, struct km_error *err)
+			 const struct km_hash *delta_sha256, uint32_t minor, const char *what,
+			 struct km_file_entry **ret, struct km_error *err)
 {
 	struct km_file_entry *files = calloc(n ? n : 1, sizeof(*files));
 	int r = 0;
@@ -303,8 +367,21 @@ static int files_from_pb(Kvmotion__FileEntry **pbs, size_t n, uint64_t delta_siz
 		f->size = e->size;
 		f->mode = e->mode & 07777;
 		f->split = e->storage == KVMOTION__FILE_STORAGE__FILE_SPLIT;
-		if (hash_from_pb(&e->sha256, &f->sha256) < 0) {
+		/* In a manifest all zero would read back as "no whole-file hash". */
+		if ((e->has_sha256 && (hash_from_pb(&e->sha256, &f->sha256) < 0 ||
+				       (delta_sha256 && km_hash_is_null(&f->sha256)))) ||
+		    (e->has_extents_sha256 &&
+		     (!f->split || !delta_sha256 ||
+		      hash_from_pb(&e->extents_sha256, &f->extents_sha256) < 0 ||
+		      km_hash_is_null(&f->extents_sha256)))) {
 			km_error_set(err, "%s: file %s has a malformed SHA-256", what, e->name);
+			r = -EBADMSG;
+			goto fail;
+		}
+		/* Until 1.1 every file, and kept files always, carry their hash. */
+		if (!e->has_sha256 && (!f->split || minor < 2 || !e->has_extents_sha256)) {
+			km_error_set(err, "%s: file %s has no %s", what, e->name,
+				     f->split && minor >= 2 ? "SHA-256 or extent digest" : "SHA-256");
 			r = -EBADMSG;
 			goto fail;
 		}
@@ -369,6 +446,18 @@ static int files_from_pb(Kvmotion__FileEntry **pbs, size_t n, uint64_t delta_siz
 				     e->name, (unsigned long long)sum, (unsigned long long)f->size);
 			r = -EBADMSG;
 			goto fail;
+		}
+		if (e->has_extents_sha256) {
+			struct km_hash d;
+
+			km_file_entry_extents_digest(f, delta_sha256, &d);
+			if (!km_hash_equal(&d, &f->extents_sha256)) {
+				km_error_set(err,
+					     "%s: file %s: extents do not match their digest (damaged manifest)",
+					     what, e->name);
+				r = -EBADMSG;
+				goto fail;
+			}
 		}
 	}
 	*ret = files;
@@ -467,7 +556,8 @@ int km_manifest_decode(const void *p, size_t n, struct km_manifest **ret, struct
 		r = -ENOMEM;
 		goto out;
 	}
-	r = files_from_pb(pb->files, pb->n_files, m->delta.raw_size, "manifest", &m->files, err);
+	r = files_from_pb(pb->files, pb->n_files, m->delta.raw_size, &m->delta.sha256, m->minor,
+			  "manifest", &m->files, err);
 	if (r < 0)
 		goto out;
 	m->n_files = pb->n_files;
@@ -524,7 +614,7 @@ int km_weights_index_encode(const struct km_weights_index *idx, void **ret, size
 		kvmotion__index_file__init(&ifiles[i]);
 		ifiles[i].name = pf.entries[i].name;
 		ifiles[i].size = pf.entries[i].size;
-		ifiles[i].sha256 = pf.entries[i].sha256;
+		ifiles[i].sha256 = hash_to_pb(&idx->files[i].sha256);
 		ifiles[i].n_extents = pf.entries[i].n_extents;
 		ifiles[i].extents = pf.entries[i].extents;
 		iptrs[i] = &ifiles[i];
@@ -591,13 +681,14 @@ int km_weights_index_decode(const void *p, size_t n, struct km_weights_index **r
 		kvmotion__file_entry__init(&entries[i]);
 		entries[i].name = pb->files[i]->name;
 		entries[i].size = pb->files[i]->size;
+		entries[i].has_sha256 = 1;
 		entries[i].sha256 = pb->files[i]->sha256;
 		entries[i].storage = KVMOTION__FILE_STORAGE__FILE_SPLIT;
 		entries[i].n_extents = pb->files[i]->n_extents;
 		entries[i].extents = pb->files[i]->extents;
 		ptrs[i] = &entries[i];
 	}
-	r = files_from_pb(ptrs, pb->n_files, UINT64_MAX, "weights index", &idx->files, err);
+	r = files_from_pb(ptrs, pb->n_files, UINT64_MAX, NULL, 1, "weights index", &idx->files, err);
 	if (r < 0)
 		goto out;
 	idx->n_files = pb->n_files;

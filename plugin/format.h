@@ -22,7 +22,11 @@
 #include "util.h"
 
 #define KM_FORMAT_MAJOR 1
-#define KM_FORMAT_MINOR 1 /* 1.1: weights file id in WeightsIndex, WeightsVerified */
+/*
+ * 1.1: weights file id in WeightsIndex, WeightsVerified.
+ * 1.2: split files carry an extent digest instead of a whole-file SHA-256.
+ */
+#define KM_FORMAT_MINOR 2
 
 #define KM_MANIFEST_NAME "kvmotion.manifest"
 #define KM_DELTA_NAME "kvmotion.delta"
@@ -54,10 +58,13 @@ struct km_file_entry {
 	char *name;
 	uint64_t size;
 	uint32_t mode;
+	/* Of the whole file; all zero: none (1.2 split files). */
 	struct km_hash sha256;
 	bool split; /* false: kept in the directory as is */
 	struct km_extent *extents;
 	size_t n_extents;
+	/* 1.2 split files: km_file_entry_extents_digest; all zero: none. */
+	struct km_hash extents_sha256;
 };
 
 struct km_delta_ref {
@@ -111,13 +118,21 @@ void km_weights_index_free(struct km_weights_index *idx);
 /* Frees the members of one entry (not the entry). */
 void km_file_entry_clear(struct km_file_entry *f);
 
+/*
+ * The digest of a split file's extent list (docs/formats.md, "Extent
+ * digest"): name, size and every extent, then the delta file's SHA-256.
+ */
+void km_file_entry_extents_digest(const struct km_file_entry *f, const struct km_hash *delta_sha256,
+				  struct km_hash *ret);
+
 /* Appends an extent, merging with the previous one when contiguous. */
 int km_file_entry_add_extent(struct km_file_entry *f, const struct km_extent *e);
 
 /*
  * Encode to a malloc'd buffer (magic + record), decode from bytes.
  * Decoding validates: versions, hash lengths, extents adding up to sizes,
- * delta ranges within the delta, file names plain and unique.
+ * delta ranges within the delta, file names plain and unique, and each
+ * split file's extent digest where it has one.
  */
 int km_manifest_encode(const struct km_manifest *m, void **ret, size_t *ret_size);
 int km_manifest_decode(const void *p, size_t n, struct km_manifest **ret, struct km_error *err);

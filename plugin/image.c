@@ -158,11 +158,9 @@ static int split_one(const struct km_scanner *sc, int dirfd, struct km_file_entr
 		km_error_set(err, "cannot map %s: %s", entry->name, strerror(-r));
 		return r;
 	}
-	if (entry->size == 0)
-		km_hash_buf("", 0, &entry->sha256);
-	else
-		r = km_scan(sc, map, entry->size, entry->name, split_emit, &sf, &entry->sha256,
-			    err);
+	/* No whole-file hash: the extents are the file's integrity (1.2). */
+	if (entry->size > 0)
+		r = km_scan(sc, map, entry->size, entry->name, split_emit, &sf, NULL, err);
 	km_unmap_file(map, entry->size);
 	return r;
 }
@@ -179,7 +177,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		.store_hint = (char *)km_store_path(s),
 	};
 	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
-	struct km_workpool *pool = NULL, *hash_pool = NULL;
+	struct km_workpool *pool = NULL;
 	struct km_known *known = NULL;
 	struct km_delta_writer *delta = NULL;
 	struct km_delta_summary ds;
@@ -213,8 +211,6 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		goto out;
 	}
 	r = km_workpool_new(o->threads, 0, &pool);
-	if (r == 0)
-		r = km_workpool_new(1, 4, &hash_pool);
 	if (r < 0)
 		goto out;
 	/* Adding chunks hashes every one anyway: then look them up by id. */
@@ -246,7 +242,6 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		struct km_scanner sc = {
 			.params = &m.chunker,
 			.pool = pool,
-			.file_hash_pool = hash_pool,
 			.store = s,
 			.known = known,
 			.put = o->add_chunks,
@@ -307,6 +302,10 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		.image_id = delta_params.image_id,
 	};
 	stats.delta_file_size = ds.compressed_size;
+	for (size_t i = 0; i < m.n_files; i++)
+		if (m.files[i].split)
+			km_file_entry_extents_digest(&m.files[i], &ds.sha256,
+						     &m.files[i].extents_sha256);
 
 	r = km_manifest_encode(&m, &mbuf, &mbuf_size);
 	if (r < 0)
@@ -363,7 +362,6 @@ out:
 	}
 	km_delta_writer_free(delta);
 	km_workpool_free(pool);
-	km_workpool_free(hash_pool);
 	km_known_free(known);
 	km_free_names(names, n_names);
 	m.delta.name = NULL;
@@ -378,8 +376,10 @@ out:
 /* ----------------------------------------------------------------- join */
 
 /*
- * How join verifies: every rebuilt file must hash to its SHA-256 in the
- * manifest, and every delta frame to its zstd checksum. Chunks are copied
+ * How join verifies files with a whole-file hash (1.0, 1.1; 1.2 files are
+ * proven by their extents, see write_by_extents): every rebuilt file must
+ * hash to its SHA-256 in the manifest, and every delta frame to its zstd
+ * checksum. Chunks are copied
  * in the kernel without hashing each one on the way: the file hash covers
  * every byte of every chunk, so hashing both would double the CPU on the
  * restore's critical path for no extra assurance. When a file hash does
@@ -602,7 +602,8 @@ static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 			     (unsigned long long)f->size, strerror(-r));
 		return r;
 	}
-	if (f->size == 0)
+	/* Only the whole-file hash reads the file back. */
+	if (f->size == 0 || km_hash_is_null(&f->sha256))
 		return 0;
 	if (f->size > SIZE_MAX)
 		return -EFBIG;
@@ -699,9 +700,10 @@ static int open_delta(int dirfd, const struct km_manifest *m, struct km_delta_re
 		return k;
 	}
 	/*
-	 * Identity, not content: every frame is checked by its checksum while
-	 * it is decoded and every rebuilt file by its SHA-256, so hashing the
-	 * whole delta here would only add to the restore's critical path.
+	 * Identity, not content: the content is checked while the files are
+	 * written (every frame by its checksum; for 1.2 files the whole delta
+	 * by its SHA-256 on another thread, for 1.1 files each rebuilt file by
+	 * its own SHA-256).
 	 */
 	image_id = km_delta_reader_image_id(r);
 	if (km_delta_reader_raw_size(r) != m->delta.raw_size ||
@@ -759,17 +761,344 @@ static int diagnose(struct km_store *s, const struct km_manifest *m,
 	return -EBADMSG;
 }
 
+/*
+ * Files with an extent digest (1.2) and no whole-file hash: their bytes are
+ * proven piece by piece, before any is written. Every chunk they name is
+ * opened (missing, or not exactly its length: refused) and hashed unless the
+ * store's record vouches for its file (store.h); the extent lists were
+ * checked against their digests when the manifest was read; the delta file
+ * is hashed against the manifest while the files are written, and each of
+ * its frames is checked by its zstd checksum as it is decoded.
+ */
+
+/* One chunk reference, for checking each distinct chunk once and naming the first user. */
+struct chunk_ref {
+	struct km_hash id;
+	uint64_t length;
+	const struct km_file_entry *file;
+	uint64_t offset;
+	size_t order; /* in file order, over all files */
+};
+
+static int cmp_chunk_ref(const void *a, const void *b)
+{
+	const struct chunk_ref *x = a, *y = b;
+	int c = memcmp(x->id.b, y->id.b, KM_HASH_SIZE);
+
+	if (c)
+		return c;
+	return x->order < y->order ? -1 : x->order > y->order;
+}
+
+struct check_ctx {
+	struct km_store *store;
+	pthread_mutex_t lock;
+	const struct chunk_ref *bad; /* the first failure in file order, under lock */
+	int bad_error;
+	uint64_t hashed, recorded; /* under lock */
+};
+
+struct check_job {
+	struct check_ctx *ctx;
+	const struct chunk_ref *refs; /* distinct ids */
+	size_t n;
+};
+
+static int check_job_run(void *arg)
+{
+	struct check_job *j = arg;
+	struct check_ctx *c = j->ctx;
+	uint64_t hashed = 0, recorded = 0;
+
+	for (size_t i = 0; i < j->n; i++) {
+		const struct chunk_ref *ref = &j->refs[i];
+		bool trusted = false;
+		int fd, r;
+
+		fd = km_store_open_chunk(c->store, &ref->id, ref->length, &trusted);
+		r = fd < 0 ? fd : 0;
+		if (r == 0 && trusted) {
+			recorded++;
+		} else if (r == 0) {
+			r = km_store_check_chunk(c->store, &ref->id, fd);
+			hashed++;
+		}
+		if (fd >= 0)
+			close(fd);
+		if (r < 0) {
+			pthread_mutex_lock(&c->lock);
+			if (!c->bad || ref->order < c->bad->order) {
+				c->bad = ref;
+				c->bad_error = r;
+			}
+			pthread_mutex_unlock(&c->lock);
+		}
+	}
+	pthread_mutex_lock(&c->lock);
+	c->hashed += hashed;
+	c->recorded += recorded;
+	pthread_mutex_unlock(&c->lock);
+	return 0;
+}
+
+#define CHECK_JOB_CHUNKS 64
+
+/*
+ * Checks every chunk the digest-verified files name, each distinct one
+ * once, on 'pool'; names the first bad one in file order.
+ */
+static int check_chunks(struct km_store *s, struct km_workpool *pool, const struct km_manifest *m,
+			struct km_join_stats *stats, struct km_error *err)
+{
+	_cleanup_free_ struct chunk_ref *refs = NULL;
+	_cleanup_free_ struct check_job *jobs = NULL;
+	struct check_ctx ctx = { .store = s };
+	size_t n = 0, n_unique = 0, n_jobs = 0;
+	int r = 0;
+
+	for (size_t i = 0; i < m->n_files; i++)
+		if (m->files[i].split && km_hash_is_null(&m->files[i].sha256))
+			n += m->files[i].n_extents;
+	refs = calloc(n ? n : 1, sizeof(*refs));
+	if (!refs)
+		return -ENOMEM;
+	n = 0;
+	for (size_t i = 0; i < m->n_files; i++) {
+		const struct km_file_entry *f = &m->files[i];
+		uint64_t off = 0;
+
+		if (!f->split || !km_hash_is_null(&f->sha256))
+			continue;
+		for (size_t j = 0; j < f->n_extents; off += f->extents[j].length, j++)
+			if (f->extents[j].kind == KM_EXTENT_CHUNK) {
+				refs[n] = (struct chunk_ref){ .id = f->extents[j].id,
+							      .length = f->extents[j].length,
+							      .file = f,
+							      .offset = off,
+							      .order = n };
+				n++;
+			}
+	}
+	/* Distinct ids, each with its first use (the lowest order sorts first). */
+	qsort(refs, n, sizeof(*refs), cmp_chunk_ref);
+	for (size_t i = 0; i < n; i++) {
+		if (n_unique && km_hash_equal(&refs[n_unique - 1].id, &refs[i].id)) {
+			if (refs[i].length != refs[n_unique - 1].length) {
+				char hex[KM_HASH_HEX_SIZE];
+
+				km_error_set(err, "%s: chunk %s is listed with two lengths",
+					     KM_MANIFEST_NAME, km_hash_to_hex(&refs[i].id, hex));
+				return -EBADMSG;
+			}
+			continue;
+		}
+		refs[n_unique++] = refs[i];
+	}
+	jobs = calloc(n_unique / CHECK_JOB_CHUNKS + 1, sizeof(*jobs));
+	if (!jobs)
+		return -ENOMEM;
+	pthread_mutex_init(&ctx.lock, NULL);
+	for (size_t i = 0; i < n_unique && r == 0; i += CHECK_JOB_CHUNKS) {
+		jobs[n_jobs] = (struct check_job){ .ctx = &ctx, .refs = refs + i,
+						   .n = KM_MIN((size_t)CHECK_JOB_CHUNKS, n_unique - i) };
+		r = km_workpool_submit(pool, check_job_run, &jobs[n_jobs++]);
+	}
+	{
+		int w = km_workpool_wait(pool);
+
+		if (r == 0)
+			r = w;
+	}
+	stats->chunks_hashed = ctx.hashed;
+	stats->chunks_recorded = ctx.recorded;
+	if (r == 0 && ctx.bad) {
+		char hex[KM_HASH_HEX_SIZE];
+
+		r = ctx.bad_error;
+		km_error_set(err, "chunk %s (%s at offset %llu): %s",
+			     km_hash_to_hex(&ctx.bad->id, hex), ctx.bad->file->name,
+			     (unsigned long long)ctx.bad->offset,
+			     r == -ENOENT  ? "missing from the store" :
+			     r == -EBADMSG ? "corrupt in the store (not its length, or its "
+					     "content does not match its SHA-256)" :
+					     strerror(-r));
+	}
+	pthread_mutex_destroy(&ctx.lock);
+	/* What was hashed just now need not be hashed by the next join. */
+	km_store_verified_flush(s);
+	return r;
+}
+
+/* A delta extent of a digest-verified file: where its bytes go. */
+struct delta_piece {
+	uint64_t delta_offset, length;
+	int fd;
+	uint64_t pos;
+	const char *name;
+};
+
+static int cmp_piece(const void *a, const void *b)
+{
+	const struct delta_piece *x = a, *y = b;
+
+	return x->delta_offset < y->delta_offset ? -1 : x->delta_offset > y->delta_offset;
+}
+
+struct delta_write {
+	struct delta_piece *pieces; /* by delta_offset, never overlapping */
+	size_t n;
+	int error;
+	const char *failed; /* file name, with error */
+};
+
+/* Decoded frames, from the decode thread: their bytes go where the extents say. */
+static int delta_sink(void *userdata, uint64_t raw_offset, const void *data, size_t n)
+{
+	struct delta_write *w = userdata;
+	uint64_t end = raw_offset + n;
+	size_t lo = 0, hi = w->n;
+
+	/* The first piece that ends after raw_offset. */
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (w->pieces[mid].delta_offset + w->pieces[mid].length <= raw_offset)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	for (size_t i = lo; i < w->n && w->pieces[i].delta_offset < end; i++) {
+		const struct delta_piece *p = &w->pieces[i];
+		uint64_t from = KM_MAX(p->delta_offset, raw_offset);
+		uint64_t to = KM_MIN(p->delta_offset + p->length, end);
+		int r = km_pwrite_full(p->fd, (const uint8_t *)data + (from - raw_offset),
+				       (size_t)(to - from), (off_t)(p->pos + (from - p->delta_offset)));
+
+		if (r < 0) {
+			w->error = r;
+			w->failed = p->name;
+			return r;
+		}
+	}
+	return 0;
+}
+
+struct decode_job {
+	struct km_delta_reader *delta;
+	struct delta_write *write;
+	int result;
+	struct km_error err;
+};
+
+static int decode_job_run(void *arg)
+{
+	struct decode_job *j = arg;
+
+	j->result = km_delta_reader_decode(j->delta, 1, delta_sink, j->write, &j->err);
+	return 0;
+}
+
+struct delta_hash_job {
+	struct km_delta_reader *delta;
+	struct km_hash got;
+	int result;
+	struct km_error err;
+};
+
+static int delta_hash_run(void *arg)
+{
+	struct delta_hash_job *j = arg;
+
+	j->result = km_delta_reader_sha256(j->delta, &j->got, &j->err);
+	return 0;
+}
+
+/*
+ * Writes the digest-verified files: chunks copied in the kernel on the
+ * calling thread while the delta is decoded (and its bytes written) on
+ * 'pool', in parallel.
+ */
+static int write_by_extents(struct join_ctx *ctx, struct km_workpool *pool,
+			    struct km_delta_reader *delta, struct join_target *targets,
+			    size_t n_targets, struct km_error *err)
+{
+	_cleanup_free_ struct delta_piece *pieces = NULL;
+	struct delta_write w = { 0 };
+	struct decode_job dj = { .delta = delta, .write = &w };
+	size_t n = 0;
+	int r = 0;
+
+	for (size_t i = 0; i < n_targets; i++)
+		if (km_hash_is_null(&targets[i].entry->sha256))
+			n += targets[i].entry->n_extents;
+	pieces = calloc(n ? n : 1, sizeof(*pieces));
+	if (!pieces)
+		return -ENOMEM;
+	n = 0;
+	for (size_t i = 0; i < n_targets; i++) {
+		const struct km_file_entry *f = targets[i].entry;
+		uint64_t pos = 0;
+
+		if (!km_hash_is_null(&f->sha256))
+			continue;
+		for (size_t j = 0; j < f->n_extents; pos += f->extents[j].length, j++)
+			if (f->extents[j].kind == KM_EXTENT_DELTA)
+				pieces[n++] = (struct delta_piece){ f->extents[j].delta_offset,
+								    f->extents[j].length, targets[i].fd,
+								    pos, f->name };
+	}
+	qsort(pieces, n, sizeof(*pieces), cmp_piece);
+	w.pieces = pieces;
+	w.n = n;
+	if (n > 0) {
+		r = km_workpool_submit(pool, decode_job_run, &dj);
+		if (r < 0)
+			return r;
+	}
+	for (size_t i = 0; i < n_targets && r == 0; i++) {
+		const struct km_file_entry *f = targets[i].entry;
+		uint64_t pos = 0;
+
+		if (!km_hash_is_null(&f->sha256))
+			continue;
+		for (size_t j = 0; j < f->n_extents && r == 0; pos += f->extents[j].length, j++)
+			if (f->extents[j].kind == KM_EXTENT_CHUNK)
+				r = write_piece(ctx, &targets[i], &f->extents[j], 0, f->extents[j].length,
+						pos);
+	}
+	{
+		int k = km_workpool_wait(pool);
+
+		if (r == 0)
+			r = k;
+	}
+	if (r < 0)
+		return r;
+	if (n > 0 && dj.result < 0) {
+		if (w.error) {
+			km_error_set(err, "writing delta bytes into %s: %s", w.failed,
+				     strerror(-w.error));
+			return w.error;
+		}
+		km_error_set(err, "delta %s: %s", ctx->delta_name, dj.err.msg);
+		return dj.result;
+	}
+	return 0;
+}
+
 int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		  struct km_join_stats *ret, struct km_error *err)
 {
 	struct km_manifest *m = NULL;
 	struct km_delta_reader *delta = NULL;
-	struct km_workpool *hash_pool = NULL;
+	struct km_workpool *hash_pool = NULL, *pool = NULL;
 	struct join_ctx ctx = { .store = s, .err = err };
 	struct km_join_stats stats = { 0 };
+	struct delta_hash_job dh = { 0 };
 	_cleanup_free_ struct join_target *targets = NULL;
 	_cleanup_free_ struct verify_job *vjobs = NULL;
 	size_t n_targets = 0, n_vjobs = 0;
+	bool by_extents = false;
 	int r;
 
 	pthread_mutex_init(&ctx.lock, NULL);
@@ -785,6 +1114,23 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	r = check_kept(dirfd, m, err);
 	if (r < 0)
 		goto out;
+	for (size_t i = 0; i < m->n_files; i++)
+		if (m->files[i].split && km_hash_is_null(&m->files[i].sha256))
+			by_extents = true;
+	if (by_extents) {
+		/* Every chunk proven before a byte is written; the delta's hash runs beside the writes. */
+		r = km_workpool_new(o->threads, 0, &pool);
+		if (r < 0)
+			goto out;
+		km_store_verified_reload(s);
+		r = check_chunks(s, pool, m, &stats, err);
+		if (r < 0)
+			goto out;
+		dh.delta = delta;
+		r = km_workpool_submit(pool, delta_hash_run, &dh);
+		if (r < 0)
+			goto out;
+	}
 
 	targets = calloc(m->n_files ? m->n_files : 1, sizeof(*targets));
 	ctx.hole_buf = malloc(HOLE_BUF_SIZE);
@@ -801,7 +1147,8 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		targets[n_targets].fd = -1;
 		n_targets++;
 		/* Windows end past JOIN_WINDOW only by less than a chunk. */
-		n_vjobs += f->size / JOIN_WINDOW + 1;
+		if (!km_hash_is_null(&f->sha256))
+			n_vjobs += f->size / JOIN_WINDOW + 1;
 		for (size_t j = 0; j < f->n_extents; j++) {
 			const struct km_extent *e = &f->extents[j];
 
@@ -830,12 +1177,32 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	if (r < 0)
 		goto out;
 
-	/* Each file front to back, a window at a time; the hash follows. */
+	/* Digest-verified files: chunks and delta in parallel. */
+	if (by_extents) {
+		r = write_by_extents(&ctx, pool, delta, targets, n_targets, err);
+		if (r == 0 && dh.result < 0) {
+			r = dh.result;
+			km_error_set(err, "delta %s: %s", m->delta.name, dh.err.msg);
+		} else if (r == 0 && !km_hash_equal(&dh.got, &m->delta.sha256)) {
+			r = -EBADMSG;
+			km_error_set(err, "delta %s is damaged (its SHA-256 differs from the manifest's)",
+				     m->delta.name);
+		}
+		if (r < 0) {
+			ctx.failed = true;
+			goto out;
+		}
+	}
+
+	/* Files with a whole-file hash (1.0, 1.1): front to back, a window at a time; the hash follows. */
 	n_vjobs = 0;
 	for (size_t i = 0; i < n_targets && r == 0; i++) {
 		struct join_target *t = &targets[i];
 		const struct km_file_entry *f = t->entry;
 		struct extent_pos at = { 0 };
+
+		if (km_hash_is_null(&f->sha256))
+			continue;
 
 		while (at.i < f->n_extents && r == 0) {
 			struct verify_job *v = &vjobs[n_vjobs++];
@@ -874,7 +1241,7 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		struct km_hash h;
 
 		km_hasher_final(t->hasher, &h);
-		if (!km_hash_equal(&h, &t->entry->sha256)) {
+		if (!km_hash_is_null(&t->entry->sha256) && !km_hash_equal(&h, &t->entry->sha256)) {
 			r = diagnose(s, m, t->entry, delta, err);
 			goto out;
 		}
@@ -920,6 +1287,8 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	if (ret)
 		*ret = stats;
 out:
+	/* Jobs still queued use the targets and the delta. */
+	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
 	if (targets)
 		targets_close(targets, n_targets, dirfd, true);

@@ -14,14 +14,18 @@
  * renamed into place, and only then are the split files removed: at every
  * point the directory holds a complete image.
  *
- * join: rebuilds every split file byte for byte into temporary files,
- * verifying every chunk, the delta and every file hash, and renames them
- * into place only when all are good; on any error the directory is left as
- * it was.
+ * The manifest (format 1.2) proves a split file by its extents: each chunk
+ * by its id, the delta by its SHA-256 and frame checksums, the extent list
+ * by its digest. Split hashes no weights bytes: a chunk is referenced only
+ * when its bytes compare equal to the store's chunk file.
  *
- * Both are bound by one serial SHA-256 stream per file (split computes the
- * manifest's file hashes, join checks them); everything else is arranged
- * around that stream so that it never waits (docs/formats.md).
+ * join: rebuilds every split file byte for byte into temporary files and
+ * renames them into place only when all are good; on any error the
+ * directory is left as it was. Before writing, every chunk is opened and
+ * hashed unless the store's verified record vouches for its file
+ * (store.h); the delta is hashed while the chunks are copied. Files of
+ * 1.0/1.1 manifests are checked by their whole-file SHA-256 as before
+ * (docs/formats.md, "How join verifies").
  */
 
 #include <stdbool.h>
@@ -61,8 +65,7 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		   struct km_split_stats *ret, struct km_error *err);
 
 struct km_join_opts {
-	/* Unused: join writes on the calling thread and hashes on one other. */
-	unsigned threads;
+	unsigned threads; /* checking chunks, decoding the delta; 0: one per CPU */
 	bool keep_split; /* keep kvmotion.manifest and kvmotion.delta */
 	bool sync;
 };
@@ -74,6 +77,9 @@ struct km_join_stats {
 	uint64_t chunks_read;
 	uint64_t bytes_from_delta;
 	uint64_t bytes_zero;
+	/* Distinct chunks of 1.2 files: hashed by this join, or vouched for by the store's record. */
+	uint64_t chunks_hashed;
+	uint64_t chunks_recorded;
 };
 
 int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,

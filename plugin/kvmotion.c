@@ -386,9 +386,10 @@ static int cmd_join(struct cli *c, int argc, char **argv)
 	if (c->json) {
 		printf("{\"files_joined\":%" PRIu64 ",\"bytes_written\":%" PRIu64
 		       ",\"bytes_from_store\":%" PRIu64 ",\"chunks_read\":%" PRIu64
-		       ",\"bytes_from_delta\":%" PRIu64 ",\"bytes_zero\":%" PRIu64 "}\n",
+		       ",\"bytes_from_delta\":%" PRIu64 ",\"bytes_zero\":%" PRIu64
+		       ",\"chunks_recorded\":%" PRIu64 ",\"chunks_hashed\":%" PRIu64 "}\n",
 		       st.files_joined, st.bytes_written, st.bytes_from_store, st.chunks_read,
-		       st.bytes_from_delta, st.bytes_zero);
+		       st.bytes_from_delta, st.bytes_zero, st.chunks_recorded, st.chunks_hashed);
 		return EXIT_SUCCESS;
 	}
 	printf("joined %s: %" PRIu64 " files rebuilt and verified\n", argv[0], st.files_joined);
@@ -396,6 +397,8 @@ static int cmd_join(struct cli *c, int argc, char **argv)
 	print_bytes_line("from the store", st.bytes_from_store);
 	print_bytes_line("from the delta", st.bytes_from_delta);
 	print_bytes_line("zero", st.bytes_zero);
+	printf("  %-28s %15" PRIu64 "\n", "chunks vouched for (record)", st.chunks_recorded);
+	printf("  %-28s %15" PRIu64 "\n", "chunks hashed", st.chunks_hashed);
 	return EXIT_SUCCESS;
 }
 
@@ -465,9 +468,14 @@ static int cmd_inspect(struct cli *c, int argc, char **argv)
 				t[f->extents[j].kind] += f->extents[j].length;
 			printf("%s{\"name\":", i ? "," : "");
 			json_string(f->name);
-			printf(",\"size\":%" PRIu64 ",\"mode\":%u,\"sha256\":\"%s\",\"storage\":\"%s\"",
-			       f->size, f->mode, km_hash_to_hex(&f->sha256, hex),
-			       f->split ? "split" : "kept");
+			printf(",\"size\":%" PRIu64 ",\"mode\":%u", f->size, f->mode);
+			/* 1.2 split files: the extent digest instead of the whole file's. */
+			if (!km_hash_is_null(&f->sha256))
+				printf(",\"sha256\":\"%s\"", km_hash_to_hex(&f->sha256, hex));
+			if (!km_hash_is_null(&f->extents_sha256))
+				printf(",\"extents_sha256\":\"%s\"",
+				       km_hash_to_hex(&f->extents_sha256, hex));
+			printf(",\"storage\":\"%s\"", f->split ? "split" : "kept");
 			if (f->split)
 				printf(",\"extents\":%zu,\"bytes_referenced\":%" PRIu64
 				       ",\"bytes_zero\":%" PRIu64 ",\"bytes_delta\":%" PRIu64,
@@ -496,8 +504,11 @@ static int cmd_inspect(struct cli *c, int argc, char **argv)
 		const struct km_file_entry *f = &m->files[i];
 		char b[32];
 
-		printf("    %-32s %-5s %12s  %04o  %.16s", f->name, f->split ? "split" : "kept",
-		       km_format_bytes(f->size, b), f->mode, km_hash_to_hex(&f->sha256, hex));
+		printf("    %-32s %-5s %12s  %04o  %s%.16s", f->name, f->split ? "split" : "kept",
+		       km_format_bytes(f->size, b), f->mode,
+		       km_hash_is_null(&f->sha256) ? "extents " : "",
+		       km_hash_to_hex(km_hash_is_null(&f->sha256) ? &f->extents_sha256 : &f->sha256,
+				      hex));
 		if (f->split)
 			printf("  %zu extents", f->n_extents);
 		putchar('\n');

@@ -125,81 +125,253 @@ static int classify_known(const struct km_scanner *sc, const uint8_t *p, struct 
 	return 0;
 }
 
-/* The comparing scan (see scan.h), on the calling thread. */
+/*
+ * The comparing scan (see scan.h). The file is cut into one part per
+ * thread; the calling thread scans the first part, handing its chunks to
+ * emit as it goes (so the delta compresses meanwhile), while the pool
+ * scans the others from a fresh chunker. A part's cuts are the serial
+ * scan's from the first cut both share on: a cut depends only on the bytes
+ * from the chunk's start (a successor is only a faster way to the same
+ * cut, see known.h), so the calling thread carries on past its part, a
+ * chunk at a time, until it reaches a cut of the next part, and takes that
+ * part's chunks from there. The result is exactly the serial scan's.
+ */
+
+/* Parts smaller than this are not worth a thread. */
+#define SCAN_PART_MIN (4u * 1024 * 1024)
+
+struct known_state {
+	struct km_chunker ch;
+	uint32_t next; /* the known chunk expected here, KM_KNOWN_NONE if none */
+};
+
+/* Cuts and classifies the chunk at pos into *c; on error c->id names what failed. */
+static int scan_one(const struct km_scanner *sc, const uint8_t *base, uint64_t size, uint64_t pos,
+		    struct known_state *st, struct km_scan_chunk *c)
+{
+	const uint8_t *p = base + pos;
+	int r;
+
+	*c = (struct km_scan_chunk){ .offset = pos };
+	if (st->next != KM_KNOWN_NONE) {
+		/* The run of weights goes on if the bytes are the next chunk's. */
+		const struct km_known_chunk *k = km_known_get(sc->known, st->next);
+
+		r = k->length <= size - pos ? km_store_compare(sc->store, &k->id, p, k->length) : 0;
+		if (r < 0 && r != -ENOENT) {
+			c->id = k->id;
+			return r;
+		}
+		if (r == 1) {
+			c->length = k->length;
+			c->kind = KM_SCAN_STORED;
+			c->id = k->id;
+			st->next = k->next;
+			return 0;
+		}
+		/* The chunker state is a fresh one at every cut: resume it here. */
+	}
+	{
+		size_t k = km_chunker_scan(&st->ch, p, size - pos);
+
+		if (k == KM_CHUNKER_NO_BOUNDARY) {
+			k = (size_t)(size - pos);
+			km_chunker_reset(&st->ch);
+		}
+		c->length = (uint32_t)k;
+	}
+	if (km_is_zero(p, c->length)) {
+		c->kind = KM_SCAN_ZERO;
+		st->next = KM_KNOWN_NONE;
+		return 0;
+	}
+	return classify_known(sc, p, c, &st->next);
+}
+
+static int state_init(const struct km_scanner *sc, struct known_state *st)
+{
+	st->next = KM_KNOWN_NONE;
+	return km_chunker_init(&st->ch, sc->params);
+}
+
+static void scan_fail(struct km_error *err, const char *what, const struct km_scan_chunk *c, int r)
+{
+	char hex[KM_HASH_HEX_SIZE];
+
+	km_error_set(err, "%s: chunk %s at offset %llu: %s", what, km_hash_to_hex(&c->id, hex),
+		     (unsigned long long)c->offset, strerror(-r));
+}
+
+/* One part scanned by the pool: its chunks, from 'start' to the first cut at or past 'end'. */
+struct part_job {
+	const struct km_scanner *sc;
+	const uint8_t *base;
+	uint64_t size, start, end;
+	struct km_scan_chunk *v;
+	size_t n, cap;
+	struct known_state last; /* the state after its last chunk */
+	int error;
+	struct km_scan_chunk bad;
+};
+
+static int part_run(void *arg)
+{
+	struct part_job *j = arg;
+	uint64_t pos = j->start;
+	int r;
+
+	r = state_init(j->sc, &j->last);
+	/* Its pages mapped in one batch, by the thread that reads them. */
+	km_prefault(j->base + j->start, j->end - j->start);
+	while (r == 0 && pos < j->end) {
+		if (j->n == j->cap) {
+			size_t cap = j->cap ? 2 * j->cap : 1024;
+			struct km_scan_chunk *v = realloc(j->v, cap * sizeof(*v));
+
+			if (!v) {
+				r = -ENOMEM;
+				break;
+			}
+			j->v = v;
+			j->cap = cap;
+		}
+		r = scan_one(j->sc, j->base, j->size, pos, &j->last, &j->v[j->n]);
+		if (r < 0) {
+			j->bad = j->v[j->n];
+			break;
+		}
+		pos += j->v[j->n++].length;
+	}
+	j->error = r;
+	return 0; /* the error travels in the job, with its chunk */
+}
+
+/* The calling thread's batch of chunks for emit. */
+struct emitter {
+	km_scan_emit_fn emit;
+	void *userdata;
+	const uint8_t *base;
+	struct km_scan_chunk *batch;
+	size_t n;
+};
+
+static int emitter_add(struct emitter *e, const struct km_scan_chunk *c)
+{
+	e->batch[e->n++] = *c;
+	if (e->n < KNOWN_BATCH)
+		return 0;
+	e->n = 0;
+	return e->emit(e->userdata, e->base, e->batch, KNOWN_BATCH);
+}
+
+static int emitter_flush(struct emitter *e)
+{
+	size_t n = e->n;
+
+	e->n = 0;
+	return n ? e->emit(e->userdata, e->base, e->batch, n) : 0;
+}
+
+/* The first chunk of j that starts at pos; SIZE_MAX if none. */
+static size_t part_find(const struct part_job *j, uint64_t pos)
+{
+	size_t lo = 0, hi = j->n;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (j->v[mid].offset < pos)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < j->n && j->v[lo].offset == pos ? lo : SIZE_MAX;
+}
+
 static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t size,
 		      const char *what, km_scan_emit_fn emit, void *userdata, struct km_error *err)
 {
-	_cleanup_free_ struct km_scan_chunk *chunks = calloc(KNOWN_BATCH, sizeof(*chunks));
-	uint32_t next = KM_KNOWN_NONE;
-	struct km_chunker ch;
-	uint64_t pos = 0;
-	size_t n = 0;
-	int r;
+	_cleanup_free_ struct km_scan_chunk *batch = calloc(KNOWN_BATCH, sizeof(*batch));
+	_cleanup_free_ struct part_job *parts = NULL;
+	struct emitter e = { emit, userdata, base, batch, 0 };
+	unsigned n_parts = km_workpool_threads(sc->pool) + 1;
+	struct known_state st;
+	struct km_scan_chunk c;
+	uint64_t pos = 0, first_end;
+	int r = 0;
 
-	if (!chunks)
+	if (!batch)
 		return -ENOMEM;
-	r = km_chunker_init(&ch, sc->params);
-	if (r < 0)
-		return r;
-	while (pos < size) {
-		struct km_scan_chunk *c = &chunks[n];
-		const uint8_t *p = base + pos;
-
-		*c = (struct km_scan_chunk){ .offset = pos };
-		if (next != KM_KNOWN_NONE) {
-			/* The run of weights goes on if the bytes are the next chunk's. */
-			const struct km_known_chunk *k = km_known_get(sc->known, next);
-
-			r = k->length <= size - pos ? km_store_compare(sc->store, &k->id, p, k->length)
-						    : 0;
-			if (r < 0 && r != -ENOENT) {
-				c->id = k->id;
-				goto fail;
-			}
-			if (r == 1) {
-				c->length = k->length;
-				c->kind = KM_SCAN_STORED;
-				c->id = k->id;
-				next = k->next;
-				goto add;
-			}
-			/* The chunker state is a fresh one at every cut: resume it here. */
-		}
-		{
-			size_t k = km_chunker_scan(&ch, p, size - pos);
-
-			if (k == KM_CHUNKER_NO_BOUNDARY) {
-				k = (size_t)(size - pos);
-				km_chunker_reset(&ch);
-			}
-			c->length = (uint32_t)k;
-		}
-		if (km_is_zero(p, c->length)) {
-			c->kind = KM_SCAN_ZERO;
-			next = KM_KNOWN_NONE;
-		} else {
-			r = classify_known(sc, p, c, &next);
-			if (r < 0)
-				goto fail;
-		}
-add:
-		pos += c->length;
-		if (++n == KNOWN_BATCH || pos == size) {
-			r = emit(userdata, base, chunks, n);
-			if (r < 0)
-				return r;
-			n = 0;
-		}
+	if (size / SCAN_PART_MIN < n_parts)
+		n_parts = (unsigned)KM_MAX(size / SCAN_PART_MIN, 1);
+	parts = calloc(n_parts, sizeof(*parts));
+	if (!parts)
+		return -ENOMEM;
+	for (unsigned i = 1; i < n_parts && r == 0; i++) {
+		parts[i] = (struct part_job){ .sc = sc, .base = base, .size = size,
+					      .start = size * i / n_parts,
+					      .end = size * (i + 1) / n_parts };
+		r = km_workpool_submit(sc->pool, part_run, &parts[i]);
 	}
-	return 0;
-fail:
+	first_end = n_parts > 1 ? parts[1].start : size;
+	if (r == 0)
+		r = state_init(sc, &st);
+	km_prefault(base, first_end);
+	/* The first part, emitted as it is scanned. */
+	while (r == 0 && pos < first_end) {
+		r = scan_one(sc, base, size, pos, &st, &c);
+		if (r < 0)
+			scan_fail(err, what, &c, r);
+		else
+			r = emitter_add(&e, &c);
+		pos += c.length;
+	}
 	{
-		char hex[KM_HASH_HEX_SIZE];
-		const struct km_scan_chunk *c = &chunks[n];
+		int w = km_workpool_wait(sc->pool);
 
-		km_error_set(err, "%s: chunk %s at offset %llu: %s", what, km_hash_to_hex(&c->id, hex),
-			     (unsigned long long)c->offset, strerror(-r));
+		if (r == 0)
+			r = w;
 	}
+	/* Then each next part, from the first cut it shares with the serial scan. */
+	for (unsigned i = 1; i < n_parts && r == 0; i++) {
+		struct part_job *j = &parts[i];
+		size_t at = SIZE_MAX;
+
+		if (j->error) {
+			r = j->error;
+			scan_fail(err, what, &j->bad, r);
+			break;
+		}
+		while (r == 0 && pos < size && j->n > 0 && pos <= j->v[j->n - 1].offset &&
+		       (at = part_find(j, pos)) == SIZE_MAX) {
+			r = scan_one(sc, base, size, pos, &st, &c);
+			if (r < 0)
+				scan_fail(err, what, &c, r);
+			else
+				r = emitter_add(&e, &c);
+			pos += c.length;
+		}
+		if (r < 0 || at == SIZE_MAX)
+			continue; /* past all its cuts: the next part, or the end, takes over */
+		r = emitter_flush(&e);
+		if (r == 0)
+			r = emit(userdata, base, j->v + at, j->n - at);
+		pos = j->v[j->n - 1].offset + j->v[j->n - 1].length;
+		st = j->last;
+	}
+	/* Past the last part's cuts (it never shared one): serially to the end. */
+	while (r == 0 && pos < size) {
+		r = scan_one(sc, base, size, pos, &st, &c);
+		if (r < 0)
+			scan_fail(err, what, &c, r);
+		else
+			r = emitter_add(&e, &c);
+		pos += c.length;
+	}
+	if (r == 0)
+		r = emitter_flush(&e);
+	for (unsigned i = 1; i < n_parts; i++)
+		free(parts[i].v);
 	return r;
 }
 
@@ -222,26 +394,29 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 		return r;
 	chunks = calloc(max_chunks, sizeof(*chunks));
 	jobs = calloc(max_jobs, sizeof(*jobs));
-	hasher = km_hasher_new();
-	if (!chunks || !jobs || !hasher) {
+	if (ret_file_hash)
+		hasher = km_hasher_new();
+	if (!chunks || !jobs || (ret_file_hash && !hasher)) {
 		km_hasher_free(hasher);
 		return -ENOMEM;
 	}
 
 	/*
-	 * The whole-file hash is the longest serial task of a split: it gets
+	 * The whole-file hash (seed's) is the longest serial task: it gets
 	 * all the file at once and never waits for the scan.
 	 */
-	hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
-	r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
-	if (r < 0)
-		goto out;
-	/* Its page faults taken here, ahead of it (~5% of its time). */
-	km_prefault(base, size);
+	if (hasher) {
+		hash_job = (struct file_hash_job){ .hasher = hasher, .p = base, .n = size };
+		r = km_workpool_submit(sc->file_hash_pool, file_hash_update, &hash_job);
+		if (r < 0)
+			goto out;
+	}
 	if (sc->known && !sc->put) {
 		r = scan_known(sc, base, size, what, emit, userdata, err);
 		goto out;
 	}
+	/* Page faults in one batch, cheaper than one at a time while reading. */
+	km_prefault(base, size);
 
 	while (pos < size) {
 		uint64_t window_end = KM_MIN(size, pos + SCAN_WINDOW);
@@ -311,14 +486,14 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 			goto out;
 	}
 out:
-	{
+	if (hasher) {
 		int w = km_workpool_wait(sc->file_hash_pool);
 
 		if (r == 0)
 			r = w;
+		if (r == 0)
+			km_hasher_final(hasher, ret_file_hash);
 	}
-	if (r == 0)
-		km_hasher_final(hasher, ret_file_hash);
 	km_hasher_free(hasher);
 	return r;
 }

@@ -4,8 +4,8 @@
 
 /*
  * Internal to split and seed: cuts a mapped file into content-defined
- * chunks and classifies each (zero, in the store, not in the store) while
- * the whole-file SHA-256 runs on a thread of its own. Results come back in
+ * chunks and classifies each (zero, in the store, not in the store), for
+ * seed while the whole-file SHA-256 runs on a thread of its own. Results come back in
  * file order, a batch at a time, so the caller can stream the delta.
  *
  * Two ways to classify. With 'put' or without 'known', every non-zero chunk
@@ -49,7 +49,7 @@ typedef int (*km_scan_emit_fn)(void *userdata, const uint8_t *base,
 struct km_scanner {
 	const struct km_chunker_params *params;
 	struct km_workpool *pool; /* hashing and store look-ups */
-	struct km_workpool *file_hash_pool; /* one thread: whole-file SHA-256 */
+	struct km_workpool *file_hash_pool; /* one thread: whole-file SHA-256, if asked */
 	struct km_store *store;
 	const struct km_known *known; /* NULL: hash every chunk */
 	bool put; /* put every non-zero chunk the store lacks */
@@ -57,7 +57,8 @@ struct km_scanner {
 
 /*
  * Scans size bytes at base (a read-only mapping of the file called 'what',
- * for errors). *ret_file_hash gets the SHA-256 of all of it.
+ * for errors). *ret_file_hash gets the SHA-256 of all of it, computed on
+ * file_hash_pool; NULL: not computed (split: the extents carry integrity).
  */
 int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
 	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "format.h"
+#include "verified.h"
 
 #define CONFIG_NAME "config.kmstore"
 #define CONFIG_TMP_PREFIX ".config.kmstore."
@@ -37,6 +38,7 @@ struct km_store {
 	int tmp_fd;
 	int lock_fd; /* holds the flock for the handle's lifetime */
 	atomic_uint_fast64_t tmp_counter;
+	struct km_verified *verified; /* S/verified.kmok, thread-safe */
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -88,9 +90,12 @@ static void tmp_name(struct km_store *s, const char *what, char buf[TMP_NAME_SIZ
 		 (unsigned long long)n, (unsigned long long)nonce);
 }
 
-/* Creates a temporary file in tmp/ holding p[0..n), fsynced unless NOSYNC. */
+/*
+ * Creates a temporary file in tmp/ holding p[0..n), fsynced unless NOSYNC.
+ * *ret_st (may be NULL) gets its stat once written.
+ */
 static int write_tmp(struct km_store *s, const char *what, const void *p, size_t n,
-		     char name[TMP_NAME_SIZE])
+		     char name[TMP_NAME_SIZE], struct stat *ret_st)
 {
 	_cleanup_close_ int fd = -1;
 	int r;
@@ -105,6 +110,8 @@ static int write_tmp(struct km_store *s, const char *what, const void *p, size_t
 	}
 	r = km_write_full(fd, p, n);
 	if (r == 0 && !(s->flags & KM_STORE_NOSYNC) && fsync(fd) < 0)
+		r = -errno;
+	if (r == 0 && ret_st && fstat(fd, ret_st) < 0)
 		r = -errno;
 	if (r == 0) {
 		/* close reports delayed write errors on some file systems */
@@ -267,6 +274,18 @@ static int config_load(int dirfd, unsigned flags, const struct km_chunker_params
 
 /* --------------------------------------------------------------- open */
 
+/* For the verified record: the stat of chunk id's file, a regular file. */
+static int stat_chunk(const struct km_hash *id, struct stat *ret, void *userdata)
+{
+	struct km_store *s = userdata;
+	char path[CHUNK_PATH_SIZE];
+
+	chunk_path(id, path);
+	if (fstatat(s->chunks_fd, path, ret, AT_SYMLINK_NOFOLLOW) < 0)
+		return -errno;
+	return S_ISREG(ret->st_mode) ? 0 : -EBADMSG;
+}
+
 int km_store_open(const char *path, unsigned flags, const struct km_chunker_params *params,
 		  struct km_store **ret)
 {
@@ -329,6 +348,9 @@ int km_store_open(const char *path, unsigned flags, const struct km_chunker_para
 		r = open_subdir(s->dir_fd, "manifests", &s->manifests_fd);
 	if (r == 0)
 		r = open_subdir(s->dir_fd, "tmp", &s->tmp_fd);
+	if (r == 0)
+		r = km_verified_new(s->dir_fd, !(flags & KM_STORE_NOSYNC), stat_chunk, s,
+				    &s->verified);
 	if (r < 0)
 		goto fail;
 	if ((flags & KM_STORE_CREATE) && !(flags & KM_STORE_NOSYNC) && fsync(s->dir_fd) < 0) {
@@ -347,6 +369,8 @@ void km_store_free(struct km_store *s)
 {
 	if (!s)
 		return;
+	/* Flushes what it noted: needs chunks/ still open. */
+	km_verified_free(s->verified);
 	km_closep(&s->chunks_fd);
 	km_closep(&s->indexes_fd);
 	km_closep(&s->manifests_fd);
@@ -396,7 +420,7 @@ static int rename_noreplace(int from_fd, const char *from, int to_fd, const char
 int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, size_t n)
 {
 	char path[CHUNK_PATH_SIZE], tmp[TMP_NAME_SIZE];
-	struct stat st;
+	struct stat st, written;
 	bool sync = !(s->flags & KM_STORE_NOSYNC);
 	int r;
 
@@ -405,7 +429,7 @@ int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, si
 	if (fstatat(s->chunks_fd, path, &st, AT_SYMLINK_NOFOLLOW) == 0)
 		return -EEXIST;
 
-	r = write_tmp(s, "chunk", p, n, tmp);
+	r = write_tmp(s, "chunk", p, n, tmp, &written);
 	if (r < 0)
 		return r;
 	r = rename_noreplace(s->tmp_fd, tmp, s->chunks_fd, path);
@@ -426,6 +450,14 @@ int km_store_put(struct km_store *s, const struct km_hash *id, const void *p, si
 		(void)unlinkat(s->tmp_fd, tmp, 0);
 		return r;
 	}
+	/*
+	 * The caller hashed these bytes: record the file we wrote (the
+	 * rename changed its ctime, so stat it under its name, and only if
+	 * it is still our inode).
+	 */
+	if (fstatat(s->chunks_fd, path, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) &&
+	    st.st_ino == written.st_ino && st.st_dev == written.st_dev && (uint64_t)st.st_size == n)
+		km_verified_note(s->verified, id, &st);
 	if (sync) {
 		path[2] = 0;
 		r = fsync_dir_at(s->chunks_fd, path);
@@ -459,12 +491,33 @@ static int open_chunk(struct km_store *s, const struct km_hash *id, struct stat 
 	return fd;
 }
 
+static bool same_stat(const struct stat *a, const struct stat *b)
+{
+	return a->st_dev == b->st_dev && a->st_ino == b->st_ino && a->st_size == b->st_size &&
+	       a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec &&
+	       a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+/*
+ * The bytes of chunk id, read through fd, hashed right. They are what the
+ * file holds now if its stat did not change while they were read, and the
+ * clock had moved past its ctime before ('settled': a change in that tick
+ * could have kept the ctime). Then the store records it.
+ */
+static void note_if_unchanged(struct km_store *s, const struct km_hash *id, int fd,
+			      const struct stat *before, bool settled, struct stat *scratch)
+{
+	if (settled && fstat(fd, scratch) == 0 && same_stat(before, scratch))
+		km_verified_note(s->verified, id, before);
+}
+
 int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t bufsize,
 		 size_t *ret_size)
 {
 	_cleanup_close_ int fd = -1;
 	struct km_hash h;
-	struct stat st;
+	struct stat st, after;
+	bool settled;
 	ssize_t k;
 
 	fd = open_chunk(s, id, &st);
@@ -472,6 +525,7 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 		return fd;
 	if ((uint64_t)st.st_size > bufsize)
 		return -EFBIG;
+	settled = km_verified_settled(&st);
 	/* Straight into the caller's buffer: the only copy is the kernel's. */
 	k = km_read_full(fd, buf, (size_t)st.st_size);
 	if (k < 0)
@@ -481,6 +535,7 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 	km_hash_buf(buf, (size_t)k, &h);
 	if (!km_hash_equal(&h, id))
 		return -EBADMSG;
+	note_if_unchanged(s, id, fd, &st, settled, &after);
 	if (ret_size)
 		*ret_size = (size_t)k;
 	return 0;
@@ -531,6 +586,63 @@ int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t leng
 		}
 	}
 	return 0;
+}
+
+int km_store_open_chunk(struct km_store *s, const struct km_hash *id, uint64_t length,
+			bool *ret_recorded)
+{
+	struct stat st;
+	int fd;
+
+	fd = open_chunk(s, id, &st);
+	if (fd < 0)
+		return fd;
+	if ((uint64_t)st.st_size != length) {
+		close(fd);
+		return -EBADMSG;
+	}
+	*ret_recorded = km_verified_matches(s->verified, id, &st);
+	return fd;
+}
+
+int km_store_check_chunk(struct km_store *s, const struct km_hash *id, int fd)
+{
+	struct stat st, after;
+	struct km_hash h;
+	bool settled;
+	void *map;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	settled = km_verified_settled(&st);
+	if (st.st_size == 0) {
+		km_hash_buf("", 0, &h);
+	} else {
+		map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+		if (map == MAP_FAILED)
+			return -errno;
+		km_hash_buf(map, (size_t)st.st_size, &h);
+		munmap(map, (size_t)st.st_size);
+	}
+	if (!km_hash_equal(&h, id))
+		return -EBADMSG;
+	note_if_unchanged(s, id, fd, &st, settled, &after);
+	return 0;
+}
+
+void km_store_verified_reload(struct km_store *s)
+{
+	km_verified_reload(s->verified);
+}
+
+void km_store_verified_flush(struct km_store *s)
+{
+	km_verified_flush(s->verified);
+}
+
+size_t km_store_verified_count(struct km_store *s)
+{
+	return km_verified_count(s->verified);
 }
 
 int km_store_compare(struct km_store *s, const struct km_hash *id, const void *p, size_t n)
@@ -650,6 +762,7 @@ int km_store_foreach(struct km_store *s, km_store_chunk_fn fn, void *userdata)
 }
 
 struct verify_ctx {
+	struct km_store *store;
 	bool repair;
 	km_store_bad_fn bad_fn;
 	void *userdata;
@@ -693,8 +806,14 @@ static int verify_one(int fanout_fd, const char *name, const struct km_hash *id,
 		r = -errno;
 	else if (!S_ISREG(st.st_mode))
 		r = -EBADMSG;
-	else
+	else {
+		bool settled = km_verified_settled(&st);
+		struct stat after;
+
 		r = verify_file(c, fd, id);
+		if (r == 0)
+			note_if_unchanged(c->store, id, fd, &st, settled, &after);
+	}
 	/* The hasher may hold a partial stream after a read error. */
 	if (r < 0 && r != -EBADMSG) {
 		struct km_hash ignored;
@@ -718,7 +837,7 @@ int km_store_verify(struct km_store *s, bool repair, km_store_bad_fn bad_fn, voi
 		    struct km_store_verify_stats *ret)
 {
 	_cleanup_free_ uint8_t *buf = malloc(VERIFY_BUF_SIZE);
-	struct verify_ctx c = { .repair = repair, .bad_fn = bad_fn, .userdata = userdata };
+	struct verify_ctx c = { .store = s, .repair = repair, .bad_fn = bad_fn, .userdata = userdata };
 	int r;
 
 	if (!buf)
@@ -729,6 +848,7 @@ int km_store_verify(struct km_store *s, bool repair, km_store_bad_fn bad_fn, voi
 		return -ENOMEM;
 	r = walk_chunks(s, verify_one, &c);
 	km_hasher_free(c.hasher);
+	km_verified_flush(s->verified);
 	if (r < 0)
 		return r;
 	if (ret)
@@ -763,7 +883,7 @@ int km_store_root_write(struct km_store *s, const char *kind, const char *name, 
 
 	if (fd < 0)
 		return fd;
-	r = write_tmp(s, "root", p, n, tmp);
+	r = write_tmp(s, "root", p, n, tmp, NULL);
 	if (r < 0)
 		return r;
 	if (renameat(s->tmp_fd, tmp, fd, name) < 0) {
@@ -1000,6 +1120,11 @@ static int sweep_one(int fanout_fd, const char *name, const struct km_hash *id, 
 	return 0;
 }
 
+static bool gc_keeps(const struct km_hash *id, void *userdata)
+{
+	return gc_contains(userdata, id);
+}
+
 static int gc_mark(struct km_store *s, struct km_store_gc *gc, km_store_refs_fn refs,
 		   void *userdata, struct km_store_gc_stats *stats, struct km_error *err)
 {
@@ -1088,6 +1213,9 @@ int km_store_gc_run(struct km_store *s, km_store_refs_fn refs, void *userdata,
 	}
 	if (r == 0)
 		r = gc_clean_tmp(s, err);
+	/* Only the kept chunks' entries, and only those still true. */
+	if (r == 0)
+		(void)km_verified_compact(s->verified, gc_keeps, &gc);
 	free(gc.slots);
 	free(gc.used);
 	if (r < 0)

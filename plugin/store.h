@@ -12,6 +12,7 @@
  *   S/indexes/NAME.kmidx        weights indexes (gc roots)
  *   S/manifests/ID.kmman        kept manifests (gc roots)
  *   S/tmp/                      temporary files of puts in progress
+ *   S/verified.kmok             stat of chunk files found to hash right
  *
  * A put writes a temporary file (O_EXCL), fsyncs it and renames it into
  * place without replacing (renameat2 RENAME_NOREPLACE), so a chunk file is
@@ -81,6 +82,35 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
  */
 int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
 		     uint64_t dst_off);
+
+/*
+ * Verified chunks (plugin/verified.h): S/verified.kmok records the stat
+ * (device, inode, size, ctime, mtime) of each chunk file whose bytes the
+ * store saw hash to its name: written by put (the caller hashed the bytes),
+ * get, verify and km_store_check_chunk, appended when the handle is freed
+ * or flushed; gc rewrites it. It lets a reader skip hashing a chunk file
+ * that has not changed since: a cache, not a proof.
+ *
+ * km_store_open_chunk opens chunk 'id', which must be a regular file of
+ * exactly 'length' bytes: returns its fd (the caller closes it), -ENOENT if
+ * missing, -EBADMSG if not a regular file or of another size.
+ * *ret_recorded is true when the record vouches for this very file.
+ */
+int km_store_open_chunk(struct km_store *s, const struct km_hash *id, uint64_t length,
+			bool *ret_recorded);
+
+/*
+ * Hashes the chunk open as fd (km_store_open_chunk): 0 if it hashes to id
+ * (and records it), -EBADMSG if not, <0 if it cannot be read.
+ */
+int km_store_check_chunk(struct km_store *s, const struct km_hash *id, int fd);
+
+/* Reads the record again if another handle appended to it since. */
+void km_store_verified_reload(struct km_store *s);
+/* Appends what this handle recorded so far. Best effort. */
+void km_store_verified_flush(struct km_store *s);
+/* Entries this handle knows (the record's and its own): for tests. */
+size_t km_store_verified_count(struct km_store *s);
 
 /*
  * Compares n bytes at p with the content of chunk file 'id': 1 if the file

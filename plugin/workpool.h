@@ -20,8 +20,8 @@ int km_workpool_new(unsigned threads, unsigned queue_max, struct km_workpool **r
 /*
  * The same, with threads that yield to the others: their nice value is
  * raised by KM_WORKPOOL_BACKGROUND_NICE (Linux sets it per thread). For
- * parallel work beside a serial task that bounds the whole (split's file
- * hash): on few cores the scheduler would otherwise share the serial
+ * parallel work beside a serial task that bounds the whole (a hash
+ * stream): on few cores the scheduler would otherwise share the serial
  * task's core with them and stretch it.
  */
 #define KM_WORKPOOL_BACKGROUND_NICE 10

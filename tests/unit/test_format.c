@@ -145,6 +145,122 @@ START_TEST(test_format_manifest_rejects_bad)
 }
 END_TEST
 
+/* The 1.2 form of the sample: its split file proven by an extent digest only. */
+static void to_digest(struct km_manifest *m)
+{
+	memset(&m->files[1].sha256, 0, sizeof(m->files[1].sha256));
+	km_file_entry_extents_digest(&m->files[1], &m->delta.sha256, &m->files[1].extents_sha256);
+}
+
+/* The digest as docs/formats.md spells it, written out independently. */
+static void digest_by_the_doc(const struct km_file_entry *f, const struct km_hash *delta_sha,
+			      struct km_hash *ret)
+{
+	uint8_t buf[4096];
+	size_t n = 0;
+	uint32_t l32 = htole32((uint32_t)strlen(f->name));
+	uint64_t l64;
+
+	memcpy(buf + n, "KMXTNTS\n", 8);
+	n += 8;
+	memcpy(buf + n, &l32, 4);
+	n += 4;
+	memcpy(buf + n, f->name, strlen(f->name));
+	n += strlen(f->name);
+	l64 = htole64(f->size);
+	memcpy(buf + n, &l64, 8);
+	n += 8;
+	l64 = htole64(f->n_extents);
+	memcpy(buf + n, &l64, 8);
+	n += 8;
+	for (size_t i = 0; i < f->n_extents; i++) {
+		buf[n++] = (uint8_t)f->extents[i].kind;
+		l64 = htole64(f->extents[i].length);
+		memcpy(buf + n, &l64, 8);
+		n += 8;
+		if (f->extents[i].kind == KM_EXTENT_CHUNK) {
+			memcpy(buf + n, f->extents[i].id.b, KM_HASH_SIZE);
+			n += KM_HASH_SIZE;
+		} else if (f->extents[i].kind == KM_EXTENT_DELTA) {
+			l64 = htole64(f->extents[i].delta_offset);
+			memcpy(buf + n, &l64, 8);
+			n += 8;
+		}
+	}
+	memcpy(buf + n, delta_sha->b, KM_HASH_SIZE);
+	n += KM_HASH_SIZE;
+	km_hash_buf(buf, n, ret);
+}
+
+START_TEST(test_format_manifest_extent_digest)
+{
+	struct km_manifest *m = sample_manifest(), *d = NULL;
+	struct km_error err = { { 0 } };
+	struct km_hash want;
+	void *buf;
+	size_t n;
+
+	to_digest(m);
+	digest_by_the_doc(&m->files[1], &m->delta.sha256, &want);
+	ck_assert(km_hash_equal(&want, &m->files[1].extents_sha256));
+	ck_assert_int_eq(km_manifest_encode(m, &buf, &n), 0);
+	ck_assert_int_eq(km_manifest_decode(buf, n, &d, &err), 0);
+	ck_assert_uint_eq(d->minor, 2);
+	ck_assert(km_hash_is_null(&d->files[1].sha256));
+	ck_assert(km_hash_equal(&d->files[1].extents_sha256, &want));
+	/* The kept file keeps its whole-file hash. */
+	ck_assert(!km_hash_is_null(&d->files[0].sha256));
+	ck_assert(km_hash_is_null(&d->files[0].extents_sha256));
+	km_manifest_free(d);
+	km_manifest_free(m);
+	free(buf);
+}
+END_TEST
+
+/* A delta range that moves: both ranges still add up to the size. */
+static void digest_then_shift_delta(struct km_manifest *m)
+{
+	to_digest(m);
+	m->files[1].extents[1].length -= 100;
+	m->files[1].extents[2].length += 100;
+}
+static void digest_then_other_chunk(struct km_manifest *m)
+{
+	to_digest(m);
+	m->files[1].extents[0].id.b[31] ^= 1;
+}
+static void digest_then_other_delta(struct km_manifest *m)
+{
+	to_digest(m);
+	m->delta.sha256.b[0] ^= 1;
+}
+static void split_without_any_hash(struct km_manifest *m)
+{
+	memset(&m->files[1].sha256, 0, sizeof(m->files[1].sha256));
+}
+static void v11_split_with_digest_only(struct km_manifest *m)
+{
+	to_digest(m);
+	m->minor = 1;
+}
+static void kept_without_hash(struct km_manifest *m)
+{
+	to_digest(m);
+	memset(&m->files[0].sha256, 0, sizeof(m->files[0].sha256));
+}
+
+START_TEST(test_format_manifest_digest_rejects)
+{
+	expect_decode_error(digest_then_shift_delta, -EBADMSG, "do not match their digest");
+	expect_decode_error(digest_then_other_chunk, -EBADMSG, "do not match their digest");
+	expect_decode_error(digest_then_other_delta, -EBADMSG, "do not match their digest");
+	expect_decode_error(split_without_any_hash, -EBADMSG, "no SHA-256 or extent digest");
+	/* Until 1.1 a split file must have its whole-file hash. */
+	expect_decode_error(v11_split_with_digest_only, -EBADMSG, "has no SHA-256");
+	expect_decode_error(kept_without_hash, -EBADMSG, "inventory.img has no SHA-256");
+}
+END_TEST
+
 START_TEST(test_format_manifest_rejects_foreign_and_truncated)
 {
 	struct km_manifest *m = sample_manifest(), *d = NULL;
@@ -389,6 +505,8 @@ int main(void)
 	tcase_add_test(tc, test_format_extents_merge);
 	tcase_add_test(tc, test_format_manifest_round_trip);
 	tcase_add_test(tc, test_format_manifest_rejects_bad);
+	tcase_add_test(tc, test_format_manifest_extent_digest);
+	tcase_add_test(tc, test_format_manifest_digest_rejects);
 	tcase_add_test(tc, test_format_manifest_rejects_foreign_and_truncated);
 	tcase_add_test(tc, test_format_index_round_trip);
 	tcase_add_test(tc, test_format_index_rejects_delta_extents);

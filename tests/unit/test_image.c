@@ -717,6 +717,373 @@ START_TEST(test_image_split_skips_corrupt_store_chunk)
 }
 END_TEST
 
+/* The path of the n-th (from 1) chunk pages-1.img refers to, and its length. */
+static void nth_chunk(struct fixture *f, int nth, char *path, size_t size, uint64_t *ret_length)
+{
+	struct km_manifest *m = NULL;
+	struct km_error err = { { 0 } };
+	char hex[KM_HASH_HEX_SIZE];
+	int seen = 0;
+
+	ck_assert_int_eq(km_image_read_manifest(f->dirfd, &m, &err), 0);
+	for (size_t i = 0; i < m->n_files; i++)
+		for (size_t j = 0; strcmp(m->files[i].name, "pages-1.img") == 0 &&
+				   j < m->files[i].n_extents;
+		     j++)
+			if (m->files[i].extents[j].kind == KM_EXTENT_CHUNK && ++seen == nth) {
+				km_hash_to_hex(&m->files[i].extents[j].id, hex);
+				snprintf(path, size, "%s/chunks/%.2s/%s", f->store_path, hex, hex);
+				*ret_length = m->files[i].extents[j].length;
+			}
+	km_manifest_free(m);
+	ck_assert_int_ge(seen, nth);
+}
+
+/* Distinct chunks pages-1.img refers to. */
+static uint64_t distinct_chunks(struct fixture *f)
+{
+	struct km_manifest *m = NULL;
+	struct km_error err = { { 0 } };
+	uint64_t n = 0;
+
+	ck_assert_int_eq(km_image_read_manifest(f->dirfd, &m, &err), 0);
+	for (size_t i = 0; i < m->n_files; i++)
+		for (size_t j = 0; j < m->files[i].n_extents; j++) {
+			bool again = false;
+
+			if (m->files[i].extents[j].kind != KM_EXTENT_CHUNK)
+				continue;
+			for (size_t k = 0; k < j; k++)
+				again |= m->files[i].extents[k].kind == KM_EXTENT_CHUNK &&
+					 km_hash_equal(&m->files[i].extents[k].id,
+						       &m->files[i].extents[j].id);
+			n += !again;
+		}
+	km_manifest_free(m);
+	return n;
+}
+
+/* A fresh handle: what the old one recorded is on disk, nothing in memory. */
+static void reopen_store(struct fixture *f)
+{
+	km_store_free(f->store);
+	f->store = NULL;
+	ck_assert_int_eq(km_store_open(f->store_path, KM_STORE_NOSYNC, NULL, &f->store), 0);
+}
+
+static void join_ok(struct fixture *f, struct km_join_stats *js)
+{
+	struct km_join_opts jo = { .threads = 2, .keep_split = true };
+	struct km_error err = { { 0 } };
+	int r = km_image_join(f->dirfd, f->store, &jo, js, &err);
+
+	ck_assert_msg(r == 0, "join: %d %s", r, err.msg);
+	assert_pages_intact(f);
+	/* keep_split: the image stays split, for the next join. */
+	ck_assert_int_eq(unlinkat(f->dirfd, "pages-1.img", 0), 0);
+}
+
+/* Overwrites a chunk file in place: same inode, same size, other bytes. */
+static void rewrite_in_place(const char *path, uint64_t length)
+{
+	uint8_t *b = malloc(length);
+	int fd = open(path, O_RDWR);
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(km_pread_full(fd, b, length, 0), (ssize_t)length);
+	b[length / 2] ^= 0x10;
+	ck_assert_int_eq(km_pwrite_full(fd, b, length, 0), 0);
+	close(fd);
+	free(b);
+}
+
+/*
+ * Chunks the store wrote itself are recorded: join copies them without
+ * hashing. A chunk rewritten in place afterwards has another ctime, so
+ * join hashes it, refuses it and names it and the file.
+ */
+START_TEST(test_image_join_chunk_rewritten_in_place)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	char path[512];
+	uint64_t length;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_recorded, distinct_chunks(&f));
+	ck_assert_uint_eq(js.chunks_hashed, 0);
+
+	nth_chunk(&f, 2, path, sizeof(path), &length);
+	/* A tick of the timestamp clock at most: a later write has a later ctime anyway. */
+	usleep(20000);
+	rewrite_in_place(path, length);
+	reopen_store(&f);
+	expect_join_failure(&f, -EBADMSG, strrchr(path, '/') + 1);
+	expect_join_failure(&f, -EBADMSG, "(pages-1.img at offset");
+	expect_join_failure(&f, -EBADMSG, "corrupt in the store");
+	fixture_teardown(&f);
+}
+END_TEST
+
+/*
+ * A chunk file replaced by another file (another inode): the record does
+ * not vouch for it, so it is hashed. With the right bytes the join goes on
+ * (and records it); with others it is refused.
+ */
+START_TEST(test_image_join_chunk_replaced)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	char path[512], tmp[600];
+	uint64_t length;
+	uint8_t *b;
+	int fd;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	nth_chunk(&f, 3, path, sizeof(path), &length);
+	b = malloc(length);
+	fd = open(path, O_RDONLY);
+	ck_assert_int_eq(km_read_full(fd, b, length), (ssize_t)length);
+	close(fd);
+
+	snprintf(tmp, sizeof(tmp), "%s.new", path);
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+	ck_assert_int_eq(km_write_full(fd, b, length), 0);
+	close(fd);
+	ck_assert_int_eq(rename(tmp, path), 0);
+	/* Hashed in the tick of its last change, it would not be recorded (racily clean). */
+	usleep(20000);
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_hashed, 1);
+	ck_assert_uint_eq(js.chunks_recorded, distinct_chunks(&f) - 1);
+	/* That join recorded the new file. */
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_hashed, 0);
+
+	b[0] ^= 1;
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+	ck_assert_int_eq(km_write_full(fd, b, length), 0);
+	close(fd);
+	ck_assert_int_eq(rename(tmp, path), 0);
+	reopen_store(&f);
+	expect_join_failure(&f, -EBADMSG, strrchr(path, '/') + 1);
+	/* The same, with a symbolic link to a good copy: not a chunk file. */
+	b[0] ^= 1;
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+	ck_assert_int_eq(km_write_full(fd, b, length), 0);
+	close(fd);
+	ck_assert_int_eq(unlink(path), 0);
+	ck_assert_int_eq(symlink(tmp, path), 0);
+	expect_join_failure(&f, -EBADMSG, strrchr(path, '/') + 1);
+	free(b);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* The record missing, damaged or foreign: every chunk is hashed, and the join is right. */
+START_TEST(test_image_join_without_record)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	char rec[256];
+	uint64_t chunks;
+	uint8_t *p;
+	size_t n;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	chunks = distinct_chunks(&f);
+	ck_assert_uint_gt(chunks, 4);
+	reopen_store(&f);
+	snprintf(rec, sizeof(rec), "%s/verified.kmok", f.store_path);
+
+	/* Missing. */
+	ck_assert_int_eq(unlink(rec), 0);
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_hashed, chunks);
+	ck_assert_uint_eq(js.chunks_recorded, 0);
+	/* ...and what that join hashed, it recorded. */
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_recorded, chunks);
+
+	/* Every entry damaged (one bit of its inode number): none trusted. */
+	km_store_free(f.store);
+	f.store = NULL;
+	p = read_all(AT_FDCWD, rec, &n);
+	ck_assert_uint_ge(n, 16 + 88 * chunks);
+	ck_assert_uint_eq((n - 16) % 88, 0);
+	for (size_t off = 16; off + 88 <= n; off += 88)
+		p[off + 48] ^= 1;
+	write_file(AT_FDCWD, rec, p, n);
+	ck_assert_int_eq(km_store_open(f.store_path, KM_STORE_NOSYNC, NULL, &f.store), 0);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_hashed, chunks);
+
+	/* A torn last entry: the ones before it still count. */
+	reopen_store(&f);
+	km_store_free(f.store);
+	f.store = NULL;
+	free(p);
+	p = read_all(AT_FDCWD, rec, &n);
+	write_file(AT_FDCWD, rec, p, n - 40);
+	ck_assert_int_eq(km_store_open(f.store_path, KM_STORE_NOSYNC, NULL, &f.store), 0);
+	join_ok(&f, &js);
+	ck_assert_uint_ge(js.chunks_recorded, 1);
+	ck_assert_uint_le(js.chunks_hashed, 1);
+	ck_assert_uint_eq(js.chunks_hashed + js.chunks_recorded, chunks);
+
+	/* Not a record at all. */
+	reopen_store(&f);
+	km_store_free(f.store);
+	f.store = NULL;
+	memset(p, 'x', n);
+	write_file(AT_FDCWD, rec, p, n);
+	ck_assert_int_eq(km_store_open(f.store_path, KM_STORE_NOSYNC, NULL, &f.store), 0);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_hashed, chunks);
+	/* ...replaced by a good one. */
+	reopen_store(&f);
+	join_ok(&f, &js);
+	ck_assert_uint_eq(js.chunks_recorded, chunks);
+	free(p);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* Rewrites DIR's manifest as a 1.1 writer would have: whole-file hashes, no digests. */
+static void manifest_to_v11(struct fixture *f)
+{
+	struct km_manifest *m = NULL;
+	struct km_error err = { { 0 } };
+	void *buf;
+	size_t n;
+
+	ck_assert_int_eq(km_image_read_manifest(f->dirfd, &m, &err), 0);
+	m->minor = 1;
+	for (size_t i = 0; i < m->n_files; i++)
+		if (strcmp(m->files[i].name, "pages-1.img") == 0) {
+			km_hash_buf(f->pages, f->pages_size, &m->files[i].sha256);
+			memset(&m->files[i].extents_sha256, 0, sizeof(m->files[i].extents_sha256));
+		}
+	ck_assert_int_eq(km_manifest_encode(m, &buf, &n), 0);
+	ck_assert_int_eq(km_write_file_atomic_at(f->dirfd, KM_MANIFEST_NAME, buf, n, false), 0);
+	free(buf);
+	km_manifest_free(m);
+}
+
+/* A 1.1 image joins by its whole-file hash; a corrupt chunk is still named. */
+START_TEST(test_image_join_v11_manifest)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_manifest *m = NULL;
+	struct km_error err = { { 0 } };
+	char path[512];
+	uint64_t length;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	manifest_to_v11(&f);
+	ck_assert_int_eq(km_image_read_manifest(f.dirfd, &m, &err), 0);
+	ck_assert_uint_eq(m->minor, 1);
+	km_manifest_free(m);
+	join_ok(&f, &js);
+	/* The chunks were not checked one by one: the file hash covered them. */
+	ck_assert_uint_eq(js.chunks_hashed + js.chunks_recorded, 0);
+	ck_assert_uint_eq(js.chunks_read, st.chunks_referenced);
+
+	nth_chunk(&f, 2, path, sizeof(path), &length);
+	rewrite_in_place(path, length);
+	expect_join_failure(&f, -EBADMSG, strrchr(path, '/') + 1);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* A manifest damaged in its extents (a chunk id, with the protobuf intact) is refused by its digest. */
+START_TEST(test_image_join_damaged_extents)
+{
+	struct fixture f;
+	struct km_split_stats st;
+	uint8_t *p;
+	size_t n;
+	struct km_manifest *m = NULL;
+	struct km_error err = { { 0 } };
+	struct km_hash id = { { 0 } };
+	uint8_t *hit;
+
+	fixture_setup(&f, NULL);
+	seed_model(&f);
+	split(&f, false, &st);
+	ck_assert_int_eq(km_image_read_manifest(f.dirfd, &m, &err), 0);
+	for (size_t i = 0; i < m->n_files; i++)
+		for (size_t j = 0; j < m->files[i].n_extents; j++)
+			if (m->files[i].extents[j].kind == KM_EXTENT_CHUNK)
+				id = m->files[i].extents[j].id;
+	km_manifest_free(m);
+	p = read_all(f.dirfd, KM_MANIFEST_NAME, &n);
+	hit = memmem(p, n, id.b, KM_HASH_SIZE);
+	ck_assert_ptr_nonnull(hit);
+	hit[5] ^= 0x20;
+	write_file(f.dirfd, KM_MANIFEST_NAME, p, n);
+	free(p);
+	expect_join_failure(&f, -EBADMSG, "digest");
+	fixture_teardown(&f);
+}
+END_TEST
+
+/*
+ * The comparing scan in many parts (4 threads: 5 parts of ~4 MiB, their
+ * borders inside the model and inside random bytes, small chunks): the
+ * extents are exactly the serial scan's, and the image joins.
+ */
+START_TEST(test_image_split_parts_as_serial)
+{
+	struct km_chunker_params p = { 2048, 8192, 32768 };
+	struct km_split_opts o = { .threads = 4 };
+	struct fixture f;
+	struct km_split_stats st;
+	struct km_join_stats js;
+	struct km_error err = { { 0 } };
+	uint8_t *model;
+	size_t n;
+
+	fixture_setup(&f, &p);
+	seed_model(&f);
+	model = read_all(AT_FDCWD, f.model_path, &n);
+	free(f.pages);
+	/* random, model, random, the model again from its middle, zeros */
+	f.pages_size = (3u << 20) + MODEL_SIZE + 777 + MODEL_SIZE / 2 + (1u << 20);
+	f.pages = calloc(1, f.pages_size);
+	fill_random(f.pages, 3u << 20, 61);
+	memcpy(f.pages + (3u << 20), model, MODEL_SIZE);
+	fill_random(f.pages + (3u << 20) + MODEL_SIZE, 777, 62);
+	memcpy(f.pages + (3u << 20) + MODEL_SIZE + 777, model + MODEL_SIZE / 2, MODEL_SIZE / 2);
+	free(model);
+	write_file(f.dirfd, "pages-1.img", f.pages, f.pages_size);
+	ck_assert_int_eq(km_image_split(f.dirfd, f.store, &o, &st, &err), 0);
+	assert_extents_as_by_hash(&f, &p);
+	ck_assert_uint_ge(st.bytes_referenced, MODEL_SIZE + MODEL_SIZE / 2 - 4 * 32768);
+	join_ok(&f, &js);
+	fixture_teardown(&f);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("image");
@@ -739,6 +1106,12 @@ int main(void)
 	tcase_add_test(tc, test_image_split_changed_model_bytes);
 	tcase_add_test(tc, test_image_split_many_candidates_of_one_length);
 	tcase_add_test(tc, test_image_split_skips_corrupt_store_chunk);
+	tcase_add_test(tc, test_image_join_chunk_rewritten_in_place);
+	tcase_add_test(tc, test_image_join_chunk_replaced);
+	tcase_add_test(tc, test_image_join_without_record);
+	tcase_add_test(tc, test_image_join_v11_manifest);
+	tcase_add_test(tc, test_image_join_damaged_extents);
+	tcase_add_test(tc, test_image_split_parts_as_serial);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }

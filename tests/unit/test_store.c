@@ -237,7 +237,8 @@ START_TEST(test_store_concurrent_create_agrees)
 		ck_assert_uint_eq(q->avg_size, p.avg_size);
 		ck_assert_uint_eq((q->min_size - p.min_size) % 64, 0);
 		assert_seed_stored(s, 1);
-		ck_assert_int_eq(count_entries(f.path), 6); /* config, lock, 4 directories */
+		/* config, lock, 4 directories, the verified record of the puts */
+		ck_assert_int_eq(count_entries(f.path), 7);
 		km_store_free(s);
 	}
 	fixture_teardown(&f);
@@ -941,6 +942,87 @@ START_TEST(test_store_gc_needs_exclusive)
 }
 END_TEST
 
+/* 1 if the record vouches for chunk 'seed', 0 if not, <0 from the open. */
+static int recorded(struct km_store *s, uint64_t seed)
+{
+	uint8_t buf[5000];
+	struct km_hash id;
+	size_t n = make_chunk(seed, buf, &id);
+	bool rec = false;
+	int fd = km_store_open_chunk(s, &id, n, &rec);
+
+	if (fd < 0)
+		return fd;
+	close(fd);
+	return rec;
+}
+
+/*
+ * The verified record: puts are recorded (on disk once the handle is
+ * freed); a chunk rewritten in place is not vouched for and fails its
+ * check; a get that hashed it right records it again; gc keeps only the
+ * entries of kept chunks.
+ */
+START_TEST(test_store_verified_record)
+{
+	struct fixture f;
+	struct km_store *s = NULL;
+	struct km_store_gc_stats gs;
+	struct km_error err = { { 0 } };
+	uint8_t buf[5000], got[5000];
+	struct km_hash id;
+	char path[256];
+	size_t n, m;
+	bool rec;
+	int fd;
+
+	fixture_setup(&f);
+	gc_setup(&f); /* 20 chunks put, roots keeping 0..14 */
+	ck_assert_int_eq(km_store_open(f.path, NOSYNC, NULL, &s), 0);
+	ck_assert_uint_eq(km_store_verified_count(s), 20);
+	for (int i = 0; i < 20; i++)
+		ck_assert_int_eq(recorded(s, (uint64_t)i), 1);
+	/* Asked for another length: not the chunk file. */
+	n = make_chunk(3, buf, &id);
+	ck_assert_int_eq(km_store_open_chunk(s, &id, n + 1, &rec), -EBADMSG);
+	km_store_free(s);
+
+	/* Rewritten in place, same size: another ctime, so no longer vouched for. */
+	usleep(20000);
+	chunk_file(&f, &id, path, sizeof(path));
+	buf[10] ^= 1;
+	write_file(path, buf, n);
+	ck_assert_int_eq(km_store_open(f.path, NOSYNC, NULL, &s), 0);
+	ck_assert_int_eq(recorded(s, 3), 0);
+	fd = km_store_open_chunk(s, &id, n, &rec);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(km_store_check_chunk(s, &id, fd), -EBADMSG);
+	close(fd);
+	/* Put back right: a get that hashed it records it. */
+	buf[10] ^= 1;
+	write_file(path, buf, n);
+	usleep(20000);
+	ck_assert_int_eq(km_store_get(s, &id, got, sizeof(got), &m), 0);
+	ck_assert_int_eq(recorded(s, 3), 1);
+	km_store_free(s);
+	ck_assert_int_eq(km_store_open(f.path, NOSYNC, NULL, &s), 0);
+	ck_assert_int_eq(recorded(s, 3), 1);
+	km_store_free(s);
+
+	/* gc keeps the entries of the 15 chunks it keeps, and no others. */
+	ck_assert_int_eq(km_store_open(f.path, KM_STORE_EXCLUSIVE | NOSYNC, NULL, &s), 0);
+	ck_assert_int_eq(km_store_gc_run(s, refs_ids, NULL, &gs, &err), 0);
+	ck_assert_uint_eq(gs.chunks_kept, 15);
+	km_store_free(s);
+	ck_assert_int_eq(km_store_open(f.path, NOSYNC, NULL, &s), 0);
+	ck_assert_uint_eq(km_store_verified_count(s), 15);
+	for (int i = 0; i < 15; i++)
+		ck_assert_int_eq(recorded(s, (uint64_t)i), 1);
+	km_store_free(s);
+	fixture_teardown(&f);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("store");
@@ -968,6 +1050,7 @@ int main(void)
 	tcase_add_test(tc, test_store_gc_many_kept);
 	tcase_add_test(tc, test_store_gc_failing_refs_removes_nothing);
 	tcase_add_test(tc, test_store_gc_needs_exclusive);
+	tcase_add_test(tc, test_store_verified_record);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
