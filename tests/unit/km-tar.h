@@ -99,6 +99,8 @@ static inline void *km_test_manifest(const struct km_hash *ids, size_t *ret_n)
 				 .delta = { .name = (char *)KM_DELTA_NAME } };
 	void *buf = NULL;
 
+	/* 1.2: a split file carries the digest of its extents and the delta's hash */
+	km_file_entry_extents_digest(&fe, &m.delta.sha256, &fe.extents_sha256);
 	ck_assert_int_eq(km_manifest_encode(&m, &buf, ret_n), 0);
 	return buf;
 }
