@@ -76,7 +76,7 @@ static struct {
 	bool split_wanted;
 	bool comm_selected; /* some task of the tree matches split_comm */
 	bool leave_running;
-	uint64_t rss_bytes; /* resident memory of the tasks paused so far */
+	uint64_t rss_bytes; /* memory CRIU dumps of the tasks paused so far (smaps) */
 	bool inventory_recorded;
 	uint64_t saved_mask; /* the restore thread's signal mask while it runs */
 	pid_t thread_stopped_by_us;
@@ -571,25 +571,6 @@ static bool task_comm_selected(pid_t pid)
 	return km_config_wants_comm(&km.cfg, comm);
 }
 
-/* VmRSS of pid in bytes, 0 if unknown. */
-static uint64_t task_rss(pid_t pid)
-{
-	char path[64], buf[4096], *p;
-	_cleanup_close_ int fd = -1;
-	ssize_t n;
-
-	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	n = km_read_full(fd, buf, sizeof(buf) - 1);
-	if (n <= 0)
-		return 0;
-	buf[n] = 0;
-	p = strstr(buf, "\nVmRSS:");
-	return p ? strtoull(p + 8, NULL, 10) * 1024 : 0;
-}
-
 /*
  * The split needs room beside CRIU's images for its delta, up to the size
  * of the pages in the worst case. A full disk found now fails the dump
@@ -599,9 +580,12 @@ static uint64_t task_rss(pid_t pid)
 static int check_space(pid_t pid)
 {
 	struct statvfs sv;
-	uint64_t avail, need;
+	uint64_t avail, need, bytes = 0;
 
-	km.rss_bytes += task_rss(pid);
+	/* not the mapped weights file of a cooperative engine: CRIU leaves it */
+	if (km_task_dumped_bytes(pid, &bytes) < 0)
+		bytes = 0;
+	km.rss_bytes += bytes;
 	if (fstatvfs(km.image_dir, &sv) < 0)
 		return 0;
 	avail = (uint64_t)sv.f_bavail * sv.f_frsize;
@@ -609,7 +593,7 @@ static int check_space(pid_t pid)
 	if (avail >= need)
 		return 0;
 	pr_err("not enough space in the image directory: %llu bytes free, the dump and its split "
-	       "may need %llu (twice the tasks' resident memory); refusing to dump",
+	       "may need %llu (twice the tasks' memory that CRIU dumps); refusing to dump",
 	       (unsigned long long)avail, (unsigned long long)need);
 	return -ENOSPC;
 }

@@ -237,3 +237,51 @@ char *km_format_bytes(uint64_t n, char buf[32])
 		snprintf(buf, 32, "%.2f %s", v, units[u]);
 	return buf;
 }
+
+/* Whether a mapping's name is a file CRIU leaves to the file system. */
+static bool mapped_file_kept(const char *name)
+{
+	if (name[0] != '/')
+		return false; /* anonymous, [heap], [stack], [anon:...] */
+	return strncmp(name, "/dev/zero", 9) != 0 && strncmp(name, "/SYSV", 5) != 0 &&
+	       strncmp(name, "/memfd:", 7) != 0 && !strstr(name, " (deleted)");
+}
+
+int km_task_dumped_bytes(pid_t pid, uint64_t *ret)
+{
+	_cleanup_fclose_ FILE *f = NULL;
+	char path[64], line[4096];
+	unsigned long long kb;
+	uint64_t total = 0;
+	bool kept = false;
+
+	snprintf(path, sizeof(path), "/proc/%d/smaps", (int)pid);
+	f = fopen(path, "re");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long start, end, off, inode;
+		unsigned int major, minor;
+		char perms[5], *name;
+		int n = 0;
+
+		/* "start-end perms offset major:minor inode   name": a mapping */
+		if (sscanf(line, "%llx-%llx %4s %llx %x:%x %llu %n", &start, &end, perms, &off,
+			   &major, &minor, &inode, &n) == 7 &&
+		    n > 0) {
+			name = line + n;
+			name[strcspn(name, "\n")] = 0;
+			kept = mapped_file_kept(name);
+		} else if (sscanf(line, "Rss: %llu kB", &kb) == 1) {
+			if (!kept)
+				total += (uint64_t)kb * 1024;
+		} else if (sscanf(line, "Anonymous: %llu kB", &kb) == 1) {
+			if (kept)
+				total += (uint64_t)kb * 1024;
+		}
+	}
+	if (ferror(f))
+		return -EIO;
+	*ret = total;
+	return 0;
+}

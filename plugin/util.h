@@ -83,6 +83,15 @@ void km_free_names(char **names, size_t n);
 int km_mkdir_p(const char *path);
 
 /*
+ * The resident bytes of pid that a CRIU dump writes as pages: anonymous
+ * and shared-anonymous memory, memfd and deleted files, and the private
+ * copies of file pages; not the page cache of mapped files (a cooperative
+ * engine's weights file), which CRIU leaves to the file. From
+ * /proc/PID/smaps; -errno if it cannot be read.
+ */
+int km_task_dumped_bytes(pid_t pid, uint64_t *ret);
+
+/*
  * Error details for the caller to print: the library never prints. Modules
  * that can fail for reasons a user must see (which chunk, which file) take
  * an optional struct km_error * and describe the failure in it.

@@ -229,7 +229,11 @@ km_run() {
 	sleep 0.5
 	km_in_a "$km" migrate --pid "$ENGINE_PID" --to "$KM_ADDR_B:7481" --psk-file "$work/psk" \
 		--store "$store" --work "$work/$name-work" --criu "$criu" --plugin-dir "$plugin_dir" \
-		--json ${weights:+--weights "$weights"} >"$out" || { cat "$out" >&2; fail "$name migration failed"; }
+		--json ${weights:+--weights "$weights"} >"$out" || {
+		cat "$out" >&2
+		tail -n 30 "$work/$name-work"/*/dump.log >&2 2>/dev/null
+		fail "$name migration failed"
+	}
 	pids+=("$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["restored_pid"])' "$out")")
 	kill -9 "${pids[-1]}"
 	kill "$spid"
