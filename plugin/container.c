@@ -47,7 +47,6 @@ static int podman(const struct km_container_move_opts *o, const char *tag, const
 	char out[PATH_MAX], errp[PATH_MAX];
 	unsigned timeout_s = o->timeout_s ? o->timeout_s : TIMEOUT_S_DEFAULT;
 	posix_spawn_file_actions_t fa;
-	uint64_t deadline;
 	size_t n = 0;
 	pid_t pid;
 	int r, status = 0;
@@ -76,25 +75,14 @@ static int podman(const struct km_container_move_opts *o, const char *tag, const
 		km_error_set(err, "cannot run %s: %s", argv[0], strerror(r));
 		return -r;
 	}
-	deadline = now_ns() + (uint64_t)timeout_s * 1000000000u;
-	for (;;) {
-		pid_t w = waitpid(pid, &status, WNOHANG);
-
-		if (w == pid)
-			break;
-		if (w < 0 && errno != EINTR) {
-			r = -errno;
-			km_error_set(err, "waiting for podman: %s", strerror(-r));
-			return r;
-		}
-		if (now_ns() > deadline) {
-			kill(pid, SIGKILL);
-			(void)waitpid(pid, &status, 0);
-			km_error_set(err, "podman %s did not finish in %u s (killed)", tag,
-				     timeout_s);
-			return -ETIMEDOUT;
-		}
-		usleep(10000);
+	r = km_wait_child(pid, timeout_s, &status);
+	if (r == -ETIMEDOUT) {
+		km_error_set(err, "podman %s did not finish in %u s (killed)", tag, timeout_s);
+		return r;
+	}
+	if (r < 0) {
+		km_error_set(err, "waiting for podman: %s", strerror(-r));
+		return r;
 	}
 	*ret_status = status;
 	return 0;

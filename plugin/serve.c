@@ -816,7 +816,6 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	size_t n = 0;
 	pid_t pid;
 	int r, status = 0;
-	uint64_t deadline;
 	_cleanup_free_ void *pidbuf = NULL;
 	size_t pidlen;
 	char errline[300];
@@ -870,26 +869,15 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	}
 	conn_log(c, "image %s: running %s restore (pid %d)", c->image_name, criu, (int)pid);
 
-	deadline = now_ns() + (uint64_t)timeout_s * 1000000000u;
-	for (;;) {
-		pid_t w = waitpid(pid, &status, WNOHANG);
-
-		if (w == pid)
-			break;
-		if (w < 0 && errno != EINTR) {
-			r = -errno;
-			km_error_set(err, "waiting for criu restore: %s", strerror(-r));
-			return r;
-		}
-		if (now_ns() > deadline) {
-			kill(pid, SIGKILL);
-			(void)waitpid(pid, &status, 0);
-			file_tail(c->image_fd, "restore.log", tail, tail_size);
-			km_error_set(err, "criu restore did not finish in %u s (killed)",
-				     timeout_s);
-			return -ETIMEDOUT;
-		}
-		usleep(10000);
+	r = km_wait_child(pid, timeout_s, &status);
+	if (r == -ETIMEDOUT) {
+		file_tail(c->image_fd, "restore.log", tail, tail_size);
+		km_error_set(err, "criu restore did not finish in %u s (killed)", timeout_s);
+		return r;
+	}
+	if (r < 0) {
+		km_error_set(err, "waiting for criu restore: %s", strerror(-r));
+		return r;
 	}
 	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
 		file_tail(c->image_fd, "restore.log", tail, tail_size);
@@ -1051,7 +1039,6 @@ static int run_cmd(struct conn *c, const char *const *argv, const char *out_name
 	posix_spawnattr_t attr;
 	sigset_t none, defaults;
 	size_t n_env = 0, n = 0;
-	uint64_t deadline;
 	pid_t pid;
 	int r, status = 0;
 
@@ -1098,25 +1085,15 @@ static int run_cmd(struct conn *c, const char *const *argv, const char *out_name
 		km_error_set(err, "cannot run %s: %s", argv[0], strerror(r));
 		return -r;
 	}
-	deadline = now_ns() + (uint64_t)timeout_s * 1000000000u;
-	for (;;) {
-		pid_t w = waitpid(pid, &status, WNOHANG);
-
-		if (w == pid)
-			break;
-		if (w < 0 && errno != EINTR) {
-			r = -errno;
-			km_error_set(err, "waiting for %s: %s", argv[0], strerror(-r));
-			return r;
-		}
-		if (now_ns() > deadline) {
-			kill(pid, SIGKILL);
-			(void)waitpid(pid, &status, 0);
-			km_error_set(err, "%s %s did not finish in %u s (killed)", argv[0],
-				     argv[1] ? argv[1] : "", timeout_s);
-			return -ETIMEDOUT;
-		}
-		usleep(10000);
+	r = km_wait_child(pid, timeout_s, &status);
+	if (r == -ETIMEDOUT) {
+		km_error_set(err, "%s %s did not finish in %u s (killed)", argv[0],
+			     argv[1] ? argv[1] : "", timeout_s);
+		return r;
+	}
+	if (r < 0) {
+		km_error_set(err, "waiting for %s: %s", argv[0], strerror(-r));
+		return r;
 	}
 	*ret_status = status;
 	return 0;

@@ -4,7 +4,10 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 
 ssize_t km_read_full(int fd, void *buf, size_t n)
 {
@@ -284,4 +287,29 @@ int km_task_dumped_bytes(pid_t pid, uint64_t *ret)
 		return -EIO;
 	*ret = total;
 	return 0;
+}
+
+int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status)
+{
+	struct timespec now, deadline;
+
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	deadline.tv_sec += timeout_s;
+	for (;;) {
+		pid_t w = waitpid(pid, ret_status, WNOHANG);
+
+		if (w == pid)
+			return 0;
+		if (w < 0 && errno != EINTR)
+			return -errno;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec > deadline.tv_sec ||
+		    (now.tv_sec == deadline.tv_sec && now.tv_nsec > deadline.tv_nsec)) {
+			kill(pid, SIGKILL);
+			(void)waitpid(pid, ret_status, 0);
+			return -ETIMEDOUT;
+		}
+		/* a poll, not SIGCHLD: the callers' daemons leave signals to others */
+		usleep(10000);
+	}
 }

@@ -83,6 +83,13 @@ void km_free_names(char **names, size_t n);
 int km_mkdir_p(const char *path);
 
 /*
+ * Waits for child pid to exit, for at most timeout_s seconds; past them it
+ * is killed (SIGKILL) and reaped, and -ETIMEDOUT returned. *ret_status is
+ * waitpid's status whenever the child was reaped.
+ */
+int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status);
+
+/*
  * The resident bytes of pid that a CRIU dump writes as pages: anonymous
  * and shared-anonymous memory, memfd and deleted files, and the private
  * copies of file pages; not the page cache of mapped files (a cooperative

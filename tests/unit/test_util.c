@@ -1,13 +1,17 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * util: km_task_dumped_bytes, the plugin's estimate of what CRIU writes for
- * a task (its free-space check), measured on this test's own memory.
+ * a task (its free-space check), measured on this test's own memory; and
+ * km_wait_child, the bounded wait for podman and criu restore.
  */
 #include <check.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "km-check.h"
@@ -100,6 +104,40 @@ START_TEST(test_util_dumped_bytes_no_task)
 }
 END_TEST
 
+static pid_t spawn(const char *what)
+{
+	pid_t pid = fork();
+
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		if (strcmp(what, "hang") == 0)
+			pause();
+		_exit(strcmp(what, "fail") == 0 ? 3 : 0);
+	}
+	return pid;
+}
+
+START_TEST(test_util_wait_child)
+{
+	struct timespec t0, t1;
+	int status = -1;
+
+	ck_assert_int_eq(km_wait_child(spawn("ok"), 5, &status), 0);
+	ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	ck_assert_int_eq(km_wait_child(spawn("fail"), 5, &status), 0);
+	ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 3);
+	/* one that never ends: killed and reaped once its second is over */
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ck_assert_int_eq(km_wait_child(spawn("hang"), 1, &status), -ETIMEDOUT);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	ck_assert(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+	ck_assert_int_ge(t1.tv_sec - t0.tv_sec, 1);
+	ck_assert_int_le(t1.tv_sec - t0.tv_sec, 3);
+	/* not a child of ours */
+	ck_assert_int_eq(km_wait_child(1, 1, &status), -ECHILD);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("util");
@@ -107,6 +145,7 @@ int main(void)
 
 	tcase_add_test(tc, test_util_dumped_bytes);
 	tcase_add_test(tc, test_util_dumped_bytes_no_task);
+	tcase_add_test(tc, test_util_wait_child);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
