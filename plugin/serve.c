@@ -802,6 +802,23 @@ static void first_error_line(const char *log, char *buf, size_t size)
 	snprintf(buf, size, "%.*s", (int)strcspn(best, "\n"), best);
 }
 
+/* A child's signals: none blocked, and those the daemon handles back at their defaults. */
+static void child_signals(posix_spawnattr_t *attr)
+{
+	sigset_t none, defaults;
+
+	sigemptyset(&none);
+	sigemptyset(&defaults);
+	sigaddset(&defaults, SIGPIPE);
+	sigaddset(&defaults, SIGTERM);
+	sigaddset(&defaults, SIGINT);
+	sigaddset(&defaults, SIGHUP);
+	posix_spawnattr_init(attr);
+	posix_spawnattr_setsigmask(attr, &none);
+	posix_spawnattr_setsigdefault(attr, &defaults);
+	posix_spawnattr_setflags(attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+}
+
 static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_size,
 		       struct km_error *err)
 {
@@ -812,7 +829,6 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	_cleanup_free_ const char **argv = NULL;
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t attr;
-	sigset_t none, defaults;
 	size_t n = 0;
 	pid_t pid;
 	int r, status = 0;
@@ -845,16 +861,7 @@ static int run_restore(struct conn *c, int *ret_pid, char *tail, size_t tail_siz
 	argv[n] = NULL;
 
 	/* CRIU and what it restores start with default signals, whatever the daemon blocks. */
-	sigemptyset(&none);
-	sigemptyset(&defaults);
-	sigaddset(&defaults, SIGPIPE);
-	sigaddset(&defaults, SIGTERM);
-	sigaddset(&defaults, SIGINT);
-	sigaddset(&defaults, SIGHUP);
-	posix_spawnattr_init(&attr);
-	posix_spawnattr_setsigmask(&attr, &none);
-	posix_spawnattr_setsigdefault(&attr, &defaults);
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+	child_signals(&attr);
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
 	posix_spawn_file_actions_addopen(&fa, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -1037,7 +1044,6 @@ static int run_cmd(struct conn *c, const char *const *argv, const char *out_name
 	_cleanup_free_ char **envp = NULL;
 	posix_spawn_file_actions_t fa;
 	posix_spawnattr_t attr;
-	sigset_t none, defaults;
 	size_t n_env = 0, n = 0;
 	pid_t pid;
 	int r, status = 0;
@@ -1064,16 +1070,7 @@ static int run_cmd(struct conn *c, const char *const *argv, const char *out_name
 	}
 	envp[n] = NULL;
 
-	sigemptyset(&none);
-	sigemptyset(&defaults);
-	sigaddset(&defaults, SIGPIPE);
-	sigaddset(&defaults, SIGTERM);
-	sigaddset(&defaults, SIGINT);
-	sigaddset(&defaults, SIGHUP);
-	posix_spawnattr_init(&attr);
-	posix_spawnattr_setsigmask(&attr, &none);
-	posix_spawnattr_setsigdefault(&attr, &defaults);
-	posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+	child_signals(&attr);
 	posix_spawn_file_actions_init(&fa);
 	posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
 	posix_spawn_file_actions_addopen(&fa, 1, out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
