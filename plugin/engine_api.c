@@ -156,6 +156,16 @@ static int weights_load_layout(struct km_store *s, const char *name, struct kme_
 			     (unsigned long long)w->size, name, (unsigned long long)size);
 		return -EBADMSG;
 	}
+	/*
+	 * Only the files' names and places are used from here on: the chunk
+	 * list (one entry per chunk, megabytes for a large model) would sit in
+	 * the engine's heap and be dumped with it at every stop.
+	 */
+	for (size_t i = 0; i < w->idx->n_files; i++) {
+		free(w->idx->files[i].extents);
+		w->idx->files[i].extents = NULL;
+		w->idx->files[i].n_extents = 0;
+	}
 	return 0;
 }
 
@@ -189,11 +199,6 @@ KME_EXPORT int kme_weights_open_ex(const char *store, const char *ref, struct km
 	index_name[0] = '\0';
 	r = km_weights_resolve(s, ref, cfg.weights_dir[0] ? cfg.weights_dir : NULL, cfg.sync, &info,
 			       index_name, sizeof(index_name), &err);
-	/*
-	 * Seeding and materializing in this process used large I/O buffers:
-	 * hand their pages back now, or a later dump would carry them.
-	 */
-	malloc_trim(0);
 	if (r < 0) {
 		if (!err.msg[0])
 			km_error_set(&err, "%s: %s", ref, strerror(-r));
@@ -210,6 +215,14 @@ KME_EXPORT int kme_weights_open_ex(const char *store, const char *ref, struct km
 	w->size = info.size;
 	km_hash_to_hex(&w->id, w->id_hex);
 	r = weights_load_layout(s, index_name, w, &err);
+	/*
+	 * Seeding, materializing and decoding the index in this process used
+	 * large buffers, and the store holds its record of verified chunks (an
+	 * entry per chunk): free the store and hand those pages back now, or
+	 * every dump of the engine carries them.
+	 */
+	km_store_free(KM_TAKE_PTR(s));
+	malloc_trim(0);
 	if (r < 0)
 		goto fail;
 
