@@ -61,6 +61,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -523,6 +524,25 @@ static void delay(const struct engine *e)
  * --kv-churn-mib: blocks written and given back, as by finished requests:
  * free, but their memory is touched and holds stale KV.
  */
+/*
+ * A staging buffer of one KV block, mapped and unmapped outright: from the
+ * heap it would stay resident once freed (glibc's mmap threshold rises when
+ * large mapped buffers are freed, as kvmotion's seeding does in --coop), and
+ * every dump would carry a block of stale bytes sized by the model's width.
+ */
+static uint16_t *block_buf_new(const struct engine *e)
+{
+	void *p = mmap(NULL, kv_block_bytes(&e->kv), PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+static void block_buf_free(const struct engine *e, uint16_t *buf)
+{
+	munmap(buf, kv_block_bytes(&e->kv));
+}
+
 static void churn_blocks(struct engine *e)
 {
 	uint64_t bytes = e->o.churn_mib << 20, done = 0;
@@ -532,7 +552,7 @@ static void churn_blocks(struct engine *e)
 
 	if (!bytes)
 		return;
-	buf = malloc(kv_block_bytes(&e->kv));
+	buf = block_buf_new(e);
 	ids = calloc(e->kv.n_blocks, sizeof(*ids));
 	if (!buf || !ids)
 		die("out of memory");
@@ -552,7 +572,7 @@ static void churn_blocks(struct engine *e)
 	while (n)
 		(void)kv_release(&e->kv, ids[--n]);
 	free(ids);
-	free(buf);
+	block_buf_free(e, buf);
 }
 
 /* Blocks held with synthetic KV content, as a long-lived context would. */
@@ -564,7 +584,7 @@ static void park_blocks(struct engine *e)
 
 	if (!bytes)
 		return;
-	buf = malloc(kv_block_bytes(&e->kv));
+	buf = block_buf_new(e);
 	if (!buf)
 		die("out of memory");
 	while ((uint64_t)e->parked_blocks * kv_block_bytes(&e->kv) < bytes) {
@@ -581,7 +601,7 @@ static void park_blocks(struct engine *e)
 			die("--kv-fill-mib: %s", err);
 		e->parked_blocks++;
 	}
-	free(buf);
+	block_buf_free(e, buf);
 }
 
 
