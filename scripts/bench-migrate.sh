@@ -140,7 +140,7 @@ mem_note() {
 	[ "$mem" = 1 ] || return 0
 	local d line=
 	for d in "$work"/* "$data"/* "$weights_dir"; do
-		[ -d "$d" ] || continue
+		[ -e "$d" ] && [ "$(du -sxk "$d" | cut -f1)" -ge 1024 ] || continue
 		case $line in *" ${d##*/}="*) continue ;; esac
 		line+=" ${d#"$(dirname "$d")"/}=$(($(du -sxk "$d" | cut -f1) / 1024))"
 	done
