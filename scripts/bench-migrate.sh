@@ -138,11 +138,13 @@ export KVMOTION_SYNC=no KVMOTION_CONFIG=/dev/null KVMOTION_WEIGHTS_DIR=$weights_
 # benchmark's directories holds, on stderr
 mem_note() {
 	[ "$mem" = 1 ] || return 0
-	local d line=
+	local d k line=
 	for d in "$work"/* "$data"/* "$weights_dir"; do
-		[ -e "$d" ] && [ "$(du -sxk "$d" | cut -f1)" -ge 1024 ] || continue
+		[ -e "$d" ] || continue
+		k=$(du -sxk "$d" | cut -f1)
+		[ "$k" -ge 1024 ] || continue
 		case $line in *" ${d##*/}="*) continue ;; esac
-		line+=" ${d#"$(dirname "$d")"/}=$(($(du -sxk "$d" | cut -f1) / 1024))"
+		line+=" ${d##*/}=$((k / 1024))"
 	done
 	awk -v l="$1" -v dirs="$line" '
 		/^(MemTotal|MemAvailable|Cached|Shmem|AnonPages|Dirty|Writeback):/ { v[$1] = int($2 / 1024) }
