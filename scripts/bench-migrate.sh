@@ -500,11 +500,13 @@ for r in rows:
         v = r["transparent"]["stop_s"] / r["plain_stop_s"]
         target(name, v, v < 1)
     for mode in ("transparent", "coop"):
-        name = f"{mode} bytes in the stop / dynamic bytes at {r['weights_mib']} MiB (<= 1)"
+        # what crossed the link: the wire bytes (zstd on the wire counts; the
+        # file bytes before it are in during_bytes)
+        name = f"{mode} wire bytes in the stop / dynamic bytes at {r['weights_mib']} MiB (<= 1)"
         if need(mode, "plain"):
             not_run(name, "no " + need(mode, "plain"))
             continue
-        v = r[mode]["during_bytes"] / r["dynamic_bytes"]
+        v = r[mode]["during_wire_bytes"] / r["dynamic_bytes"]
         target(name, v, v <= 1)
 if out:
     with open(out, "w") as f:
