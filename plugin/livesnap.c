@@ -58,6 +58,8 @@ struct ctx {
 	size_t page;
 	enum scan_mode mode;
 	uint64_t zero_pfn; /* 0: unknown (pfns hidden), zero pages are then taken */
+	bool zero_pfn_known;
+	bool scan_ok; /* PAGEMAP_SCAN worked once */
 	uint8_t *buf;	   /* BATCH_BYTES: pages, or pagemap entries while scanning */
 	struct km_page_region *regs;
 	struct km_live_snapshot_stats st;
@@ -407,12 +409,13 @@ static int scan_vma(struct ctx *c, int pmfd, const struct vma *v, struct plan *p
 				c->mode = SCAN_NOGUARD;
 				continue;
 			}
-			if ((errno == ENOTTY || errno == EINVAL) && p->n == 0 && a.start == v->start)
+			if ((errno == ENOTTY || errno == EINVAL) && !c->scan_ok)
 				return 1;
 			r = -errno;
 			km_error_set(c->err, "PAGEMAP_SCAN: %s", strerror(-r));
 			return r;
 		}
+		c->scan_ok = true;
 		for (long i = 0; i < k; i++) {
 			/* guard regions (MADV_GUARD_INSTALL) read as swapped; CRIU skips them */
 			if (c->regs[i].categories & KM_PAGE_IS_GUARD)
@@ -671,8 +674,10 @@ static int snapshot_task(struct ctx *c, pid_t pid, uint32_t pages_id, int dirfd)
 		r = c->mode == SCAN_PAGEMAP ? 1 : scan_vma(c, pmfd, &vmas[i], &p);
 		if (r == 1) {
 			c->mode = SCAN_PAGEMAP;
-			if (!c->zero_pfn)
+			if (!c->zero_pfn_known) {
 				c->zero_pfn = zero_page_pfn(c->page);
+				c->zero_pfn_known = true;
+			}
 			r = read_vma_pagemap(c, pmfd, &vmas[i], &p);
 		}
 	}
@@ -736,7 +741,14 @@ out:
 int km_live_snapshot(pid_t pid, int dirfd, struct km_live_snapshot_stats *st,
 		     struct km_error *err)
 {
-	struct ctx c = { .err = err };
+	return km_live_snapshot_flags(pid, dirfd, 0, st, err);
+}
+
+int km_live_snapshot_flags(pid_t pid, int dirfd, unsigned flags,
+			   struct km_live_snapshot_stats *st, struct km_error *err)
+{
+	struct ctx c = { .err = err,
+			 .mode = (flags & KM_LIVE_SNAPSHOT_PAGEMAP) ? SCAN_PAGEMAP : SCAN_UNKNOWN };
 	_cleanup_free_ pid_t *pids = NULL;
 	uint64_t t = now_ns();
 	size_t n = 0;

@@ -58,4 +58,9 @@ struct km_live_snapshot_stats {
 int km_live_snapshot(pid_t pid, int dirfd, struct km_live_snapshot_stats *st,
 		     struct km_error *err);
 
+/* The same, with KM_LIVE_SNAPSHOT_* flags. */
+#define KM_LIVE_SNAPSHOT_PAGEMAP 1u /* /proc/PID/pagemap even where PAGEMAP_SCAN works (tests) */
+int km_live_snapshot_flags(pid_t pid, int dirfd, unsigned flags,
+			   struct km_live_snapshot_stats *st, struct km_error *err);
+
 #endif
