@@ -74,6 +74,8 @@ struct cli {
 	/* migrate */
 	const char *weights_index;
 	bool snapshot;
+	bool snapshot_criu;
+	bool keep_snapshot;
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
@@ -144,7 +146,7 @@ static void usage(FILE *f)
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
 	      "                                                   send an image (split, or as CRIU wrote it), restore it there\n"
-	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
+	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot[=criu]] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
 	      "  kvmotion snapshot --pid PID DIR [--json]         the memory pages of a running process tree as\n"
@@ -197,8 +199,11 @@ static void usage(FILE *f)
 	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
 	      "                       files the process maps, else the *.safetensors it has open\n"
 	      "                       or mapped, seeded into the store)\n"
-	      "  --snapshot           migrate: also pre-copy a criu dump --leave-running of the\n"
-	      "                       process (transparent mode)\n"
+	      "  --snapshot[=live|criu]  migrate: also pre-copy the process's memory (transparent\n"
+	      "                       mode): read while it runs (live, the default), or a criu\n"
+	      "                       dump --leave-running, which freezes it for the dump\n"
+	      "  --keep-snapshot      migrate: keep the snapshot's pagemap and pages files in\n"
+	      "                       WORK/snapshot\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
@@ -1184,8 +1189,13 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 			putchar(',');
 		json_string(r->weights_from[i]);
 	}
-	printf("],\"bytes_seeded\":%" PRIu64 ",\"restored_pid\":%d,\"resumed\":%s,\"error\":",
-	       r->bytes_seeded, r->restored_pid,
+	printf("],\"bytes_seeded\":%" PRIu64 ",\"snapshot\":", r->bytes_seeded);
+	if (r->snapshot_mode[0])
+		printf("{\"mode\":\"%s\",\"bytes\":%" PRIu64 ",\"seconds\":%.6f}",
+		       r->snapshot_mode, r->snapshot_bytes, secs(r->snapshot_ns));
+	else
+		printf("null");
+	printf(",\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
 	       r->resumed ? "true" : "false");
 	if (rc < 0) {
 		json_string(err->msg[0] ? err->msg : strerror(-rc));
@@ -1287,6 +1297,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
 		.weights_index = c->weights_index,
 		.snapshot = c->snapshot,
+		.snapshot_criu = c->snapshot_criu,
+		.snapshot_keep = c->keep_snapshot,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
 		.plugin_dir = c->plugin_dir,
@@ -1909,6 +1921,7 @@ enum {
 	OPT_NO_MATERIALIZE,
 	OPT_WEIGHTS,
 	OPT_SNAPSHOT,
+	OPT_KEEP_SNAPSHOT,
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
@@ -1971,7 +1984,8 @@ int main(int argc, char **argv)
 		{ "label", required_argument, NULL, OPT_LABEL },
 		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
 		{ "weights", required_argument, NULL, OPT_WEIGHTS },
-		{ "snapshot", no_argument, NULL, OPT_SNAPSHOT },
+		{ "snapshot", optional_argument, NULL, OPT_SNAPSHOT },
+		{ "keep-snapshot", no_argument, NULL, OPT_KEEP_SNAPSHOT },
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
@@ -2035,7 +2049,14 @@ int main(int argc, char **argv)
 		case OPT_LABEL: c.label = optarg; break;
 		case OPT_NO_MATERIALIZE: c.materialize = false; break;
 		case OPT_WEIGHTS: c.weights_index = optarg; break;
-		case OPT_SNAPSHOT: c.snapshot = true; break;
+		case OPT_SNAPSHOT:
+			c.snapshot = true;
+			if (optarg && strcmp(optarg, "criu") == 0)
+				c.snapshot_criu = true;
+			else if (optarg && strcmp(optarg, "live") != 0)
+				return fail("--snapshot: expected live or criu, not '%s'", optarg);
+			break;
+		case OPT_KEEP_SNAPSHOT: c.keep_snapshot = true; break;
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
