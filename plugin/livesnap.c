@@ -72,6 +72,7 @@ struct vma {
 	bool lazy;	   /* private anonymous, not locked, not hugetlb */
 	bool file_private; /* only the COW copies of its pages */
 	bool readable;	   /* else read through /proc/PID/mem */
+	bool empty;	   /* no page resident or swapped (smaps' Rss and Swap) */
 };
 
 struct range {
@@ -257,20 +258,20 @@ static int task_vmas(pid_t pid, struct vma **ret, size_t *ret_n, struct km_error
 		km_error_set(err, "cannot read %s: %s", path, strerror(-r));
 		return r;
 	}
-	/* one more round at the end finishes the last mapping */
-	for (bool eof = false; !eof;) {
+	/* a header line per mapping, its fields, then VmFlags (the last one) */
+	while ((len = getline(&line, &lsz, f)) >= 0) {
 		uint64_t s, e, off;
 		unsigned maj, min;
 		int pos = 0;
 
-		len = getline(&line, &lsz, f);
-		eof = len < 0;
-		if (!eof && strncmp(line, "VmFlags:", 8) != 0 &&
-		    (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s %" SCNx64 " %x:%x %" SCNu64 " %n", &s,
-			    &e, perms, &off, &maj, &min, &ino, &pos) < 7 ||
-		     pos == 0))
+		if (pending && (strncmp(line, "Rss:", 4) == 0 || strncmp(line, "Swap:", 5) == 0)) {
+			unsigned long long kb = 0;
+
+			if (sscanf(strchr(line, ':') + 1, "%llu", &kb) == 1 && kb > 0)
+				cur.empty = false;
 			continue;
-		if (!eof && strncmp(line, "VmFlags:", 8) == 0) {
+		}
+		if (strncmp(line, "VmFlags:", 8) == 0) {
 			if (pending && classify(&cur, perms, ino, vpath, line + 8)) {
 				if (n == cap) {
 					struct vma *nv;
@@ -286,12 +287,13 @@ static int task_vmas(pid_t pid, struct vma **ret, size_t *ret_n, struct km_error
 			pending = false;
 			continue;
 		}
-		if (eof)
-			break;
-		/* a new mapping; its VmFlags line follows */
+		if (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s %" SCNx64 " %x:%x %" SCNu64 " %n", &s, &e,
+			   perms, &off, &maj, &min, &ino, &pos) < 7 ||
+		    pos == 0)
+			continue;
 		snprintf(vpath, sizeof(vpath), "%s", line + pos);
 		vpath[strcspn(vpath, "\n")] = 0;
-		cur = (struct vma){ .start = s, .end = e };
+		cur = (struct vma){ .start = s, .end = e, .empty = true };
 		pending = true;
 	}
 	*ret = KM_TAKE_PTR(v);
@@ -665,6 +667,13 @@ static int snapshot_task(struct ctx *c, pid_t pid, uint32_t pages_id, int dirfd)
 		return 1; /* a zombie, or a kernel thread: no mm */
 	p.all_stack = stack_pointer_aligned(pid, c->page);
 	for (size_t i = 0; i < n_vmas && r >= 0; i++) {
+		/*
+		 * Nothing resident: no page to look for. It also spares the
+		 * pagemap path reading 8 bytes for every page of a large
+		 * reservation (ASan's shadow is terabytes).
+		 */
+		if (vmas[i].empty && !vmas[i].all)
+			continue;
 		c->st.vmas++;
 		if (vmas[i].all) {
 			r = plan_push(&p, vmas[i].start, vmas[i].end, KM_CRIU_PE_PRESENT,

@@ -7,10 +7,14 @@
  * be cut differently. Prints one summary line (and the first differences on
  * stderr); exits 0 if all is the same, 1 if not, 2 on an error.
  *
- *   pagecmp [--ignore-flags] [--max-diff N] DIR_A DIR_B
+ *   pagecmp [--ignore-flags] [--max-diff N] [--ignore ADDR:LEN]... DIR_A DIR_B
  *
  * --max-diff N accepts up to N pages present in both with other bytes
- * (pages of a running process change while they are read).
+ * (pages of a running process change while they are read). --ignore
+ * leaves bytes [ADDR, ADDR+LEN) out of the comparison: what the kernel
+ * writes into a stopped process, such as a thread's rseq area (its CPU
+ * number, updated whenever the thread is scheduled: CRIU's ptrace calls
+ * wake it).
  */
 #include <dirent.h>
 #include <fcntl.h>
@@ -39,6 +43,29 @@ struct image {
 	void *map;
 	size_t map_len;
 };
+
+struct ignore {
+	uint64_t addr, len;
+};
+static struct ignore ignored[64];
+static size_t n_ignored;
+
+/* Whether the page at vaddr differs, outside the ignored bytes. */
+static bool page_differs(uint64_t vaddr, const uint8_t *a, const uint8_t *b)
+{
+	if (memcmp(a, b, PAGE) == 0)
+		return false;
+	for (uint64_t i = 0; i < PAGE; i++) {
+		bool skip = false;
+
+		for (size_t k = 0; k < n_ignored && !skip; k++)
+			skip = vaddr + i >= ignored[k].addr &&
+			       vaddr + i < ignored[k].addr + ignored[k].len;
+		if (!skip && a[i] != b[i])
+			return true;
+	}
+	return false;
+}
 
 static int cmp_page(const void *a, const void *b)
 {
@@ -122,7 +149,7 @@ static int names(int dirfd, char ***ret, size_t *ret_n)
 
 int main(int argc, char **argv)
 {
-	bool flags = true;
+	bool flags = true, missing = false;
 	uint64_t max_diff = 0, pages = 0, only_a = 0, only_b = 0, differ = 0, flags_differ = 0;
 	size_t na, nb, shown = 0;
 	char **a, **b;
@@ -133,11 +160,19 @@ int main(int argc, char **argv)
 			flags = false;
 		else if (strcmp(argv[i], "--max-diff") == 0 && i + 1 < argc)
 			max_diff = strtoull(argv[++i], NULL, 10);
+		else if (strcmp(argv[i], "--ignore") == 0 && i + 1 < argc &&
+			 n_ignored < sizeof(ignored) / sizeof(ignored[0]) &&
+			 sscanf(argv[i + 1], "%" SCNx64 ":%" SCNu64, &ignored[n_ignored].addr,
+				&ignored[n_ignored].len) == 2) {
+			n_ignored++;
+			i++;
+		}
 		else
 			break;
 	}
 	if (argc - i != 2) {
-		fprintf(stderr, "usage: pagecmp [--ignore-flags] [--max-diff N] DIR_A DIR_B\n");
+		fprintf(stderr, "usage: pagecmp [--ignore-flags] [--max-diff N] [--ignore ADDR:LEN]... "
+				"DIR_A DIR_B\n");
 		return 2;
 	}
 	da = open(argv[i], O_RDONLY | O_DIRECTORY);
@@ -155,7 +190,8 @@ int main(int argc, char **argv)
 			found |= strcmp(a[x], b[y]) == 0;
 		if (!found) {
 			printf("only in A: %s\n", a[x]);
-			return 1;
+			missing = true;
+			break;
 		}
 		if (load(da, a[x], &ia) < 0 || load(db, a[x], &ib) < 0)
 			return 2;
@@ -174,7 +210,7 @@ int main(int argc, char **argv)
 				q++;
 			} else {
 				pages++;
-				if (memcmp(ia.p[p].data, ib.p[q].data, PAGE) != 0) {
+				if (page_differs(ia.p[p].vaddr, ia.p[p].data, ib.p[q].data)) {
 					if (shown++ < 10)
 						fprintf(stderr, "%s: page %#" PRIx64 " differs\n",
 							a[x], ia.p[p].vaddr);
@@ -199,10 +235,18 @@ int main(int argc, char **argv)
 		free(ia.p);
 		free(ib.p);
 	}
+	for (size_t x = 0; x < na; x++)
+		free(a[x]);
+	for (size_t y = 0; y < nb; y++)
+		free(b[y]);
+	free(a);
+	free(b);
+	close(da);
+	close(db);
 	printf("pagemaps %zu/%zu, pages in both %" PRIu64 ", only in A %" PRIu64
 	       ", only in B %" PRIu64 ", bytes differ %" PRIu64 ", flags differ %" PRIu64 "\n",
 	       na, nb, pages, only_a, only_b, differ, flags_differ);
-	if (na != nb || only_a || only_b || differ > max_diff || (flags && flags_differ))
+	if (missing || na != nb || only_a || only_b || differ > max_diff || (flags && flags_differ))
 		return 1;
 	return 0;
 }
