@@ -37,4 +37,27 @@ struct km_criu_pages_info {
 int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *ret,
 			struct km_error *err);
 
+/* One PagemapEntry: nr_pages pages from vaddr, flags KM_CRIU_PE_*. */
+struct km_criu_pagemap_entry {
+	uint64_t vaddr;
+	uint32_t nr_pages;
+	uint32_t flags;
+};
+
+/*
+ * Writes name in dirfd (created or truncated, mode 0600) as CRIU writes a
+ * pagemap-<id>.img: the two magics, a PagemapHead of pages_id, then e[0..n)
+ * in that order, each a little-endian u32 length and the message.
+ */
+int km_criu_pagemap_write_at(int dirfd, const char *name, uint32_t pages_id,
+			     const struct km_criu_pagemap_entry *e, size_t n, struct km_error *err);
+
+/*
+ * Reads pagemap image name of dirfd: its pages_id and entries (*ret is
+ * malloc'd, NULL if none; old images' in_parent turned into flags).
+ * -EBADMSG for a malformed image.
+ */
+int km_criu_pagemap_read_at(int dirfd, const char *name, uint32_t *ret_pages_id,
+			    struct km_criu_pagemap_entry **ret, size_t *ret_n, struct km_error *err);
+
 #endif

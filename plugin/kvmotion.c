@@ -25,6 +25,7 @@
 #include "engine_ctl.h"
 #include "format.h"
 #include "image.h"
+#include "livesnap.h"
 #include "migrate.h"
 #include "oci.h"
 #include "serve.h"
@@ -73,6 +74,8 @@ struct cli {
 	/* migrate */
 	const char *weights_index;
 	bool snapshot;
+	bool snapshot_criu;
+	bool keep_snapshot;
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
@@ -143,9 +146,11 @@ static void usage(FILE *f)
 	      "                                                   pre-copy a weights index, materialize it there\n"
 	      "  kvmotion send-image DIR --store S --to HOST:PORT AUTH [--restore] [--json]\n"
 	      "                                                   send an image (split, or as CRIU wrote it), restore it there\n"
-	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot] [--store S] [--work DIR]\n"
+	      "  kvmotion migrate --pid PID --to HOST:PORT AUTH [--weights INDEX] [--snapshot[=criu]] [--store S] [--work DIR]\n"
 	      "                [--criu CRIU] [--plugin-dir DIR] [--json]\n"
 	      "                                                   live-migrate a process tree (docs/migrate.md)\n"
+	      "  kvmotion snapshot --pid PID DIR [--json]         the memory pages of a running process tree as\n"
+	      "                                                   criu dump --leave-running writes them, not stopping it\n"
 	      "  kvmotion migrate --container NAME --to HOST:PORT AUTH [--podman P] [--podman-arg ARG]...\n"
 	      "                                                   live-migrate a podman container (docs/podman.md)\n"
 	      "  kvmotion send-archive ARCHIVE --to HOST:PORT AUTH [--store S] [--restore --container NAME]\n"
@@ -194,8 +199,11 @@ static void usage(FILE *f)
 	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
 	      "                       files the process maps, else the *.safetensors it has open\n"
 	      "                       or mapped, seeded into the store)\n"
-	      "  --snapshot           migrate: also pre-copy a criu dump --leave-running of the\n"
-	      "                       process (transparent mode)\n"
+	      "  --snapshot[=live|criu]  migrate: also pre-copy the process's memory (transparent\n"
+	      "                       mode): read while it runs (live, the default), or a criu\n"
+	      "                       dump --leave-running, which freezes it for the dump\n"
+	      "  --keep-snapshot      migrate: keep the snapshot's pagemap and pages files in\n"
+	      "                       WORK/snapshot\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
@@ -1181,8 +1189,13 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 			putchar(',');
 		json_string(r->weights_from[i]);
 	}
-	printf("],\"bytes_seeded\":%" PRIu64 ",\"restored_pid\":%d,\"resumed\":%s,\"error\":",
-	       r->bytes_seeded, r->restored_pid,
+	printf("],\"bytes_seeded\":%" PRIu64 ",\"snapshot\":", r->bytes_seeded);
+	if (r->snapshot_mode[0])
+		printf("{\"mode\":\"%s\",\"bytes\":%" PRIu64 ",\"seconds\":%.6f}",
+		       r->snapshot_mode, r->snapshot_bytes, secs(r->snapshot_ns));
+	else
+		printf("null");
+	printf(",\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
 	       r->resumed ? "true" : "false");
 	if (rc < 0) {
 		json_string(err->msg[0] ? err->msg : strerror(-rc));
@@ -1236,6 +1249,43 @@ static void migrate_progress(void *userdata, enum km_migrate_phase phase,
 	fflush(stderr);
 }
 
+/* The live snapshot alone (livesnap.h): for tests and to measure it. */
+static int cmd_snapshot(struct cli *c, int argc, char **argv)
+{
+	struct km_live_snapshot_stats st;
+	struct km_error err = { { 0 } };
+	_cleanup_close_ int dfd = -1;
+	int r;
+
+	if (argc != 1 || c->pid <= 0)
+		return fail("snapshot: --pid PID and a directory are required");
+	if (mkdir(argv[0], 0700) < 0 && errno != EEXIST)
+		return fail("snapshot: cannot create %s: %s", argv[0], strerror(errno));
+	dfd = open_dir(argv[0]);
+	if (dfd < 0)
+		return EXIT_FAILURE;
+	r = km_live_snapshot(c->pid, dfd, &st, &err);
+	if (r < 0)
+		return fail_with("snapshot", r, &err);
+	if (c->json) {
+		printf("{\"tasks\":%" PRIu64 ",\"vmas\":%" PRIu64 ",\"pages\":%" PRIu64
+		       ",\"bytes\":%" PRIu64 ",\"pages_unreadable\":%" PRIu64
+		       ",\"pagemap_scan\":%s,\"scan_s\":%.6f,\"read_s\":%.6f,\"write_s\":%.6f"
+		       ",\"total_s\":%.6f}\n",
+		       st.tasks, st.vmas, st.pages, st.bytes, st.pages_unreadable,
+		       st.pagemap_scan ? "true" : "false", secs(st.scan_ns), secs(st.read_ns),
+		       secs(st.write_ns), secs(st.total_ns));
+	} else {
+		char b[32];
+
+		printf("snapshot of pid %d: %" PRIu64 " tasks, %" PRIu64 " pages (%s) in %.3f s "
+		       "(scan %.3f, read %.3f, write %.3f)\n",
+		       (int)c->pid, st.tasks, st.pages, km_format_bytes(st.bytes, b),
+		       secs(st.total_ns), secs(st.scan_ns), secs(st.read_ns), secs(st.write_ns));
+	}
+	return EXIT_SUCCESS;
+}
+
 static int cmd_migrate(struct cli *c, int argc, char **argv)
 {
 	struct km_migrate_opts o = {
@@ -1247,6 +1297,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		.weights_dir = c->weights_dir ? c->weights_dir : getenv("KVMOTION_WEIGHTS_DIR"),
 		.weights_index = c->weights_index,
 		.snapshot = c->snapshot,
+		.snapshot_criu = c->snapshot_criu,
+		.snapshot_keep = c->keep_snapshot,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
 		.plugin_dir = c->plugin_dir,
@@ -1869,6 +1921,7 @@ enum {
 	OPT_NO_MATERIALIZE,
 	OPT_WEIGHTS,
 	OPT_SNAPSHOT,
+	OPT_KEEP_SNAPSHOT,
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
@@ -1931,7 +1984,8 @@ int main(int argc, char **argv)
 		{ "label", required_argument, NULL, OPT_LABEL },
 		{ "no-materialize", no_argument, NULL, OPT_NO_MATERIALIZE },
 		{ "weights", required_argument, NULL, OPT_WEIGHTS },
-		{ "snapshot", no_argument, NULL, OPT_SNAPSHOT },
+		{ "snapshot", optional_argument, NULL, OPT_SNAPSHOT },
+		{ "keep-snapshot", no_argument, NULL, OPT_KEEP_SNAPSHOT },
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
@@ -1995,7 +2049,14 @@ int main(int argc, char **argv)
 		case OPT_LABEL: c.label = optarg; break;
 		case OPT_NO_MATERIALIZE: c.materialize = false; break;
 		case OPT_WEIGHTS: c.weights_index = optarg; break;
-		case OPT_SNAPSHOT: c.snapshot = true; break;
+		case OPT_SNAPSHOT:
+			c.snapshot = true;
+			if (optarg && strcmp(optarg, "criu") == 0)
+				c.snapshot_criu = true;
+			else if (optarg && strcmp(optarg, "live") != 0)
+				return fail("--snapshot: expected live or criu, not '%s'", optarg);
+			break;
+		case OPT_KEEP_SNAPSHOT: c.keep_snapshot = true; break;
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;
@@ -2143,6 +2204,8 @@ int main(int argc, char **argv)
 		return cmd_send_weights(&c, argc, argv);
 	if (strcmp(cmd, "send-image") == 0)
 		return cmd_send_image(&c, argc, argv);
+	if (strcmp(cmd, "snapshot") == 0)
+		return cmd_snapshot(&c, argc, argv);
 	if (strcmp(cmd, "migrate") == 0)
 		return cmd_migrate(&c, argc, argv);
 	if (strcmp(cmd, "send-archive") == 0)

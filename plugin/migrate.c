@@ -22,6 +22,7 @@
 #include "format.h"
 #include "gpu.h"
 #include "image.h"
+#include "livesnap.h"
 #include "store.h"
 #include "weights.h"
 
@@ -360,11 +361,22 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap,
 		    struct km_error *err);
 
 /*
- * The tree's memory as it is now: criu dump --leave-running into
- * WORK/snapshot, its pages files seeded into the store as a weights index
- * "snapshot-PID-TIME" (so that the stop's split finds their chunks, as it
- * finds a model's), then the snapshot removed. The index is sent ahead like
- * any other: the stop then carries what changed since.
+ * The tree's memory as it is now, into WORK/snapshot (which must be empty
+ * or absent): read live by km_live_snapshot (the default: nothing is
+ * stopped) or, with opts->snapshot_criu, by criu dump --leave-running (the
+ * tree frozen for the dump). Its pages files are seeded into the store as a
+ * weights index "snapshot-PID-TIME" (so that the stop's split finds their
+ * chunks, as it finds a model's) and the index is sent ahead like any
+ * other: the stop then carries what changed since.
+ *
+ * For the incremental stop: with opts->snapshot_keep, WORK/snapshot keeps
+ * its files after this, as CRIU names them: pagemap-<vpid>.img and
+ * pages-<N>.img per process of the tree (livesnap.h; with the CRIU
+ * snapshot also CRIU's other images and dump.log), usable as a parent
+ * image. The live snapshot's pages were read while the tree ran: any may
+ * be torn or stale, so a stop that uses them must compare each page (a
+ * wrong one then only costs its bytes). Without snapshot_keep the
+ * directory is removed.
  */
 static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 		    struct km_migrate_report *r, struct km_error *err)
@@ -375,6 +387,7 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 	const char **paths = NULL;
 	size_t n_names = 0, n = 0;
 	struct km_seed_stats ss;
+	uint64_t t;
 	int q;
 
 	if (r->n_weights == KM_MIGRATE_MAX_WEIGHTS) {
@@ -386,14 +399,48 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 		km_error_set(err, "cannot create %s: %s", dir, strerror(errno));
 		return -errno;
 	}
-	q = run_dump(o, dir, true, false, err);
-	if (q < 0) {
-		km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)", dir);
-		return q;
-	}
 	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (dfd < 0 || (q = km_list_files_at(dfd, NULL, &names, &n_names)) < 0) {
 		q = dfd < 0 ? -errno : q;
+		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
+		return q;
+	}
+	km_free_names(names, n_names);
+	names = NULL;
+	if (n_names) {
+		/* pages of another process or time would be taken for this one's */
+		km_error_set(err, "snapshot directory %s is not empty", dir);
+		return -EEXIST;
+	}
+	t = now_ns();
+	if (o->snapshot_criu) {
+		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "criu");
+		q = run_dump(o, dir, true, false, err);
+		if (q < 0) {
+			km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)",
+					dir);
+			return q;
+		}
+	} else {
+		struct km_live_snapshot_stats ls;
+
+		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "live");
+		q = km_live_snapshot(o->pid, dfd, &ls, err);
+		if (q < 0) {
+			km_error_prefix(err, "live snapshot of pid %d into %s", (int)o->pid, dir);
+			/* what it wrote is of no use, and would block the next try */
+			if (km_list_files_at(dfd, NULL, &names, &n_names) == 0) {
+				for (size_t i = 0; i < n_names; i++)
+					(void)unlinkat(dfd, names[i], 0);
+				km_free_names(names, n_names);
+			}
+			(void)rmdir(dir);
+			return q;
+		}
+	}
+	r->snapshot_ns = now_ns() - t;
+	q = km_list_files_at(dfd, NULL, &names, &n_names);
+	if (q < 0) {
 		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
 		return q;
 	}
@@ -407,6 +454,12 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 			sprintf(p, "%s/%s", dir, names[i]);
 			paths[n++] = p;
 		}
+	for (size_t i = 0; i < n; i++) {
+		struct stat st;
+
+		if (stat(paths[i], &st) == 0)
+			r->snapshot_bytes += (uint64_t)st.st_size;
+	}
 	if (!paths) {
 		q = -ENOMEM;
 	} else if (n == 0) {
@@ -430,10 +483,11 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 		free((void *)paths[i]);
 	free(paths);
 	/* the pages live on as chunks in the store; the rest is not needed */
-	for (size_t i = 0; i < n_names; i++)
+	for (size_t i = 0; !o->snapshot_keep && i < n_names; i++)
 		(void)unlinkat(dfd, names[i], 0);
 	km_free_names(names, n_names);
-	(void)rmdir(dir);
+	if (!o->snapshot_keep)
+		(void)rmdir(dir);
 	return q;
 }
 

@@ -60,11 +60,16 @@ struct km_migrate_opts {
 	const char *weights_dir; /* NULL: STORE/weights */
 	const char *weights_index; /* NULL: found from the weights files pid maps */
 	/*
-	 * Also send ahead the tree's memory as it is now: a criu dump
-	 * --leave-running whose pages are seeded into the store as an index
-	 * (transparent mode only).
+	 * Also send ahead the tree's memory as it is now, its pages seeded
+	 * into the store as an index (transparent mode only): read live
+	 * (livesnap.h: nothing stops), or with snapshot_criu by a criu dump
+	 * --leave-running (the tree frozen while CRIU dumps it).
+	 * snapshot_keep leaves the pagemap and pages files in WORK/snapshot
+	 * (the parent image of an incremental stop); else it is removed.
 	 */
 	bool snapshot;
+	bool snapshot_criu;
+	bool snapshot_keep;
 	const char *work; /* work directory: the image goes to WORK/img */
 	const char *criu; /* NULL: "criu" in PATH */
 	const char *plugin_dir; /* -L of criu dump (kvmotion.so); NULL: CRIU's default */
@@ -86,6 +91,9 @@ struct km_migrate_report {
 	/* where each was found: "index" (given), "mapped", "open", "snapshot" */
 	char weights_from[KM_MIGRATE_MAX_WEIGHTS][16];
 	uint64_t bytes_seeded; /* model files and snapshot pages seeded for the pre-copy */
+	char snapshot_mode[8]; /* "live", "criu", "" without a snapshot */
+	uint64_t snapshot_bytes; /* its pages-*.img */
+	uint64_t snapshot_ns; /* taking it (live read or criu dump), not the seeding */
 	char image_dir[4096]; /* WORK/img */
 	bool image_split; /* the plugin split the dump (else sent as CRIU wrote it) */
 	char target_dir[256]; /* the image's directory on the target */

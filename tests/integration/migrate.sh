@@ -15,8 +15,10 @@
 #   - plain engine (transparent mode) A -> B with --weights: the chunks go
 #     ahead, the stop sends only what the split did not find;
 #   - plain engines with no --weights: the model file the engine keeps open
-#     found in /proc/PID/fd and seeded on the fly; a --snapshot (criu dump
-#     --leave-running seeded into the store); both sent ahead;
+#     found in /proc/PID/fd and seeded on the fly; a --snapshot (read live,
+#     kept with --keep-snapshot as pagemap-1.img/pages-1.img; then
+#     --snapshot=criu, a criu dump --leave-running) seeded into the store;
+#     both sent ahead;
 #   - failures after the stop began, each leaving the engine generating on A
 #     with the same tokens and the report saying why: the target's restore
 #     fails (with the libcuda test double: the GPU state is restored and
@@ -267,13 +269,26 @@ pass "transparent, model file found open (/proc/PID/fd): $(json_get "$T/m5.json"
 snap_bytes=$(file_size "$T/snap.safetensors")
 start_engine snap "$KM_NS_A" "$T/snap.safetensors"
 pid=$ENGINE_PID
-migrate_ok "$T/m6.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot
+migrate_ok "$T/m6.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot --keep-snapshot
 assert_eq "where the weights were found" "$(json_get "$T/m6.json" weights_from)" "['snapshot']"
+assert_eq "snapshot mode (the default)" "$(json_get "$T/m6.json" snapshot.mode)" live
 assert_ge "weights bytes sent before the stop" "$(json_get "$T/m6.json" bytes_sent_before_stop)" $((snap_bytes * 9 / 10))
 assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m6.json" stop.bytes_sent)" $((snap_bytes / 10))
-[ ! -e "$T/m6.json.work/snapshot" ] || fail "the snapshot directory was left behind"
+# kept: named as CRIU names them, the engine being pid 1 of its namespace
+[ -f "$T/m6.json.work/snapshot/pagemap-1.img" ] && [ -f "$T/m6.json.work/snapshot/pages-1.img" ] ||
+	fail "--keep-snapshot: WORK/snapshot holds $(ls "$T/m6.json.work/snapshot" 2>&1)"
+assert_eq "kept pages bytes" "$(file_size "$T/m6.json.work/snapshot/pages-1.img")" "$(json_get "$T/m6.json" snapshot.bytes)"
 finish snap "$(json_get "$T/m6.json" restored_pid)" "$T/ref-snap.out"
-pass "transparent with --snapshot: $(json_get "$T/m6.json" bytes_seeded) B of pages seeded, $(json_get "$T/m6.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m6.json" bytes_sent_during_stop) B during it; $(phases "$T/m6.json"); tokens identical"
+pass "transparent with --snapshot (live, $(json_get "$T/m6.json" snapshot.seconds) s): $(json_get "$T/m6.json" bytes_seeded) B of pages seeded, $(json_get "$T/m6.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m6.json" bytes_sent_during_stop) B during it; $(phases "$T/m6.json"); tokens identical"
+
+start_engine snap "$KM_NS_A" "$T/snap.safetensors"
+pid=$ENGINE_PID
+migrate_ok "$T/m7.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot=criu
+assert_eq "snapshot mode" "$(json_get "$T/m7.json" snapshot.mode)" criu
+assert_eq "where the weights were found" "$(json_get "$T/m7.json" weights_from)" "['snapshot']"
+[ ! -e "$T/m7.json.work/snapshot" ] || fail "the snapshot directory was left behind"
+finish snap "$(json_get "$T/m7.json" restored_pid)" "$T/ref-snap.out"
+pass "transparent with --snapshot=criu ($(json_get "$T/m7.json" snapshot.seconds) s): $(json_get "$T/m7.json" bytes_seeded) B of pages seeded, $(json_get "$T/m7.json" bytes_sent_during_stop) B during the stop; tokens identical"
 
 # --- failures: the engine goes on on A ----------------------------------------
 
