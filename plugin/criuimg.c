@@ -5,6 +5,7 @@
 #include <endian.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -73,9 +74,9 @@ static int read_pagemap(int dirfd, const char *name, uint32_t *ret_pages_id,
 			 * which the size check below tells.
 			 */
 			if (flags & KM_CRIU_PE_PARENT)
-				*ret_elsewhere += e->nr_pages;
+				*ret_elsewhere += KM_CRIU_PE_NR_PAGES(e);
 			else if (flags & KM_CRIU_PE_PRESENT)
-				*ret_present += e->nr_pages;
+				*ret_present += KM_CRIU_PE_NR_PAGES(e);
 			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
 		}
 		off += len;
@@ -147,5 +148,136 @@ int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *r
 	*ret_local = local;
 	if (ret)
 		*ret = info;
+	return 0;
+}
+
+/* --- pagemap images, whole ------------------------------------------------------ */
+
+void km_criu_pagemap_clear(struct km_criu_pagemap *pm)
+{
+	free(pm->e);
+	pm->e = NULL;
+	pm->n = 0;
+}
+
+int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
+			 struct km_error *err)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	struct km_criu_pagemap pm = { 0 };
+	size_t n, off = 8, cap = 0;
+	uint32_t magic[2];
+	bool head = true;
+	int r;
+
+	r = km_read_file_at(dirfd, name, PAGEMAP_MAX, (void **)&buf, &n);
+	if (r < 0) {
+		km_error_set(err, "%s: %s", name, strerror(-r));
+		return r;
+	}
+	if (n < 8)
+		goto bad;
+	memcpy(magic, buf, 8);
+	if (le32toh(magic[0]) != KM_CRIU_IMG_COMMON_MAGIC ||
+	    le32toh(magic[1]) != KM_CRIU_PAGEMAP_MAGIC)
+		goto bad;
+	while (off < n) {
+		uint32_t len;
+
+		if (n - off < 4)
+			goto bad;
+		memcpy(&len, buf + off, 4);
+		len = le32toh(len);
+		off += 4;
+		if (len > n - off)
+			goto bad;
+		if (head) {
+			Kvmotion__Criu__PagemapHead *h =
+				kvmotion__criu__pagemap_head__unpack(NULL, len, buf + off);
+
+			if (!h)
+				goto bad;
+			pm.pages_id = h->pages_id;
+			kvmotion__criu__pagemap_head__free_unpacked(h, NULL);
+			head = false;
+		} else {
+			Kvmotion__Criu__PagemapEntry *e =
+				kvmotion__criu__pagemap_entry__unpack(NULL, len, buf + off);
+
+			if (!e)
+				goto bad;
+			if (pm.n == cap) {
+				struct km_criu_pme *ne;
+
+				cap = cap ? cap * 2 : 64;
+				ne = realloc(pm.e, cap * sizeof(*ne));
+				if (!ne) {
+					kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
+					km_criu_pagemap_clear(&pm);
+					return -ENOMEM;
+				}
+				pm.e = ne;
+			}
+			pm.e[pm.n++] = (struct km_criu_pme){
+				.vaddr = e->vaddr,
+				.nr_pages = KM_CRIU_PE_NR_PAGES(e),
+				.flags = e->has_flags ? e->flags
+					 : (e->has_in_parent && e->in_parent) ? KM_CRIU_PE_PARENT
+									      : KM_CRIU_PE_PRESENT,
+			};
+			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
+		}
+		off += len;
+	}
+	if (head)
+		goto bad;
+	*ret = pm;
+	return 0;
+bad:
+	km_criu_pagemap_clear(&pm);
+	km_error_set(err, "%s is not a valid CRIU pagemap image", name);
+	return -EBADMSG;
+}
+
+int km_criu_pagemap_encode(const struct km_criu_pagemap *pm, void **ret, size_t *ret_size)
+{
+	Kvmotion__Criu__PagemapHead h = KVMOTION__CRIU__PAGEMAP_HEAD__INIT;
+	uint32_t word;
+	size_t n = 8 + 4 + 16, off = 0, len;
+	uint8_t *buf;
+
+	/* an entry packs into at most 1 + 10 + 1 + 5 + 1 + 5 bytes */
+	n += pm->n * (4 + 24);
+	buf = malloc(n);
+	if (!buf)
+		return -ENOMEM;
+	word = htole32(KM_CRIU_IMG_COMMON_MAGIC);
+	memcpy(buf, &word, 4);
+	word = htole32(KM_CRIU_PAGEMAP_MAGIC);
+	memcpy(buf + 4, &word, 4);
+	off = 8;
+	h.pages_id = pm->pages_id;
+	len = kvmotion__criu__pagemap_head__pack(&h, buf + off + 4);
+	word = htole32((uint32_t)len);
+	memcpy(buf + off, &word, 4);
+	off += 4 + len;
+	for (size_t i = 0; i < pm->n; i++) {
+		Kvmotion__Criu__PagemapEntry e = KVMOTION__CRIU__PAGEMAP_ENTRY__INIT;
+
+		if (pm->e[i].nr_pages > UINT32_MAX) {
+			free(buf);
+			return -E2BIG;
+		}
+		e.vaddr = pm->e[i].vaddr;
+		e.nr_pages = (uint32_t)pm->e[i].nr_pages;
+		e.has_flags = true;
+		e.flags = pm->e[i].flags;
+		len = kvmotion__criu__pagemap_entry__pack(&e, buf + off + 4);
+		word = htole32((uint32_t)len);
+		memcpy(buf + off, &word, 4);
+		off += 4 + len;
+	}
+	*ret = buf;
+	*ret_size = off;
 	return 0;
 }

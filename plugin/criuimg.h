@@ -19,6 +19,8 @@
 #define KM_CRIU_PE_PARENT 1u
 #define KM_CRIU_PE_LAZY 2u
 #define KM_CRIU_PE_PRESENT 4u
+/* A PagemapEntry's page count: field 5 where a newer CRIU wrote it, else field 2. */
+#define KM_CRIU_PE_NR_PAGES(e) ((e)->has_nr_pages_u64 ? (e)->nr_pages_u64 : (uint64_t)(e)->nr_pages)
 
 struct km_criu_pages_info {
 	uint64_t pagemaps;
@@ -36,5 +38,29 @@ struct km_criu_pages_info {
  */
 int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *ret,
 			struct km_error *err);
+
+/*
+ * One pagemap-<id>.img: the pages_id of its pages-<pages_id>.img and its
+ * entries as CRIU wrote them (vaddr order). An entry's present pages
+ * (flags & KM_CRIU_PE_PRESENT) lie in the pages file one after the other,
+ * in entry order.
+ */
+struct km_criu_pme {
+	uint64_t vaddr;
+	uint64_t nr_pages;
+	uint32_t flags; /* old images without flags: PE_PARENT or PE_PRESENT */
+};
+struct km_criu_pagemap {
+	uint32_t pages_id;
+	size_t n;
+	struct km_criu_pme *e;
+};
+
+/* -ENOENT: no such file; -EBADMSG: not a pagemap image. */
+int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
+			 struct km_error *err);
+/* The image bytes of pm (*ret malloc'd); -E2BIG for an entry of 2^32 pages or more. */
+int km_criu_pagemap_encode(const struct km_criu_pagemap *pm, void **ret, size_t *ret_size);
+void km_criu_pagemap_clear(struct km_criu_pagemap *pm);
 
 #endif
