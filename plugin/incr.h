@@ -23,6 +23,9 @@
 #include "hash.h"
 #include "util.h"
 
+/* A snapshot's id as a receiver records it in the snapshot's directory: hex, newline. */
+#define KM_SNAPSHOT_NAME "kvmotion.snapshot"
+
 struct km_incr_opts {
 	unsigned threads; /* comparing pages; 0: one per CPU */
 };

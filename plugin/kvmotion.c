@@ -195,7 +195,9 @@ static void usage(FILE *f)
 	      "                       files the process maps, else the *.safetensors it has open\n"
 	      "                       or mapped, seeded into the store)\n"
 	      "  --snapshot           migrate: also pre-copy a criu dump --leave-running of the\n"
-	      "                       process (transparent mode)\n"
+	      "                       process; the stop then sends only the pages that differ\n"
+	      "                       from it (a target of protocol 1.3; else transparent mode\n"
+	      "                       only, its pages sent ahead as chunks)\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
@@ -1151,11 +1153,12 @@ static void print_phases_json(const struct km_migrate_report *r)
 {
 	printf("\"stop_seconds\":{\"quiesce\":%.6f,\"freeze\":%.6f,\"gpu_checkpoint\":%.6f,"
 	       "\"dump\":%.6f,\"split\":%.6f,\"transfer\":%.6f,\"join\":%.6f,\"restore\":%.6f,"
-	       "\"commit_wait\":%.6f,\"gpu_restore\":%.6f,\"resume\":%.6f,\"kill\":%.6f,\"total\":%.6f}",
+	       "\"commit_wait\":%.6f,\"gpu_restore\":%.6f,\"resume\":%.6f,\"kill\":%.6f,\"total\":%.6f,"
+	       "\"compare\":%.6f}",
 	       secs(r->quiesce_ns), secs(r->freeze_ns), secs(r->gpu_checkpoint_ns), secs(r->dump_ns),
 	       secs(r->split_ns), secs(r->transfer_ns), secs(r->join_ns), secs(r->restore_ns),
 	       secs(r->commit_wait_ns), secs(r->gpu_restore_ns), secs(r->resume_ns),
-	       secs(r->kill_ns), secs(r->stop_ns));
+	       secs(r->kill_ns), secs(r->stop_ns), secs(r->compare_ns));
 }
 
 static void print_migrate_json(const struct cli *c, const struct km_migrate_report *r, int rc,
@@ -1199,9 +1202,33 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	printf(",\"bytes_sent_before_stop\":%" PRIu64 ",\"bytes_sent_during_stop\":%" PRIu64
 	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes_before_stop\":%" PRIu64
 	       ",\"wire_bytes_during_stop\":%" PRIu64,
-	       r->precopy.bytes_sent, r->stop.bytes_sent + r->stop.file_bytes,
-	       r->precopy.bytes_deduplicated + r->stop.bytes_deduplicated, r->precopy.wire_bytes,
-	       r->stop.wire_bytes);
+	       r->precopy.bytes_sent + r->snapshot.bytes_sent + r->snapshot.file_bytes,
+	       r->stop.bytes_sent + r->stop.file_bytes,
+	       r->precopy.bytes_deduplicated + r->snapshot.bytes_deduplicated +
+		       r->stop.bytes_deduplicated,
+	       r->precopy.wire_bytes + r->snapshot.wire_bytes, r->stop.wire_bytes);
+	printf(",\"incremental\":%s,\"incremental_why\":", r->incremental ? "true" : "false");
+	if (r->incremental_why[0])
+		json_string(r->incremental_why);
+	else
+		printf("null");
+	if (r->snapshot_bytes) {
+		char hex[KM_HASH_HEX_SIZE];
+
+		printf(",\"snapshot\":{\"target_dir\":");
+		json_string(r->snapshot_dir);
+		printf(",\"id\":\"%s\",\"bytes\":%" PRIu64 ",\"dump_seconds\":%.6f,"
+		       "\"id_seconds\":%.6f,\"split_seconds\":%.6f,\"send_seconds\":%.6f,",
+		       r->snapshot_dir[0] ? km_hash_to_hex(&r->snapshot_id, hex) : "",
+		       r->snapshot_bytes, secs(r->snapshot_ns), secs(r->snapshot_id_ns),
+		       secs(r->snapshot_split_ns), secs(r->snapshot_send_ns));
+		print_send_stats_json(&r->snapshot);
+		printf(",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 "}", r->snapshot.files,
+		       r->snapshot.file_bytes);
+	}
+	printf(",\"pages\":{\"dumped\":%" PRIu64 ",\"from_snapshot\":%" PRIu64
+	       ",\"sent\":%" PRIu64 "}",
+	       r->pages, r->pages_parent, r->pages_present);
 	printf(",\"precopy\":{");
 	print_send_stats_json(&r->precopy);
 	printf(",\"seconds\":%.6f,\"discover_seconds\":%.6f},\"stop\":{", secs(r->precopy_ns),
@@ -1306,8 +1333,17 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		       secs(rep.gpu_checkpoint_ns), secs(rep.dump_ns), secs(rep.split_ns),
 		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns),
 		       secs(rep.gpu_restore_ns), secs(rep.resume_ns));
+		if (rep.incremental)
+			printf("  incremental over snapshot %s (its dump %.3f s): %" PRIu64
+			       " of %" PRIu64 " pages sent, compared in %.3f s\n",
+			       rep.snapshot_dir, secs(rep.snapshot_ns), rep.pages_present, rep.pages,
+			       secs(rep.compare_ns));
+		else if (rep.incremental_why[0])
+			printf("  not incremental: %s\n", rep.incremental_why);
 		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
-		       km_format_bytes(rep.precopy.bytes_sent, b1),
+		       km_format_bytes(rep.precopy.bytes_sent + rep.snapshot.bytes_sent +
+					       rep.snapshot.file_bytes,
+				       b1),
 		       km_format_bytes(rep.stop.bytes_sent + rep.stop.file_bytes, b2),
 		       km_format_bytes(rep.precopy.bytes_deduplicated + rep.stop.bytes_deduplicated, b3));
 	}

@@ -61,8 +61,12 @@ struct km_migrate_opts {
 	const char *weights_index; /* NULL: found from the weights files pid maps */
 	/*
 	 * Also send ahead the tree's memory as it is now: a criu dump
-	 * --leave-running whose pages are seeded into the store as an index
-	 * (transparent mode only).
+	 * --leave-running (the snapshot). To a target that takes parents
+	 * (protocol 1.3) it is sent as an image that the target keeps, and the
+	 * stop sends an incremental image over it: only the pages that differ
+	 * from the snapshot's (incr.h), in both modes. To an older target, in
+	 * transparent mode only, its pages are seeded into the store as an
+	 * index and sent ahead like weights.
 	 */
 	bool snapshot;
 	const char *work; /* work directory: the image goes to WORK/img */
@@ -95,7 +99,18 @@ struct km_migrate_report {
 	/* bytes */
 	struct km_send_stats precopy; /* the weights (sum over indexes) */
 	struct km_send_stats stop; /* the image and its missing chunks */
-	uint64_t image_bytes; /* bytes of the split image directory (its files) */
+	uint64_t image_bytes; /* bytes of the image directory sent (its files) */
+	/* the snapshot as a parent (opts.snapshot, a target of protocol 1.3) */
+	bool incremental; /* the stop sent an incremental image over the snapshot */
+	char incremental_why[256]; /* opts.snapshot but not incremental: why ("" otherwise) */
+	char snapshot_dir[256]; /* the snapshot's directory on the target */
+	struct km_hash snapshot_id;
+	struct km_send_stats snapshot; /* sending it (in the pre-copy) */
+	uint64_t snapshot_bytes; /* of its pages files */
+	uint64_t snapshot_ns; /* its criu dump --leave-running: the tree is frozen for most of it */
+	uint64_t snapshot_id_ns, snapshot_split_ns, snapshot_send_ns; /* after it, while serving */
+	uint64_t pages, pages_parent, pages_present; /* the stop's dump: present, equal, sent */
+	uint64_t compare_ns; /* the stop: comparing with the snapshot, rewriting the image */
 	/*
 	 * nanoseconds; the stop's phases (dump.log, the target's reply, ours).
 	 * gpu_restore_ns and resume_ns: on success the target's (its plugin's
@@ -104,7 +119,7 @@ struct km_migrate_report {
 	 */
 	uint64_t precopy_ns;
 	uint64_t discover_ns; /* seeding open model files, the snapshot */
-	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns;
+	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns; /* split: or compare */
 	uint64_t transfer_ns, join_ns, restore_ns, commit_wait_ns;
 	uint64_t gpu_restore_ns, resume_ns, kill_ns;
 	uint64_t stop_ns; /* dump start to the restored pid (or to the source resumed) */
