@@ -65,6 +65,7 @@ struct cli {
 	uint32_t max_message;
 	unsigned max_connections;
 	unsigned idle_timeout_s;
+	bool no_incremental;
 	bool restore;
 	bool materialize;
 	enum km_compress compress;
@@ -183,6 +184,8 @@ static void usage(FILE *f)
 	      "  --max-message N      serve: largest payload of one frame (default and most 64M)\n"
 	      "  --max-connections N  serve: migrations at once (default 16)\n"
 	      "  --idle-timeout S     serve: drop a sender silent for S seconds (default 300)\n"
+	      "  --no-incremental     serve: take no snapshots or incremental images (speak as\n"
+	      "                       protocol 1.2 does: senders send whole images)\n"
 	      "  --restore-cmd CRIU   serve: CRIU or a wrapper taking its arguments (default criu)\n"
 	      "  --restore-libdir D   serve: CRIU plugin directory, passed as -L\n"
 	      "  --restore-arg ARG    serve: extra argument for criu restore (repeatable)\n"
@@ -915,6 +918,7 @@ static int cmd_serve(struct cli *c, int argc, char **argv)
 		.max_payload = c->max_message,
 		.max_connections = c->max_connections,
 		.idle_timeout_s = c->idle_timeout_s,
+		.no_incremental = c->no_incremental,
 		.sync = c->sync,
 		.restore = c->restore_opts,
 		.container = c->container_opts,
@@ -1217,7 +1221,7 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 
 		printf(",\"snapshot\":{\"target_dir\":");
 		json_string(r->snapshot_dir);
-		printf(",\"id\":\"%s\",\"bytes\":%" PRIu64 ",\"dump_seconds\":%.6f,"
+		printf(",\"id\":\"%s\",\"image_bytes\":%" PRIu64 ",\"dump_seconds\":%.6f,"
 		       "\"id_seconds\":%.6f,\"split_seconds\":%.6f,\"send_seconds\":%.6f,",
 		       r->snapshot_dir[0] ? km_hash_to_hex(&r->snapshot_id, hex) : "",
 		       r->snapshot_bytes, secs(r->snapshot_ns), secs(r->snapshot_id_ns),
@@ -1284,6 +1288,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
 	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
+	const char *wrong_parent = getenv("KVMOTION_TEST_WRONG_PARENT");
 	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
 	int r;
 
@@ -1301,6 +1306,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		o.client.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
 	if (corrupt_piece && corrupt_piece[0])
 		o.client.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
+	if (wrong_parent && wrong_parent[0])
+		o.test_wrong_parent = (unsigned)strtoul(wrong_parent, NULL, 10);
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
@@ -1895,6 +1902,7 @@ enum {
 	OPT_MAX_MESSAGE,
 	OPT_MAX_CONNS,
 	OPT_IDLE,
+	OPT_NO_INCREMENTAL,
 	OPT_RESTORE,
 	OPT_RESTORE_CMD,
 	OPT_RESTORE_LIBDIR,
@@ -1958,6 +1966,7 @@ int main(int argc, char **argv)
 		{ "max-message", required_argument, NULL, OPT_MAX_MESSAGE },
 		{ "max-connections", required_argument, NULL, OPT_MAX_CONNS },
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE },
+		{ "no-incremental", no_argument, NULL, OPT_NO_INCREMENTAL },
 		{ "restore", no_argument, NULL, OPT_RESTORE },
 		{ "restore-cmd", required_argument, NULL, OPT_RESTORE_CMD },
 		{ "restore-libdir", required_argument, NULL, OPT_RESTORE_LIBDIR },
@@ -2004,6 +2013,7 @@ int main(int argc, char **argv)
 		case OPT_NAME: c.name = optarg; break;
 		case OPT_JSON: c.json = true; break;
 		case OPT_NO_SYNC: c.sync = false; break;
+		case OPT_NO_INCREMENTAL: c.no_incremental = true; break;
 		case OPT_ADD_CHUNKS: c.add_chunks = true; break;
 		case OPT_KEEP: c.keep = true; break;
 		case OPT_REPAIR: c.repair = true; break;

@@ -937,6 +937,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	uint64_t t_all = now_ns(), t_stop = 0, t;
 	struct km_image_result res = { 0 };
 	struct km_image_send_opts so = { .label = "migrate", .restore = true };
+	struct km_hash wrong_id;
 	int q, ret;
 
 	memset(r, 0, sizeof(*r));
@@ -1036,6 +1037,13 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 		r->incremental = true;
 		so.parent = r->snapshot_dir;
 		so.parent_id = &r->snapshot_id;
+		if (o->test_wrong_parent == 1) {
+			wrong_id = r->snapshot_id;
+			wrong_id.b[7] ^= 0x10;
+			so.parent_id = &wrong_id;
+		} else if (o->test_wrong_parent == 2) {
+			so.parent = "snapshot-that-is-not-there";
+		}
 	}
 	r->image_bytes = dir_bytes(r->image_dir);
 	q = km_image_is_split(dirfd);

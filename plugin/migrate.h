@@ -78,6 +78,12 @@ struct km_migrate_opts {
 	uint32_t engine_timeout_ms; /* the engine's resume after a failure; 0: 10 s */
 	km_migrate_progress_fn progress;
 	void *userdata;
+	/*
+	 * Tests only: the stop names a parent the target must refuse: 1 the
+	 * snapshot's id with one bit flipped, 2 a directory it does not hold.
+	 * 0: off.
+	 */
+	unsigned test_wrong_parent;
 };
 
 #define KM_MIGRATE_MAX_WEIGHTS 8

@@ -291,7 +291,7 @@ static int handle_hello(struct conn *c, const Kvmotion__Wire__Hello *h, struct k
 	hr.has_can_restore_containers = true;
 	hr.can_restore_containers = c->srv->o.container.podman != NULL;
 	hr.has_can_parent = true;
-	hr.can_parent = true;
+	hr.can_parent = !c->srv->o.no_incremental;
 	c->hello = true;
 	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &hr.base, NULL, 0,
 			    NULL, err);
@@ -651,6 +651,10 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 	    (m->parent && (!m->has_parent_id || m->parent_id.len != KM_HASH_SIZE))) {
 		km_error_set(err, "protocol error: IMAGE_BEGIN with a snapshot or parent id of the wrong size");
 		return -EPROTO;
+	}
+	if ((m->has_snapshot_id || m->parent) && c->srv->o.no_incremental) {
+		km_error_set(err, "this receiver takes no snapshots or incremental images");
+		return -ENOSYS;
 	}
 	if (m->parent) {
 		r = parent_check(c, m->parent, m->parent_id.data, err);
