@@ -1324,6 +1324,10 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	} else {
 		r = km_migrate(&o, &rep, &err);
 	}
+	/* the fallback to a whole image is worth a line in any mode */
+	if (!rep.incremental && rep.incremental_why[0])
+		fprintf(stderr, "kvmotion: migrate: the stop is not incremental: %s\n",
+			rep.incremental_why);
 	if (c->json) {
 		print_migrate_json(c, &rep, r, &err);
 	} else if (r == 0) {
@@ -1345,8 +1349,6 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 			       " of %" PRIu64 " pages sent, compared in %.3f s\n",
 			       rep.snapshot_dir, secs(rep.snapshot_ns), rep.pages_present, rep.pages,
 			       secs(rep.compare_ns));
-		else if (rep.incremental_why[0])
-			printf("  not incremental: %s\n", rep.incremental_why);
 		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
 		       km_format_bytes(rep.precopy.bytes_sent + rep.snapshot.bytes_sent +
 					       rep.snapshot.file_bytes,

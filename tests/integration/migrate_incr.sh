@@ -145,6 +145,7 @@ pid=$ENGINE_PID
 migrate_ok "$T/i3.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7472" --snapshot
 assert_eq "incremental" "$(json_get "$T/i3.json" incremental)" False
 json_get "$T/i3.json" incremental_why | grep -q "protocol 1.3" || fail "incremental_why: $(json_get "$T/i3.json" incremental_why)"
+grep -q "the stop is not incremental" "$T/i3.json.err" || fail "no line on stderr says the stop is not incremental"
 assert_ge "bytes during the stop (the whole KV)" "$(json_get "$T/i3.json" bytes_sent_during_stop)" $((8 << 20))
 finish old "$(json_get "$T/i3.json" restored_pid)" "$T/ref-coop.out"
 pass "old target: not incremental ('$(json_get "$T/i3.json" incremental_why)'), $(json_get "$T/i3.json" bytes_sent_during_stop) B in the stop; tokens identical"
