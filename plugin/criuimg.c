@@ -5,6 +5,7 @@
 #include <endian.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -73,9 +74,9 @@ static int read_pagemap(int dirfd, const char *name, uint32_t *ret_pages_id,
 			 * which the size check below tells.
 			 */
 			if (flags & KM_CRIU_PE_PARENT)
-				*ret_elsewhere += e->nr_pages;
+				*ret_elsewhere += KM_CRIU_PE_NR_PAGES(e);
 			else if (flags & KM_CRIU_PE_PRESENT)
-				*ret_present += e->nr_pages;
+				*ret_present += KM_CRIU_PE_NR_PAGES(e);
 			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
 		}
 		off += len;
@@ -150,61 +151,22 @@ int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *r
 	return 0;
 }
 
-int km_criu_pagemap_write_at(int dirfd, const char *name, uint32_t pages_id,
-			     const struct km_criu_pagemap_entry *e, size_t n, struct km_error *err)
+/* --- pagemap images, whole ------------------------------------------------------ */
+
+void km_criu_pagemap_clear(struct km_criu_pagemap *pm)
 {
-	Kvmotion__Criu__PagemapHead h = KVMOTION__CRIU__PAGEMAP_HEAD__INIT;
-	_cleanup_free_ uint8_t *buf = NULL;
-	_cleanup_close_ int fd = -1;
-	uint32_t le;
-	size_t off = 0;
-	int r;
-
-	/* a varint message: 1 + 10 + 1 + 5 + 1 + 5 bytes at most, plus its length */
-	buf = malloc(8 + 4 + 16 + n * (4 + 24));
-	if (!buf)
-		return -ENOMEM;
-	le = htole32(KM_CRIU_IMG_COMMON_MAGIC);
-	memcpy(buf, &le, 4);
-	le = htole32(KM_CRIU_PAGEMAP_MAGIC);
-	memcpy(buf + 4, &le, 4);
-	off = 8;
-	h.pages_id = pages_id;
-	le = htole32((uint32_t)kvmotion__criu__pagemap_head__get_packed_size(&h));
-	memcpy(buf + off, &le, 4);
-	off += 4;
-	off += kvmotion__criu__pagemap_head__pack(&h, buf + off);
-	for (size_t i = 0; i < n; i++) {
-		Kvmotion__Criu__PagemapEntry pe = KVMOTION__CRIU__PAGEMAP_ENTRY__INIT;
-
-		pe.vaddr = e[i].vaddr;
-		pe.nr_pages = e[i].nr_pages;
-		pe.has_flags = true;
-		pe.flags = e[i].flags;
-		le = htole32((uint32_t)kvmotion__criu__pagemap_entry__get_packed_size(&pe));
-		memcpy(buf + off, &le, 4);
-		off += 4;
-		off += kvmotion__criu__pagemap_entry__pack(&pe, buf + off);
-	}
-	fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	if (fd < 0) {
-		r = -errno;
-		km_error_set(err, "cannot create %s: %s", name, strerror(-r));
-		return r;
-	}
-	r = km_write_full(fd, buf, off);
-	if (r < 0)
-		km_error_set(err, "cannot write %s: %s", name, strerror(-r));
-	return r;
+	free(pm->e);
+	pm->e = NULL;
+	pm->n = 0;
 }
 
-int km_criu_pagemap_read_at(int dirfd, const char *name, uint32_t *ret_pages_id,
-			    struct km_criu_pagemap_entry **ret, size_t *ret_n, struct km_error *err)
+int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
+			 struct km_error *err)
 {
 	_cleanup_free_ uint8_t *buf = NULL;
-	_cleanup_free_ struct km_criu_pagemap_entry *v = NULL;
-	size_t n, off = 8, nv = 0, cap = 0;
-	uint32_t magic[2], pages_id = 0;
+	struct km_criu_pagemap pm = { 0 };
+	size_t n, off = 8, cap = 0;
+	uint32_t magic[2];
 	bool head = true;
 	int r;
 
@@ -235,7 +197,7 @@ int km_criu_pagemap_read_at(int dirfd, const char *name, uint32_t *ret_pages_id,
 
 			if (!h)
 				goto bad;
-			pages_id = h->pages_id;
+			pm.pages_id = h->pages_id;
 			kvmotion__criu__pagemap_head__free_unpacked(h, NULL);
 			head = false;
 		} else {
@@ -244,34 +206,103 @@ int km_criu_pagemap_read_at(int dirfd, const char *name, uint32_t *ret_pages_id,
 
 			if (!e)
 				goto bad;
-			if (nv == cap) {
-				struct km_criu_pagemap_entry *nvp;
+			if (pm.n == cap) {
+				struct km_criu_pme *ne;
 
-				cap = cap ? 2 * cap : 64;
-				nvp = realloc(v, cap * sizeof(*v));
-				if (!nvp) {
+				cap = cap ? cap * 2 : 64;
+				ne = realloc(pm.e, cap * sizeof(*ne));
+				if (!ne) {
 					kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
+					km_criu_pagemap_clear(&pm);
 					return -ENOMEM;
 				}
-				v = nvp;
+				pm.e = ne;
 			}
-			v[nv].vaddr = e->vaddr;
-			v[nv].nr_pages = e->nr_pages;
-			v[nv].flags = e->has_flags ? e->flags
-				      : (e->has_in_parent && e->in_parent) ? KM_CRIU_PE_PARENT
-									    : KM_CRIU_PE_PRESENT;
-			nv++;
+			pm.e[pm.n++] = (struct km_criu_pme){
+				.vaddr = e->vaddr,
+				.nr_pages = KM_CRIU_PE_NR_PAGES(e),
+				.flags = e->has_flags ? e->flags
+					 : (e->has_in_parent && e->in_parent) ? KM_CRIU_PE_PARENT
+									      : KM_CRIU_PE_PRESENT,
+			};
 			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
 		}
 		off += len;
 	}
 	if (head)
 		goto bad;
-	*ret_pages_id = pages_id;
-	*ret = KM_TAKE_PTR(v);
-	*ret_n = nv;
+	*ret = pm;
 	return 0;
 bad:
+	km_criu_pagemap_clear(&pm);
 	km_error_set(err, "%s is not a valid CRIU pagemap image", name);
 	return -EBADMSG;
+}
+
+int km_criu_pagemap_encode(const struct km_criu_pagemap *pm, void **ret, size_t *ret_size)
+{
+	Kvmotion__Criu__PagemapHead h = KVMOTION__CRIU__PAGEMAP_HEAD__INIT;
+	uint32_t word;
+	size_t n = 8 + 4 + 16, off = 0, len;
+	uint8_t *buf;
+
+	/* an entry packs into at most 1 + 10 + 1 + 5 + 1 + 5 bytes */
+	n += pm->n * (4 + 24);
+	buf = malloc(n);
+	if (!buf)
+		return -ENOMEM;
+	word = htole32(KM_CRIU_IMG_COMMON_MAGIC);
+	memcpy(buf, &word, 4);
+	word = htole32(KM_CRIU_PAGEMAP_MAGIC);
+	memcpy(buf + 4, &word, 4);
+	off = 8;
+	h.pages_id = pm->pages_id;
+	len = kvmotion__criu__pagemap_head__pack(&h, buf + off + 4);
+	word = htole32((uint32_t)len);
+	memcpy(buf + off, &word, 4);
+	off += 4 + len;
+	for (size_t i = 0; i < pm->n; i++) {
+		Kvmotion__Criu__PagemapEntry e = KVMOTION__CRIU__PAGEMAP_ENTRY__INIT;
+
+		if (pm->e[i].nr_pages > UINT32_MAX) {
+			free(buf);
+			return -E2BIG;
+		}
+		e.vaddr = pm->e[i].vaddr;
+		e.nr_pages = (uint32_t)pm->e[i].nr_pages;
+		e.has_flags = true;
+		e.flags = pm->e[i].flags;
+		len = kvmotion__criu__pagemap_entry__pack(&e, buf + off + 4);
+		word = htole32((uint32_t)len);
+		memcpy(buf + off, &word, 4);
+		off += 4 + len;
+	}
+	*ret = buf;
+	*ret_size = off;
+	return 0;
+}
+
+int km_criu_pagemap_write(int dirfd, const char *name, const struct km_criu_pagemap *pm,
+			  struct km_error *err)
+{
+	_cleanup_free_ void *buf = NULL;
+	_cleanup_close_ int fd = -1;
+	size_t size;
+	int r;
+
+	r = km_criu_pagemap_encode(pm, &buf, &size);
+	if (r < 0) {
+		km_error_set(err, "cannot encode %s: %s", name, strerror(-r));
+		return r;
+	}
+	fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(err, "cannot create %s: %s", name, strerror(-r));
+		return r;
+	}
+	r = km_write_full(fd, buf, size);
+	if (r < 0)
+		km_error_set(err, "cannot write %s: %s", name, strerror(-r));
+	return r;
 }

@@ -19,6 +19,8 @@
 #define KM_CRIU_PE_PARENT 1u
 #define KM_CRIU_PE_LAZY 2u
 #define KM_CRIU_PE_PRESENT 4u
+/* A PagemapEntry's page count: field 5 where a newer CRIU wrote it, else field 2. */
+#define KM_CRIU_PE_NR_PAGES(e) ((e)->has_nr_pages_u64 ? (e)->nr_pages_u64 : (uint64_t)(e)->nr_pages)
 
 struct km_criu_pages_info {
 	uint64_t pagemaps;
@@ -37,27 +39,31 @@ struct km_criu_pages_info {
 int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *ret,
 			struct km_error *err);
 
-/* One PagemapEntry: nr_pages pages from vaddr, flags KM_CRIU_PE_*. */
-struct km_criu_pagemap_entry {
+/*
+ * One pagemap-<id>.img: the pages_id of its pages-<pages_id>.img and its
+ * entries as CRIU wrote them (vaddr order). An entry's present pages
+ * (flags & KM_CRIU_PE_PRESENT) lie in the pages file one after the other,
+ * in entry order.
+ */
+struct km_criu_pme {
 	uint64_t vaddr;
-	uint32_t nr_pages;
-	uint32_t flags;
+	uint64_t nr_pages;
+	uint32_t flags; /* old images without flags: PE_PARENT or PE_PRESENT */
+};
+struct km_criu_pagemap {
+	uint32_t pages_id;
+	size_t n;
+	struct km_criu_pme *e;
 };
 
-/*
- * Writes name in dirfd (created or truncated, mode 0600) as CRIU writes a
- * pagemap-<id>.img: the two magics, a PagemapHead of pages_id, then e[0..n)
- * in that order, each a little-endian u32 length and the message.
- */
-int km_criu_pagemap_write_at(int dirfd, const char *name, uint32_t pages_id,
-			     const struct km_criu_pagemap_entry *e, size_t n, struct km_error *err);
-
-/*
- * Reads pagemap image name of dirfd: its pages_id and entries (*ret is
- * malloc'd, NULL if none; old images' in_parent turned into flags).
- * -EBADMSG for a malformed image.
- */
-int km_criu_pagemap_read_at(int dirfd, const char *name, uint32_t *ret_pages_id,
-			    struct km_criu_pagemap_entry **ret, size_t *ret_n, struct km_error *err);
+/* -ENOENT: no such file; -EBADMSG: not a pagemap image. */
+int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
+			 struct km_error *err);
+/* The image bytes of pm (*ret malloc'd); -E2BIG for an entry of 2^32 pages or more. */
+int km_criu_pagemap_encode(const struct km_criu_pagemap *pm, void **ret, size_t *ret_size);
+/* Writes pm as name in dirfd (created or truncated, mode 0600). */
+int km_criu_pagemap_write(int dirfd, const char *name, const struct km_criu_pagemap *pm,
+			  struct km_error *err);
+void km_criu_pagemap_clear(struct km_criu_pagemap *pm);
 
 #endif

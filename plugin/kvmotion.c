@@ -66,6 +66,7 @@ struct cli {
 	uint32_t max_message;
 	unsigned max_connections;
 	unsigned idle_timeout_s;
+	bool no_incremental;
 	bool restore;
 	bool materialize;
 	enum km_compress compress;
@@ -188,6 +189,8 @@ static void usage(FILE *f)
 	      "  --max-message N      serve: largest payload of one frame (default and most 64M)\n"
 	      "  --max-connections N  serve: migrations at once (default 16)\n"
 	      "  --idle-timeout S     serve: drop a sender silent for S seconds (default 300)\n"
+	      "  --no-incremental     serve: take no snapshots or incremental images (speak as\n"
+	      "                       protocol 1.2 does: senders send whole images)\n"
 	      "  --restore-cmd CRIU   serve: CRIU or a wrapper taking its arguments (default criu)\n"
 	      "  --restore-libdir D   serve: CRIU plugin directory, passed as -L\n"
 	      "  --restore-arg ARG    serve: extra argument for criu restore (repeatable)\n"
@@ -199,11 +202,14 @@ static void usage(FILE *f)
 	      "  --weights INDEX      migrate: pre-copy this weights index (default: the weights\n"
 	      "                       files the process maps, else the *.safetensors it has open\n"
 	      "                       or mapped, seeded into the store)\n"
-	      "  --snapshot[=live|criu]  migrate: also pre-copy the process's memory (transparent\n"
-	      "                       mode): read while it runs (live, the default), or a criu\n"
-	      "                       dump --leave-running, which freezes it for the dump\n"
+	      "  --snapshot[=live|criu]  migrate: also pre-copy the process's memory: read while\n"
+	      "                       it runs (live, the default), or a criu dump\n"
+	      "                       --leave-running, which freezes it for the dump; the stop\n"
+	      "                       then sends only the pages that differ from it (a target\n"
+	      "                       of protocol 1.3; else transparent mode only, its pages\n"
+	      "                       sent ahead as chunks)\n"
 	      "  --keep-snapshot      migrate: keep the snapshot's pagemap and pages files in\n"
-	      "                       WORK/snapshot\n"
+	      "                       WORK/snapshot (the older targets' path)\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
@@ -921,6 +927,7 @@ static int cmd_serve(struct cli *c, int argc, char **argv)
 		.max_payload = c->max_message,
 		.max_connections = c->max_connections,
 		.idle_timeout_s = c->idle_timeout_s,
+		.no_incremental = c->no_incremental,
 		.sync = c->sync,
 		.restore = c->restore_opts,
 		.container = c->container_opts,
@@ -1159,11 +1166,12 @@ static void print_phases_json(const struct km_migrate_report *r)
 {
 	printf("\"stop_seconds\":{\"quiesce\":%.6f,\"freeze\":%.6f,\"gpu_checkpoint\":%.6f,"
 	       "\"dump\":%.6f,\"split\":%.6f,\"transfer\":%.6f,\"join\":%.6f,\"restore\":%.6f,"
-	       "\"commit_wait\":%.6f,\"gpu_restore\":%.6f,\"resume\":%.6f,\"kill\":%.6f,\"total\":%.6f}",
+	       "\"commit_wait\":%.6f,\"gpu_restore\":%.6f,\"resume\":%.6f,\"kill\":%.6f,\"total\":%.6f,"
+	       "\"compare\":%.6f}",
 	       secs(r->quiesce_ns), secs(r->freeze_ns), secs(r->gpu_checkpoint_ns), secs(r->dump_ns),
 	       secs(r->split_ns), secs(r->transfer_ns), secs(r->join_ns), secs(r->restore_ns),
 	       secs(r->commit_wait_ns), secs(r->gpu_restore_ns), secs(r->resume_ns),
-	       secs(r->kill_ns), secs(r->stop_ns));
+	       secs(r->kill_ns), secs(r->stop_ns), secs(r->compare_ns));
 }
 
 static void print_migrate_json(const struct cli *c, const struct km_migrate_report *r, int rc,
@@ -1189,12 +1197,7 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 			putchar(',');
 		json_string(r->weights_from[i]);
 	}
-	printf("],\"bytes_seeded\":%" PRIu64 ",\"snapshot\":", r->bytes_seeded);
-	if (r->snapshot_mode[0])
-		printf("{\"mode\":\"%s\",\"bytes\":%" PRIu64 ",\"seconds\":%.6f}",
-		       r->snapshot_mode, r->snapshot_bytes, secs(r->snapshot_ns));
-	else
-		printf("null");
+	printf("],\"bytes_seeded\":%" PRIu64, r->bytes_seeded);
 	printf(",\"restored_pid\":%d,\"resumed\":%s,\"error\":", r->restored_pid,
 	       r->resumed ? "true" : "false");
 	if (rc < 0) {
@@ -1212,9 +1215,37 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 	printf(",\"bytes_sent_before_stop\":%" PRIu64 ",\"bytes_sent_during_stop\":%" PRIu64
 	       ",\"bytes_deduplicated\":%" PRIu64 ",\"wire_bytes_before_stop\":%" PRIu64
 	       ",\"wire_bytes_during_stop\":%" PRIu64,
-	       r->precopy.bytes_sent, r->stop.bytes_sent + r->stop.file_bytes,
-	       r->precopy.bytes_deduplicated + r->stop.bytes_deduplicated, r->precopy.wire_bytes,
-	       r->stop.wire_bytes);
+	       r->precopy.bytes_sent + r->snapshot.bytes_sent + r->snapshot.file_bytes,
+	       r->stop.bytes_sent + r->stop.file_bytes,
+	       r->precopy.bytes_deduplicated + r->snapshot.bytes_deduplicated +
+		       r->stop.bytes_deduplicated,
+	       r->precopy.wire_bytes + r->snapshot.wire_bytes, r->stop.wire_bytes);
+	printf(",\"incremental\":%s,\"incremental_why\":", r->incremental ? "true" : "false");
+	if (r->incremental_why[0])
+		json_string(r->incremental_why);
+	else
+		printf("null");
+	printf(",\"snapshot\":");
+	if (r->snapshot_mode[0]) {
+		char hex[KM_HASH_HEX_SIZE];
+
+		/* seconds: taking it (a criu snapshot freezes the tree that long) */
+		printf("{\"mode\":\"%s\",\"bytes\":%" PRIu64 ",\"seconds\":%.6f,\"target_dir\":",
+		       r->snapshot_mode, r->snapshot_bytes, secs(r->snapshot_ns));
+		json_string(r->snapshot_dir);
+		printf(",\"id\":\"%s\",\"id_seconds\":%.6f,\"split_seconds\":%.6f,"
+		       "\"send_seconds\":%.6f,",
+		       r->snapshot_dir[0] ? km_hash_to_hex(&r->snapshot_id, hex) : "",
+		       secs(r->snapshot_id_ns), secs(r->snapshot_split_ns), secs(r->snapshot_send_ns));
+		print_send_stats_json(&r->snapshot);
+		printf(",\"files\":%" PRIu64 ",\"file_bytes\":%" PRIu64 "}", r->snapshot.files,
+		       r->snapshot.file_bytes);
+	} else {
+		printf("null");
+	}
+	printf(",\"pages\":{\"dumped\":%" PRIu64 ",\"from_snapshot\":%" PRIu64
+	       ",\"sent\":%" PRIu64 "}",
+	       r->pages, r->pages_parent, r->pages_present);
 	printf(",\"precopy\":{");
 	print_send_stats_json(&r->precopy);
 	printf(",\"seconds\":%.6f,\"discover_seconds\":%.6f},\"stop\":{", secs(r->precopy_ns),
@@ -1309,6 +1340,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	struct km_error err = { { 0 } };
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
 	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
+	const char *wrong_parent = getenv("KVMOTION_TEST_WRONG_PARENT");
 	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
 	int r;
 
@@ -1326,6 +1358,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		o.client.test_corrupt_chunk = (unsigned)strtoul(corrupt, NULL, 10);
 	if (corrupt_piece && corrupt_piece[0])
 		o.client.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
+	if (wrong_parent && wrong_parent[0])
+		o.test_wrong_parent = (unsigned)strtoul(wrong_parent, NULL, 10);
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
@@ -1342,6 +1376,10 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	} else {
 		r = km_migrate(&o, &rep, &err);
 	}
+	/* the fallback to a whole image is worth a line in any mode */
+	if (!rep.incremental && rep.incremental_why[0])
+		fprintf(stderr, "kvmotion: migrate: the stop is not incremental: %s\n",
+			rep.incremental_why);
 	if (c->json) {
 		print_migrate_json(c, &rep, r, &err);
 	} else if (r == 0) {
@@ -1358,8 +1396,15 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		       secs(rep.gpu_checkpoint_ns), secs(rep.dump_ns), secs(rep.split_ns),
 		       secs(rep.transfer_ns), secs(rep.join_ns), secs(rep.restore_ns),
 		       secs(rep.gpu_restore_ns), secs(rep.resume_ns));
+		if (rep.incremental)
+			printf("  incremental over snapshot %s (its dump %.3f s): %" PRIu64
+			       " of %" PRIu64 " pages sent, compared in %.3f s\n",
+			       rep.snapshot_dir, secs(rep.snapshot_ns), rep.pages_present, rep.pages,
+			       secs(rep.compare_ns));
 		printf("  sent %s before the stop, %s during it; %s deduplicated\n",
-		       km_format_bytes(rep.precopy.bytes_sent, b1),
+		       km_format_bytes(rep.precopy.bytes_sent + rep.snapshot.bytes_sent +
+					       rep.snapshot.file_bytes,
+				       b1),
 		       km_format_bytes(rep.stop.bytes_sent + rep.stop.file_bytes, b2),
 		       km_format_bytes(rep.precopy.bytes_deduplicated + rep.stop.bytes_deduplicated, b3));
 	}
@@ -1911,6 +1956,7 @@ enum {
 	OPT_MAX_MESSAGE,
 	OPT_MAX_CONNS,
 	OPT_IDLE,
+	OPT_NO_INCREMENTAL,
 	OPT_RESTORE,
 	OPT_RESTORE_CMD,
 	OPT_RESTORE_LIBDIR,
@@ -1975,6 +2021,7 @@ int main(int argc, char **argv)
 		{ "max-message", required_argument, NULL, OPT_MAX_MESSAGE },
 		{ "max-connections", required_argument, NULL, OPT_MAX_CONNS },
 		{ "idle-timeout", required_argument, NULL, OPT_IDLE },
+		{ "no-incremental", no_argument, NULL, OPT_NO_INCREMENTAL },
 		{ "restore", no_argument, NULL, OPT_RESTORE },
 		{ "restore-cmd", required_argument, NULL, OPT_RESTORE_CMD },
 		{ "restore-libdir", required_argument, NULL, OPT_RESTORE_LIBDIR },
@@ -2022,6 +2069,7 @@ int main(int argc, char **argv)
 		case OPT_NAME: c.name = optarg; break;
 		case OPT_JSON: c.json = true; break;
 		case OPT_NO_SYNC: c.sync = false; break;
+		case OPT_NO_INCREMENTAL: c.no_incremental = true; break;
 		case OPT_ADD_CHUNKS: c.add_chunks = true; break;
 		case OPT_KEEP: c.keep = true; break;
 		case OPT_REPAIR: c.repair = true; break;

@@ -631,7 +631,7 @@ static int write_pages(struct ctx *c, pid_t pid, int memfd, const struct plan *p
 static int snapshot_task(struct ctx *c, pid_t pid, uint32_t pages_id, int dirfd)
 {
 	_cleanup_free_ struct vma *vmas = NULL;
-	_cleanup_free_ struct km_criu_pagemap_entry *pe = NULL;
+	_cleanup_free_ struct km_criu_pme *pe = NULL;
 	_cleanup_close_ int pmfd = -1, memfd = -1, outfd = -1;
 	struct plan p = { 0 };
 	char path[64], pages[64], pagemap[64];
@@ -724,8 +724,7 @@ static int snapshot_task(struct ctx *c, pid_t pid, uint32_t pages_id, int dirfd)
 			uint64_t np = KM_MIN((p.r[i].end - a) / c->page, UINT32_MAX);
 
 			if (n_pe == p.n) { /* a range of 16 TiB or more: cut in two */
-				struct km_criu_pagemap_entry *ne =
-					realloc(pe, (n_pe + 1) * sizeof(*pe));
+				struct km_criu_pme *ne = realloc(pe, (n_pe + 1) * sizeof(*pe));
 
 				if (!ne) {
 					r = -ENOMEM;
@@ -734,11 +733,13 @@ static int snapshot_task(struct ctx *c, pid_t pid, uint32_t pages_id, int dirfd)
 				pe = ne;
 				p.n++;
 			}
-			pe[n_pe++] = (struct km_criu_pagemap_entry){ a, (uint32_t)np, p.r[i].flags };
+			pe[n_pe++] = (struct km_criu_pme){ a, np, p.r[i].flags };
 			a += np * c->page;
 		}
 	}
-	r = km_criu_pagemap_write_at(dirfd, pagemap, pages_id, pe, n_pe, c->err);
+	r = km_criu_pagemap_write(dirfd, pagemap,
+				  &(struct km_criu_pagemap){ .pages_id = pages_id, .n = n_pe, .e = pe },
+				  c->err);
 	c->st.write_ns += now_ns() - t;
 	if (r == 0)
 		c->st.tasks++;

@@ -11,6 +11,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,7 @@
 #include "format.h"
 #include "gpu.h"
 #include "image.h"
+#include "incr.h"
 #include "livesnap.h"
 #include "store.h"
 #include "weights.h"
@@ -357,8 +359,65 @@ static int open_model_files(pid_t pid, struct km_store *s, struct km_migrate_rep
 	return q;
 }
 
-static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split_engines,
-		    struct km_error *err);
+static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split,
+		    bool split_engines, struct km_error *err);
+static uint64_t dir_bytes(const char *dir);
+
+/*
+ * The tree's memory into dir (dfd), which must be empty: read live by
+ * km_live_snapshot (nothing stopped) or, with opts->snapshot_criu, by criu
+ * dump --leave-running (the tree frozen for the dump). Sets the report's
+ * snapshot_mode and snapshot_ns. A live snapshot that fails leaves dir
+ * empty.
+ */
+static int take_snapshot(const struct km_migrate_opts *o, const char *dir, int dfd,
+			 struct km_migrate_report *r, struct km_error *err)
+{
+	char **names = NULL;
+	size_t n_names = 0;
+	uint64_t t;
+	int q;
+
+	q = km_list_files_at(dfd, NULL, &names, &n_names);
+	if (q < 0) {
+		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
+		return q;
+	}
+	km_free_names(names, n_names);
+	names = NULL;
+	if (n_names) {
+		/* pages of another process or time would be taken for this one's */
+		km_error_set(err, "snapshot directory %s is not empty", dir);
+		return -EEXIST;
+	}
+	t = now_ns();
+	if (o->snapshot_criu) {
+		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "criu");
+		q = run_dump(o, dir, true, false, false, err);
+		if (q < 0) {
+			km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)",
+					dir);
+			return q;
+		}
+	} else {
+		struct km_live_snapshot_stats ls;
+
+		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "live");
+		q = km_live_snapshot(o->pid, dfd, &ls, err);
+		if (q < 0) {
+			km_error_prefix(err, "live snapshot of pid %d into %s", (int)o->pid, dir);
+			/* what it wrote is of no use, and would block the next try */
+			if (km_list_files_at(dfd, NULL, &names, &n_names) == 0) {
+				for (size_t i = 0; i < n_names; i++)
+					(void)unlinkat(dfd, names[i], 0);
+				km_free_names(names, n_names);
+			}
+			return q;
+		}
+	}
+	r->snapshot_ns = now_ns() - t;
+	return 0;
+}
 
 /*
  * The tree's memory as it is now, into WORK/snapshot (which must be empty
@@ -387,7 +446,6 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 	const char **paths = NULL;
 	size_t n_names = 0, n = 0;
 	struct km_seed_stats ss;
-	uint64_t t;
 	int q;
 
 	if (r->n_weights == KM_MIGRATE_MAX_WEIGHTS) {
@@ -400,45 +458,15 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 		return -errno;
 	}
 	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd < 0 || (q = km_list_files_at(dfd, NULL, &names, &n_names)) < 0) {
-		q = dfd < 0 ? -errno : q;
-		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
+	if (dfd < 0) {
+		km_error_set(err, "snapshot %s: %s", dir, strerror(errno));
+		return -errno;
+	}
+	q = take_snapshot(o, dir, dfd, r, err);
+	if (q < 0) {
+		(void)rmdir(dir);
 		return q;
 	}
-	km_free_names(names, n_names);
-	names = NULL;
-	if (n_names) {
-		/* pages of another process or time would be taken for this one's */
-		km_error_set(err, "snapshot directory %s is not empty", dir);
-		return -EEXIST;
-	}
-	t = now_ns();
-	if (o->snapshot_criu) {
-		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "criu");
-		q = run_dump(o, dir, true, false, err);
-		if (q < 0) {
-			km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)",
-					dir);
-			return q;
-		}
-	} else {
-		struct km_live_snapshot_stats ls;
-
-		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "live");
-		q = km_live_snapshot(o->pid, dfd, &ls, err);
-		if (q < 0) {
-			km_error_prefix(err, "live snapshot of pid %d into %s", (int)o->pid, dir);
-			/* what it wrote is of no use, and would block the next try */
-			if (km_list_files_at(dfd, NULL, &names, &n_names) == 0) {
-				for (size_t i = 0; i < n_names; i++)
-					(void)unlinkat(dfd, names[i], 0);
-				km_free_names(names, n_names);
-			}
-			(void)rmdir(dir);
-			return q;
-		}
-	}
-	r->snapshot_ns = now_ns() - t;
 	q = km_list_files_at(dfd, NULL, &names, &n_names);
 	if (q < 0) {
 		km_error_set(err, "snapshot %s: %s", dir, strerror(-q));
@@ -491,14 +519,149 @@ static int snapshot(const struct km_migrate_opts *o, struct km_store *s,
 	return q;
 }
 
+/* Removes every file of dir (not recursive) and dir itself. */
+static void remove_dir(const char *dir)
+{
+	_cleanup_close_ int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d;
+	struct dirent *de;
+
+	if (fd < 0 || km_opendir_at(fd, &d) < 0)
+		return;
+	while ((de = readdir(d)))
+		if (strcmp(de->d_name, ".") && strcmp(de->d_name, ".."))
+			(void)unlinkat(fd, de->d_name, 0);
+	closedir(d);
+	(void)rmdir(dir);
+}
+
+static bool is_log(const char *name)
+{
+	return has_suffix(name, ".log");
+}
+
+/* Hard links of from's files (CRIU's logs aside) in to. */
+static int link_files(int from, int to, struct km_error *err)
+{
+	char **names = NULL;
+	size_t n = 0;
+	int q;
+
+	q = km_list_files_at(from, is_log, &names, &n);
+	for (size_t i = 0; q == 0 && i < n; i++)
+		if (linkat(from, names[i], to, names[i], 0) < 0) {
+			q = -errno;
+			km_error_set(err, "cannot link %s: %s", names[i], strerror(errno));
+		}
+	km_free_names(names, n);
+	return q;
+}
+
+static __attribute__((format(printf, 2, 3))) void why_full(struct km_migrate_report *r,
+							    const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(r->incremental_why, sizeof(r->incremental_why), fmt, ap);
+	va_end(ap);
+}
+
+/*
+ * The snapshot as a parent (protocol 1.3): criu dump --leave-running into
+ * WORK/snapshot, which stays until the end of the migration for the stop's
+ * compare: its pages files are read in place, at memory speed, where
+ * reading them back from the store would hash every chunk (about 1 s per
+ * GiB here) inside the stop. Then its id, and the image sent to the target,
+ * which keeps it as a directory of its image area: split in transparent
+ * mode (its weights chunks are there already; hard links in
+ * WORK/snapshot-send, so that the split's removal of the pages files
+ * leaves WORK/snapshot whole), unsplit in cooperative mode (its image is
+ * the KV; the weights file is not in it). The tree serves all along but
+ * during the dump itself.
+ *
+ * A failure before anything is sent is no failure of the migration: the
+ * stop then sends the whole image, and r->incremental_why says why. A
+ * failure to send is (the connection is unusable).
+ */
+static int snapshot_parent(const struct km_migrate_opts *o, struct km_store *s,
+			   struct km_client *c, struct km_migrate_report *r, struct km_error *err)
+{
+	char dir[4200], send[4200];
+	_cleanup_close_ int dfd = -1, sfd = -1;
+	struct km_error e = { { 0 } };
+	struct km_image_result res = { 0 };
+	struct km_image_send_opts io = { .label = "snapshot",
+					 .restore = false,
+					 .snapshot_id = &r->snapshot_id };
+	uint64_t t;
+	int q;
+
+	snprintf(dir, sizeof(dir), "%s/snapshot", o->work);
+	snprintf(send, sizeof(send), "%s/snapshot-send", o->work);
+	if (mkdir(dir, 0700) < 0) {
+		km_error_set(err, "cannot create %s: %s", dir,
+			     errno == EEXIST ? "it exists (left by another migration?)" :
+					       strerror(errno));
+		return -errno;
+	}
+	dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	q = dfd < 0 ? -errno : take_snapshot(o, dir, dfd, r, &e);
+	if (q < 0) {
+		why_full(r, "snapshot failed: %s", dfd < 0 ? strerror(-q) : e.msg);
+		return 0;
+	}
+	r->snapshot_bytes = dir_bytes(dir);
+	t = now_ns();
+	q = km_incr_snapshot_id(dfd, 0, &r->snapshot_id, &e);
+	r->snapshot_id_ns = now_ns() - t;
+	if (q < 0) {
+		why_full(r, "snapshot %s unusable: %s", dir, e.msg);
+		return 0;
+	}
+	if (!r->cooperative) {
+		struct km_split_opts so = { .add_chunks = r->n_weights == 0 };
+		struct km_split_stats ss;
+
+		t = now_ns();
+		if (mkdir(send, 0700) < 0 ||
+		    (sfd = open(send, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+			q = -errno;
+			km_error_set(&e, "%s: %s", send, strerror(errno));
+		} else {
+			q = link_files(dfd, sfd, &e);
+		}
+		if (q == 0)
+			q = km_image_split(sfd, s, &so, &ss, &e);
+		r->snapshot_split_ns = now_ns() - t;
+		if (q < 0) {
+			why_full(r, "split of the snapshot failed: %s", e.msg);
+			remove_dir(send);
+			return 0;
+		}
+	}
+	t = now_ns();
+	q = km_client_send_image(c, r->cooperative ? dfd : sfd, s, &io, &r->snapshot, &res, NULL, 0,
+				 err);
+	r->snapshot_send_ns = now_ns() - t;
+	if (!r->cooperative)
+		remove_dir(send);
+	if (q < 0) {
+		km_error_prefix(err, "sending the snapshot");
+		return q;
+	}
+	snprintf(r->snapshot_dir, sizeof(r->snapshot_dir), "%s", res.dir);
+	return 0;
+}
+
 /* --- criu dump -------------------------------------------------------------- */
 
 /*
- * criu dump of the tree into img: the stop (--leave-stopped, split as
- * split_engines says) or a snapshot (--leave-running, not split).
+ * criu dump of the tree into img: the stop (--leave-stopped) or a snapshot
+ * (--leave-running); split by the plugin as split and split_engines say.
  */
-static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split_engines,
-		    struct km_error *err)
+static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split,
+		    bool split_engines, struct km_error *err)
 {
 	const char *argv[32 + 64];
 	char pidbuf[16];
@@ -545,7 +708,7 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap,
 		 * images only.
 		 */
 		setenv("KVMOTION_STORE", o->store, 1);
-		setenv("KVMOTION_SPLIT", snap ? "no" : "yes", 1);
+		setenv("KVMOTION_SPLIT", split ? "yes" : "no", 1);
 		setenv("KVMOTION_SPLIT_ENGINES", split_engines ? "yes" : "no", 1);
 		setenv("KVMOTION_LEAVE_RUNNING", snap ? "yes" : "no", 1);
 		if (o->weights_dir)
@@ -720,9 +883,13 @@ static int resume_source(const struct km_migrate_opts *o, const pid_t *pids, siz
 	return ret;
 }
 
-int km_migrate_precopy(const struct km_migrate_opts *o, struct km_store *s,
-		       struct km_migrate_report *r, struct km_client **ret_client,
-		       struct km_error *err)
+/*
+ * The pre-copy; with incremental, a snapshot (opts.snapshot) goes to a
+ * target of protocol 1.3 as a parent for the stop's image (km_migrate's
+ * stop only: a container's stop is podman's).
+ */
+static int precopy(const struct km_migrate_opts *o, struct km_store *s, bool incremental,
+		   struct km_migrate_report *r, struct km_client **ret_client, struct km_error *err)
 {
 	struct km_client *c = NULL;
 	char wdir[PATH_MAX];
@@ -765,16 +932,24 @@ int km_migrate_precopy(const struct km_migrate_opts *o, struct km_store *s,
 		if (ret < 0)
 			return ret;
 	}
-	if (o->pid > 0 && o->snapshot && !r->cooperative) {
-		t = now_ns();
-		ret = snapshot(o, s, r, err);
-		r->discover_ns += now_ns() - t;
-		if (ret < 0)
-			return ret;
-	}
 	ret = km_client_connect(o->to, &o->client, &c, err);
 	if (ret < 0)
 		return ret;
+	incremental = incremental && o->pid > 0 && o->snapshot && km_client_target(c)->can_parent;
+	if (o->pid > 0 && o->snapshot && !incremental) {
+		snprintf(r->incremental_why, sizeof(r->incremental_why), "%s",
+			 !km_client_target(c)->can_parent ?
+				 "the target takes no incremental images (protocol 1.3)" :
+				 "the caller stops the process its own way");
+		if (!r->cooperative) {
+			/* older targets: the snapshot's pages as chunks, sent like weights */
+			t = now_ns();
+			ret = snapshot(o, s, r, err);
+			r->discover_ns += now_ns() - t;
+			if (ret < 0)
+				goto fail;
+		}
+	}
 	t = now_ns();
 	for (size_t i = 0; i < r->n_weights; i++) {
 		struct km_send_stats st;
@@ -805,12 +980,24 @@ int km_migrate_precopy(const struct km_migrate_opts *o, struct km_store *s,
 			}
 		}
 	}
+	if (incremental) {
+		ret = snapshot_parent(o, s, c, r, err);
+		if (ret < 0)
+			goto fail;
+	}
 	r->precopy_ns = now_ns() - t;
 	*ret_client = c;
 	return 0;
 fail:
 	km_client_free(c);
 	return ret;
+}
+
+int km_migrate_precopy(const struct km_migrate_opts *o, struct km_store *s,
+		       struct km_migrate_report *r, struct km_client **ret_client,
+		       struct km_error *err)
+{
+	return precopy(o, s, false, r, ret_client, err);
 }
 
 /* --- the migration ---------------------------------------------------------- */
@@ -826,6 +1013,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	uint64_t t_all = now_ns(), t_stop = 0, t;
 	struct km_image_result res = { 0 };
 	struct km_image_send_opts so = { .label = "migrate", .restore = true };
+	struct km_hash wrong_id;
 	int q, ret;
 
 	memset(r, 0, sizeof(*r));
@@ -878,7 +1066,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 		km_error_set(err, "cannot open store %s: %s", o->store, strerror(-ret));
 		goto out;
 	}
-	ret = km_migrate_precopy(o, s, r, &c, err);
+	ret = precopy(o, s, true, r, &c, err);
 	if (ret < 0)
 		goto out;
 
@@ -886,7 +1074,10 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	n_pids = tree_pids(o->pid, pids, MAX_TREE);
 	progress(o, KM_MIGRATE_DUMP, r);
 	t_stop = now_ns();
-	ret = run_dump(o, r->image_dir, false, !km_client_target(c)->can_unsplit, err);
+	if (r->snapshot_dir[0])
+		ret = run_dump(o, r->image_dir, false, false, false, err);
+	else
+		ret = run_dump(o, r->image_dir, false, true, !km_client_target(c)->can_unsplit, err);
 	t = now_ns() - t_stop;
 	{
 		_cleanup_close_ int lfd = openat(dirfd, "dump.log", O_RDONLY | O_CLOEXEC);
@@ -896,6 +1087,40 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	}
 	if (ret < 0)
 		goto fail;
+	if (r->snapshot_dir[0]) {
+		char snap[4200];
+		_cleanup_close_ int sfd = -1;
+		struct km_incr_stats is;
+
+		/* only the pages that differ from the snapshot's cross */
+		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
+		t = now_ns();
+		sfd = open(snap, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (sfd < 0) {
+			ret = -errno;
+			km_error_set(err, "snapshot %s: %s", snap, strerror(errno));
+		} else {
+			ret = km_incr_rewrite(dirfd, sfd, NULL, &is, err);
+		}
+		r->compare_ns = now_ns() - t;
+		if (ret < 0) {
+			km_error_prefix(err, "comparing the dump with the snapshot");
+			goto fail;
+		}
+		r->pages = is.pages;
+		r->pages_parent = is.pages_parent;
+		r->pages_present = is.pages_present;
+		r->incremental = true;
+		so.parent = r->snapshot_dir;
+		so.parent_id = &r->snapshot_id;
+		if (o->test_wrong_parent == 1) {
+			wrong_id = r->snapshot_id;
+			wrong_id.b[7] ^= 0x10;
+			so.parent_id = &wrong_id;
+		} else if (o->test_wrong_parent == 2) {
+			so.parent = "snapshot-that-is-not-there";
+		}
+	}
 	r->image_bytes = dir_bytes(r->image_dir);
 	q = km_image_is_split(dirfd);
 	r->image_split = q > 0;
@@ -947,6 +1172,13 @@ fail:
 out:
 	if (ret < 0 && !r->why[0])
 		snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
+	if (r->snapshot_bytes) {
+		char snap[4200];
+
+		/* its copy on the target is the parent; here it held the compare's pages */
+		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
+		remove_dir(snap);
+	}
 	km_client_free(c);
 	km_store_free(s);
 	r->total_ns = now_ns() - t_all;

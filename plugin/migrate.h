@@ -60,12 +60,16 @@ struct km_migrate_opts {
 	const char *weights_dir; /* NULL: STORE/weights */
 	const char *weights_index; /* NULL: found from the weights files pid maps */
 	/*
-	 * Also send ahead the tree's memory as it is now, its pages seeded
-	 * into the store as an index (transparent mode only): read live
-	 * (livesnap.h: nothing stops), or with snapshot_criu by a criu dump
-	 * --leave-running (the tree frozen while CRIU dumps it).
-	 * snapshot_keep leaves the pagemap and pages files in WORK/snapshot
-	 * (the parent image of an incremental stop); else it is removed.
+	 * Also send ahead the tree's memory as it is now (the snapshot): read
+	 * live (livesnap.h: nothing stops), or with snapshot_criu by a criu
+	 * dump --leave-running (the tree frozen while CRIU dumps it). To a
+	 * target that takes parents (protocol 1.3) it is sent as an image that
+	 * the target keeps, and the stop sends an incremental image over it:
+	 * only the pages that differ from the snapshot's (incr.h), in both
+	 * modes. To an older target, in transparent mode only, its pages are
+	 * seeded into the store as an index and sent ahead like weights;
+	 * snapshot_keep then leaves its pagemap and pages files in
+	 * WORK/snapshot, else it is removed.
 	 */
 	bool snapshot;
 	bool snapshot_criu;
@@ -79,6 +83,12 @@ struct km_migrate_opts {
 	uint32_t engine_timeout_ms; /* the engine's resume after a failure; 0: 10 s */
 	km_migrate_progress_fn progress;
 	void *userdata;
+	/*
+	 * Tests only: the stop names a parent the target must refuse: 1 the
+	 * snapshot's id with one bit flipped, 2 a directory it does not hold.
+	 * 0: off.
+	 */
+	unsigned test_wrong_parent;
 };
 
 #define KM_MIGRATE_MAX_WEIGHTS 8
@@ -93,7 +103,8 @@ struct km_migrate_report {
 	uint64_t bytes_seeded; /* model files and snapshot pages seeded for the pre-copy */
 	char snapshot_mode[8]; /* "live", "criu", "" without a snapshot */
 	uint64_t snapshot_bytes; /* its pages-*.img */
-	uint64_t snapshot_ns; /* taking it (live read or criu dump), not the seeding */
+	/* taking it (live read, or criu dump: the tree frozen for most of it), not the seeding */
+	uint64_t snapshot_ns;
 	char image_dir[4096]; /* WORK/img */
 	bool image_split; /* the plugin split the dump (else sent as CRIU wrote it) */
 	char target_dir[256]; /* the image's directory on the target */
@@ -103,7 +114,16 @@ struct km_migrate_report {
 	/* bytes */
 	struct km_send_stats precopy; /* the weights (sum over indexes) */
 	struct km_send_stats stop; /* the image and its missing chunks */
-	uint64_t image_bytes; /* bytes of the split image directory (its files) */
+	uint64_t image_bytes; /* bytes of the image directory sent (its files) */
+	/* the snapshot as a parent (opts.snapshot, a target of protocol 1.3) */
+	bool incremental; /* the stop sent an incremental image over the snapshot */
+	char incremental_why[256]; /* opts.snapshot but not incremental: why ("" otherwise) */
+	char snapshot_dir[256]; /* the snapshot's directory on the target */
+	struct km_hash snapshot_id;
+	struct km_send_stats snapshot; /* sending it (in the pre-copy) */
+	uint64_t snapshot_id_ns, snapshot_split_ns, snapshot_send_ns; /* after it, while serving */
+	uint64_t pages, pages_parent, pages_present; /* the stop's dump: present, equal, sent */
+	uint64_t compare_ns; /* the stop: comparing with the snapshot, rewriting the image */
 	/*
 	 * nanoseconds; the stop's phases (dump.log, the target's reply, ours).
 	 * gpu_restore_ns and resume_ns: on success the target's (its plugin's
@@ -112,7 +132,7 @@ struct km_migrate_report {
 	 */
 	uint64_t precopy_ns;
 	uint64_t discover_ns; /* seeding open model files, the snapshot */
-	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns;
+	uint64_t quiesce_ns, freeze_ns, gpu_checkpoint_ns, dump_ns, split_ns; /* split: or compare */
 	uint64_t transfer_ns, join_ns, restore_ns, commit_wait_ns;
 	uint64_t gpu_restore_ns, resume_ns, kill_ns;
 	uint64_t stop_ns; /* dump start to the restored pid (or to the source resumed) */

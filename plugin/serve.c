@@ -26,6 +26,7 @@
 #include "archive.h"
 #include "format.h"
 #include "image.h"
+#include "incr.h"
 #include "store.h"
 #include "transport_internal.h"
 #include "weights.h"
@@ -95,6 +96,8 @@ struct conn {
 	/* the image in progress */
 	bool image_active;
 	bool image_unsplit; /* CRIU's files as they are: every piece hashed, no join */
+	bool image_snapshot; /* a snapshot: its id is checked at the commit */
+	struct km_hash snapshot_id;
 	int image_fd;
 	int marker_fd;
 	char image_name[NAME_MAX + 1];
@@ -287,6 +290,8 @@ static int handle_hello(struct conn *c, const Kvmotion__Wire__Hello *h, struct k
 	hr.can_unsplit = true;
 	hr.has_can_restore_containers = true;
 	hr.can_restore_containers = c->srv->o.container.podman != NULL;
+	hr.has_can_parent = true;
+	hr.can_parent = !c->srv->o.no_incremental;
 	c->hello = true;
 	return km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_HELLO_REPLY, &hr.base, NULL, 0,
 			    NULL, err);
@@ -558,6 +563,60 @@ static bool label_char_ok(char ch)
 	       ch == '-' || ch == '_' || ch == '.';
 }
 
+static const char *parent_link(const char *parent, char *buf, size_t size)
+{
+	snprintf(buf, size, "../%s", parent);
+	return buf;
+}
+
+/*
+ * An incremental image's parent: a complete snapshot directory of the image
+ * area whose recorded id is 'id'. Checked before the new directory exists,
+ * so that a refusal leaves nothing behind; its pages are read by CRIU only.
+ */
+static int parent_check(struct conn *c, const char *parent, const uint8_t *id,
+			struct km_error *err)
+{
+	_cleanup_close_ int fd = -1;
+	_cleanup_free_ char *rec = NULL;
+	struct km_hash want, have;
+	char hex[KM_HASH_HEX_SIZE];
+	struct stat st;
+	size_t n;
+	int r;
+
+	r = check_name(parent, "parent image", err);
+	if (r < 0)
+		return r;
+	memcpy(want.b, id, KM_HASH_SIZE);
+	fd = openat(c->srv->images_fd, parent, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		km_error_set(err, "parent image %s: %s", parent,
+			     r == -ENOENT ? "not in the image area" : strerror(-r));
+		return r == -ENOENT || r == -ENOTDIR ? -ENOENT : r;
+	}
+	if (fstatat(fd, INCOMPLETE_MARKER, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+		km_error_set(err, "parent image %s is incomplete", parent);
+		return -ENOENT;
+	}
+	r = km_read_file_at(fd, KM_SNAPSHOT_NAME, 256, (void **)&rec, &n);
+	if (r < 0) {
+		km_error_set(err, "parent image %s is no snapshot (%s: %s)", parent,
+			     KM_SNAPSHOT_NAME, strerror(-r));
+		return -ENOENT;
+	}
+	if (n == KM_HASH_HEX_SIZE)
+		rec[n - 1] = 0;
+	if (n != KM_HASH_HEX_SIZE || km_hash_from_hex(rec, &have) < 0 ||
+	    !km_hash_equal(&have, &want)) {
+		km_error_set(err, "parent image %s is not snapshot %s", parent,
+			     km_hash_to_hex(&want, hex));
+		return -ENOENT;
+	}
+	return 0;
+}
+
 static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *m,
 			      struct km_error *err)
 {
@@ -565,7 +624,7 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 	const char *label = m->label && m->label[0] ? m->label : "image";
 	struct tm tm;
 	time_t now = time(NULL);
-	char stamp[32];
+	char stamp[32], link[NAME_MAX + 8];
 	int r;
 
 	if (c->image_active) {
@@ -588,6 +647,20 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 				label, LABEL_MAX);
 			return -EINVAL;
 		}
+	if ((m->has_snapshot_id && m->snapshot_id.len != KM_HASH_SIZE) ||
+	    (m->parent && (!m->has_parent_id || m->parent_id.len != KM_HASH_SIZE))) {
+		km_error_set(err, "protocol error: IMAGE_BEGIN with a snapshot or parent id of the wrong size");
+		return -EPROTO;
+	}
+	if ((m->has_snapshot_id || m->parent) && c->srv->o.no_incremental) {
+		km_error_set(err, "this receiver takes no snapshots or incremental images");
+		return -ENOSYS;
+	}
+	if (m->parent) {
+		r = parent_check(c, m->parent, m->parent_id.data, err);
+		if (r < 0)
+			return r;
+	}
 	gmtime_r(&now, &tm);
 	strftime(stamp, sizeof(stamp), "%Y%m%d-%H%M%S", &tm);
 	for (int attempt = 0;; attempt++) {
@@ -625,7 +698,19 @@ static int handle_image_begin(struct conn *c, const Kvmotion__Wire__ImageBegin *
 	}
 	c->image_active = true;
 	c->image_unsplit = m->has_unsplit && m->unsplit;
+	c->image_snapshot = m->has_snapshot_id;
+	if (c->image_snapshot)
+		memcpy(c->snapshot_id.b, m->snapshot_id.data, KM_HASH_SIZE);
 	c->image_files = c->image_bytes = 0;
+	if (m->parent && symlinkat(parent_link(m->parent, link, sizeof(link)), c->image_fd,
+				   "parent") < 0) {
+		r = -errno;
+		km_error_set(err, "image directory %s: cannot link its parent: %s", c->image_name,
+			     strerror(-r));
+		return r;
+	}
+	if (m->parent)
+		conn_log(c, "image %s: incremental over snapshot %s", c->image_name, m->parent);
 	conn_log(c, "%s image %s begun in %s", c->image_unsplit ? "unsplit" : "split",
 		 c->image_name, c->srv->images_path);
 	reply.dir = c->image_name;
@@ -957,6 +1042,44 @@ static void restore_phases(struct conn *c, Kvmotion__Wire__ImageDone *reply)
 	reply->resume_ns = told >= 0 && resumed > told ? (uint64_t)((resumed - told) * 1e9) : 0;
 }
 
+/*
+ * A snapshot, complete: its files must have the id the sender computed of
+ * its own (what later incremental images were compared against); recorded
+ * for parent_check.
+ */
+static int snapshot_record(struct conn *c, Kvmotion__Wire__ImageDone *reply, struct km_error *err)
+{
+	struct km_hash id;
+	char hex[KM_HASH_HEX_SIZE], want[KM_HASH_HEX_SIZE];
+	uint64_t t0 = now_ns();
+	int r;
+
+	r = km_incr_snapshot_id(c->image_fd, 0, &id, err);
+	if (r < 0) {
+		km_error_prefix(err, "snapshot %s", c->image_name);
+		return r;
+	}
+	if (!km_hash_equal(&id, &c->snapshot_id)) {
+		km_error_set(err, "snapshot %s has id %s, the sender's is %s", c->image_name,
+			     km_hash_to_hex(&id, hex), km_hash_to_hex(&c->snapshot_id, want));
+		return -EBADMSG;
+	}
+	km_hash_to_hex(&id, hex);
+	hex[KM_HASH_HEX_SIZE - 1] = '\n';
+	r = km_write_file_atomic_at(c->image_fd, KM_SNAPSHOT_NAME, hex, KM_HASH_HEX_SIZE,
+				    c->srv->o.sync);
+	if (r < 0) {
+		km_error_set(err, "snapshot %s: cannot record its id: %s", c->image_name,
+			     strerror(-r));
+		return r;
+	}
+	reply->has_snapshot_ns = true;
+	reply->snapshot_ns = now_ns() - t0;
+	conn_log(c, "snapshot %s: id checked in %.3f s", c->image_name,
+		 (double)reply->snapshot_ns / 1e9);
+	return 0;
+}
+
 static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, struct km_error *err)
 {
 	Kvmotion__Wire__ImageDone reply = KVMOTION__WIRE__IMAGE_DONE__INIT;
@@ -992,6 +1115,11 @@ static int handle_commit(struct conn *c, const Kvmotion__Wire__ImageCommit *m, s
 		conn_log(c, "image %s joined: %llu files, %llu bytes rebuilt in %.3f s",
 			 c->image_name, (unsigned long long)js.files_joined,
 			 (unsigned long long)js.bytes_written, (double)reply.join_ns / 1e9);
+	}
+	if (c->image_snapshot) {
+		r = snapshot_record(c, &reply, err);
+		if (r < 0)
+			return r;
 	}
 	if (m->restore) {
 		t0 = now_ns();

@@ -84,6 +84,8 @@ struct km_serve_opts {
 	uint32_t max_payload; /* per frame; 0: KM_WIRE_PAYLOAD_MAX */
 	unsigned max_connections; /* at once; 0: default */
 	unsigned idle_timeout_s; /* a silent sender is dropped; 0: default */
+	/* no snapshots or incremental images (HelloReply.can_parent false), as before 1.3 */
+	bool no_incremental;
 	bool sync; /* fsync chunks, files, directories */
 	struct km_restore_opts restore;
 	struct km_container_opts container;

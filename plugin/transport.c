@@ -708,6 +708,7 @@ int km_client_connect(const char *address, const struct km_client_opts *o, struc
 	c->info.takes_archives = hr->has_can_restore_containers;
 	c->info.can_restore_containers =
 		hr->has_can_restore_containers && hr->can_restore_containers;
+	c->info.can_parent = hr->has_can_parent && hr->can_parent;
 	snprintf(c->info.cipher, sizeof(c->info.cipher), "%s", km_tls_cipher(c->conn));
 	km_frame_clear(&f);
 	c->info.connect_ns = now_ns() - t0;
@@ -1633,6 +1634,15 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 		km_error_set(err, "the connection failed earlier");
 		return -ENOTCONN;
 	}
+	if (o && (o->snapshot_id || o->parent) && !c->info.can_parent) {
+		km_error_set(err, "the target (%s, protocol %u.%u) takes no snapshots or incremental images",
+			     c->info.software, c->info.major, c->info.minor);
+		return -ENOSYS;
+	}
+	if (o && o->parent && !o->parent_id) {
+		km_error_set(err, "an incremental image needs its parent's id");
+		return -EINVAL;
+	}
 	r = km_image_read_manifest(dirfd, &m, err);
 	unsplit = r == -ENOENT;
 	if (unsplit) {
@@ -1699,6 +1709,17 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	begin.label = (char *)(o && o->label ? o->label : NULL);
 	begin.has_unsplit = unsplit;
 	begin.unsplit = unsplit;
+	if (o && o->snapshot_id) {
+		begin.has_snapshot_id = true;
+		begin.snapshot_id.data = (uint8_t *)o->snapshot_id->b;
+		begin.snapshot_id.len = KM_HASH_SIZE;
+	}
+	if (o && o->parent) {
+		begin.parent = (char *)o->parent;
+		begin.has_parent_id = true;
+		begin.parent_id.data = (uint8_t *)o->parent_id->b;
+		begin.parent_id.len = KM_HASH_SIZE;
+	}
 	r = km_wire_send(&c->io, KVMOTION__WIRE__MSG_TYPE__MSG_IMAGE_BEGIN, &begin.base, NULL, 0,
 			 &st.wire_bytes, err);
 	if (r < 0) {
@@ -1757,6 +1778,7 @@ int km_client_send_image(struct km_client *c, int dirfd, struct km_store *s,
 	res.restore_ns = done->has_restore_ns ? done->restore_ns : 0;
 	res.gpu_restore_ns = done->has_gpu_restore_ns ? done->gpu_restore_ns : 0;
 	res.resume_ns = done->has_resume_ns ? done->resume_ns : 0;
+	res.snapshot_ns = done->has_snapshot_ns ? done->snapshot_ns : 0;
 	km_frame_clear(&f);
 	st.commit_ns = now_ns() - t1;
 	if (ret_result)

@@ -51,7 +51,7 @@
 #include "util.h"
 
 #define KM_WIRE_MAJOR		1
-#define KM_WIRE_MINOR		2
+#define KM_WIRE_MINOR		3
 #define KM_WIRE_HEADER_SIZE	12
 #define KM_WIRE_META_MAX	(1u << 20) /* packed message of one frame */
 #define KM_WIRE_PAYLOAD_MAX	KM_CHUNK_MAX_LIMIT /* raw bytes of one frame: 64 MiB */
@@ -100,6 +100,7 @@ struct km_target_info {
 	bool can_unsplit; /* takes unsplit images (protocol 1.1) */
 	bool takes_archives; /* it sent can_restore_containers at all: ArchiveCommit is known */
 	bool can_restore_containers; /* ArchiveCommit with restore */
+	bool can_parent; /* snapshots and incremental images (protocol 1.3) */
 	char cipher[96]; /* "TLSv1.3 TLS_AES_128_GCM_SHA256" */
 	uint64_t connect_ns; /* TCP connect + TLS handshake + Hello */
 };
@@ -177,6 +178,17 @@ int km_client_materialize(struct km_client *c, const char *index_name,
 struct km_image_send_opts {
 	const char *label; /* prefix of the target's image directory name (NULL: "image") */
 	bool restore; /* run criu restore on the target after the join */
+	/*
+	 * Protocol 1.3 (the target says can_parent, else -ENOSYS):
+	 * snapshot_id: the image is a snapshot with this id (incr.h), which
+	 * the target checks after the join and records for later images;
+	 * parent, parent_id: an incremental image over the snapshot in
+	 * directory 'parent' of the target's image area, which must be the
+	 * snapshot parent_id (-ENOENT otherwise, before any file is sent).
+	 */
+	const struct km_hash *snapshot_id;
+	const char *parent;
+	const struct km_hash *parent_id;
 };
 
 struct km_image_result {
@@ -189,6 +201,7 @@ struct km_image_result {
 	int restored_pid; /* restore: the restored tree's root; else 0 */
 	uint64_t restore_ns; /* target */
 	uint64_t gpu_restore_ns, resume_ns; /* target, inside restore_ns (plugin's log) */
+	uint64_t snapshot_ns; /* target: checking a snapshot's id */
 };
 
 /*

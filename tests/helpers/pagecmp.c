@@ -77,7 +77,8 @@ static int cmp_page(const void *a, const void *b)
 static int load(int dirfd, const char *name, struct image *img)
 {
 	struct km_error err = { { 0 } };
-	struct km_criu_pagemap_entry *e = NULL;
+	struct km_criu_pagemap pm = { 0 };
+	struct km_criu_pme *e;
 	uint32_t pages_id;
 	size_t n, total = 0, k = 0;
 	const uint8_t *data = NULL;
@@ -85,11 +86,14 @@ static int load(int dirfd, const char *name, struct image *img)
 	struct stat st;
 	int fd, r;
 
-	r = km_criu_pagemap_read_at(dirfd, name, &pages_id, &e, &n, &err);
+	r = km_criu_pagemap_read(dirfd, name, &pm, &err);
 	if (r < 0) {
 		fprintf(stderr, "pagecmp: %s\n", err.msg);
 		return -1;
 	}
+	pages_id = pm.pages_id;
+	e = pm.e;
+	n = pm.n;
 	for (size_t i = 0; i < n; i++)
 		if (e[i].flags & KM_CRIU_PE_PRESENT)
 			total += e[i].nr_pages;

@@ -164,7 +164,7 @@ static void child_stop(struct child *c)
 /* One task's snapshot: its entries and its pages file. */
 struct snap {
 	uint32_t pages_id;
-	struct km_criu_pagemap_entry *e;
+	struct km_criu_pme *e;
 	size_t n;
 	uint8_t *data;
 	size_t len;
@@ -178,8 +178,15 @@ static void snap_load(int dirfd, pid_t pid, struct snap *s)
 	void *buf = NULL;
 
 	snprintf(name, sizeof(name), "pagemap-%d.img", (int)pid);
-	ck_assert_msg(km_criu_pagemap_read_at(dirfd, name, &s->pages_id, &s->e, &s->n, &err) == 0,
-		      "%s: %s", name, err.msg);
+	{
+		struct km_criu_pagemap pm = { 0 };
+
+		ck_assert_msg(km_criu_pagemap_read(dirfd, name, &pm, &err) == 0, "%s: %s", name,
+			      err.msg);
+		s->pages_id = pm.pages_id;
+		s->e = pm.e;
+		s->n = pm.n;
+	}
 	for (size_t i = 0; i < s->n; i++) {
 		ck_assert(s->e[i].flags & KM_CRIU_PE_PRESENT);
 		ck_assert_uint_eq(s->e[i].vaddr % PG, 0);
@@ -401,31 +408,32 @@ END_TEST
 /* The pagemap writer and reader agree, and the reader refuses garbage. */
 START_TEST(test_livesnap_pagemap_roundtrip)
 {
-	const struct km_criu_pagemap_entry e[] = {
+	struct km_criu_pme e[] = {
 		{ 0x400000, 1, KM_CRIU_PE_PRESENT },
 		{ 0x7fff00000000ull, 70000, KM_CRIU_PE_PRESENT | KM_CRIU_PE_LAZY },
 	};
-	struct km_criu_pagemap_entry *r = NULL;
+	struct km_criu_pagemap w = { .pages_id = 42, .n = 2, .e = e }, r = { 0 };
 	char path[] = "/tmp/km-test-livesnap-dir-XXXXXX";
 	int dfd = tmpdir(path);
-	uint32_t id = 0;
-	size_t n = 0;
 	bool local = false;
 	struct km_criu_pages_info info;
 
-	ck_assert_int_eq(km_criu_pagemap_write_at(dfd, "pagemap-7.img", 42, e, 2, NULL), 0);
-	ck_assert_int_eq(km_criu_pagemap_read_at(dfd, "pagemap-7.img", &id, &r, &n, NULL), 0);
-	ck_assert_uint_eq(id, 42);
-	ck_assert_uint_eq(n, 2);
-	ck_assert_mem_eq(r, e, sizeof(e));
-	free(r);
+	ck_assert_int_eq(km_criu_pagemap_write(dfd, "pagemap-7.img", &w, NULL), 0);
+	ck_assert_int_eq(km_criu_pagemap_read(dfd, "pagemap-7.img", &r, NULL), 0);
+	ck_assert_uint_eq(r.pages_id, 42);
+	ck_assert_uint_eq(r.n, 2);
+	for (size_t i = 0; i < 2; i++) {
+		ck_assert_uint_eq(r.e[i].vaddr, e[i].vaddr);
+		ck_assert_uint_eq(r.e[i].nr_pages, e[i].nr_pages);
+		ck_assert_uint_eq(r.e[i].flags, e[i].flags);
+	}
+	km_criu_pagemap_clear(&r);
 	/* the existing checker reads it too: 70001 pages, no pages-42.img */
 	ck_assert_int_eq(km_criu_pages_local(dfd, &local, &info, NULL), 0);
 	ck_assert(!local);
 	ck_assert_uint_eq(info.pages_present, 70001);
 	ck_assert_int_eq(km_write_file_atomic_at(dfd, "pagemap-8.img", "garbage!", 8, false), 0);
-	ck_assert_int_eq(km_criu_pagemap_read_at(dfd, "pagemap-8.img", &id, &r, &n, NULL),
-			 -EBADMSG);
+	ck_assert_int_eq(km_criu_pagemap_read(dfd, "pagemap-8.img", &r, NULL), -EBADMSG);
 	rmdir_all(dfd, path);
 }
 END_TEST

@@ -25,6 +25,7 @@
 
 #include "format.h"
 #include "image.h"
+#include "incr.h"
 #include "serve.h"
 #include "store.h"
 #include "transport_internal.h"
@@ -1258,6 +1259,122 @@ START_TEST(test_transport_live_unsplit_image)
 }
 END_TEST
 
+/* send_image of dirfd on a connection of its own (3 files a connection here). */
+static int send_one(struct live *l, int dirfd, const struct km_image_send_opts *io,
+		    struct km_image_result *res, struct km_error *err)
+{
+	struct km_client *c = NULL;
+	struct km_client_opts o = client_opts(l, NULL);
+	struct km_send_stats st;
+	char tail[256];
+	int r;
+
+	ck_assert_msg(km_client_connect(l->address, &o, &c, err) == 0, "%s", err->msg);
+	ck_assert(km_client_target(c)->can_parent);
+	r = km_client_send_image(c, dirfd, NULL, io, &st, res, tail, sizeof(tail), err);
+	km_client_free(c);
+	return r;
+}
+
+/*
+ * 1.3: a snapshot is kept only with the id its files have; an incremental
+ * image is taken only over the snapshot of the id it names, and gets its
+ * `parent` link.
+ */
+START_TEST(test_transport_live_snapshot_parent)
+{
+	struct live l;
+	struct km_image_result res, snap;
+	struct km_error err = { { 0 } };
+	struct km_hash id, bad;
+	static uint8_t pages[3 << 20];
+	char img[160], path[400], hex[KM_HASH_HEX_SIZE], link[300];
+	_cleanup_free_ char *rec = NULL;
+	size_t n;
+	ssize_t len;
+	int dirfd;
+
+	live_start(&l, 0);
+	snprintf(img, sizeof(img), "%s/img", l.dir);
+	ck_assert_int_eq(mkdir(img, 0700), 0);
+	fill(pages, sizeof(pages), 51);
+	snprintf(path, sizeof(path), "%s/pages-1.img", img);
+	write_bytes(path, pages, sizeof(pages));
+	snprintf(path, sizeof(path), "%s/pagemap-7.img", img);
+	write_bytes(path, pages, 100);
+	dirfd = open(img, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	ck_assert_int_ge(dirfd, 0);
+	ck_assert_int_eq(km_incr_snapshot_id(dirfd, 0, &id, &err), 0);
+	bad = id;
+	bad.b[3] ^= 1;
+
+	/* a snapshot whose files do not have the id sent: refused, removed */
+	{
+		struct km_image_send_opts io = { .label = "snapshot", .snapshot_id = &bad };
+
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -EBADMSG);
+		ck_assert_msg(strstr(err.msg, "has id"), "%s", err.msg);
+		for (int i = 0; i < 500 && count_dir(l.images) != 0; i++)
+			usleep(10000);
+		ck_assert_int_eq(count_dir(l.images), 0);
+	}
+	{
+		struct km_image_send_opts io = { .label = "snapshot", .snapshot_id = &id };
+
+		ck_assert_msg(send_one(&l, dirfd, &io, &snap, &err) == 0, "%s", err.msg);
+		ck_assert(snap.unsplit);
+	}
+	snprintf(path, sizeof(path), "%s/%s", l.images, snap.dir);
+	{
+		int fd = open(path, O_RDONLY | O_DIRECTORY);
+
+		ck_assert_int_eq(km_read_file_at(fd, KM_SNAPSHOT_NAME, 256, (void **)&rec, &n), 0);
+		close(fd);
+	}
+	ck_assert_uint_eq(n, KM_HASH_HEX_SIZE);
+	ck_assert(memcmp(rec, km_hash_to_hex(&id, hex), KM_HASH_HEX_SIZE - 1) == 0);
+	ck_assert_int_eq(rec[n - 1], '\n');
+
+	/* incremental images over it: another id, no such directory, not a name */
+	{
+		struct km_image_send_opts io = { .label = "incr", .parent = snap.dir, .parent_id = &bad };
+
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -ENOENT);
+		ck_assert_msg(strstr(err.msg, "is not snapshot"), "%s", err.msg);
+		io.parent = "snapshot-nope";
+		io.parent_id = &id;
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -ENOENT);
+		ck_assert_msg(strstr(err.msg, "not in the image area"), "%s", err.msg);
+		io.parent = "../images";
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -EINVAL);
+		/* an image that is no snapshot */
+		io.parent = NULL;
+		io.parent_id = NULL;
+		ck_assert_msg(send_one(&l, dirfd, &io, &res, &err) == 0, "%s", err.msg);
+		io.parent = res.dir;
+		io.parent_id = &id;
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -ENOENT);
+		ck_assert_msg(strstr(err.msg, "is no snapshot"), "%s", err.msg);
+		/* a parent without its id: refused by the sender */
+		io.parent = snap.dir;
+		io.parent_id = NULL;
+		ck_assert_int_eq(send_one(&l, dirfd, &io, &res, &err), -EINVAL);
+		ck_assert_int_eq(count_dir(l.images), 2);
+
+		io.parent_id = &id;
+		ck_assert_msg(send_one(&l, dirfd, &io, &res, &err) == 0, "%s", err.msg);
+	}
+	snprintf(path, sizeof(path), "%s/%s/parent", l.images, res.dir);
+	len = readlink(path, link, sizeof(link) - 1);
+	ck_assert_int_gt(len, 0);
+	link[len] = 0;
+	snprintf(path, sizeof(path), "../%s", snap.dir);
+	ck_assert_str_eq(link, path);
+	close(dirfd);
+	live_stop(&l);
+}
+END_TEST
+
 /* ------------------------------------------------------------ container archives */
 
 /*
@@ -1509,6 +1626,7 @@ int main(void)
 	tcase_add_test(live, test_transport_live_file_rules);
 	tcase_add_test(live, test_transport_live_image);
 	tcase_add_test(live, test_transport_live_unsplit_image);
+	tcase_add_test(live, test_transport_live_snapshot_parent);
 	tcase_add_test(live, test_transport_live_archive);
 	tcase_add_test(live, test_transport_live_archive_no_podman);
 	suite_add_tcase(s, live);
