@@ -1230,7 +1230,7 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 		char hex[KM_HASH_HEX_SIZE];
 
 		/* seconds: taking it (a criu snapshot freezes the tree that long) */
-		printf("{\"mode\":\"%s\",\"bytes\":%" PRIu64 ",\"seconds\":%.6f,\"target_dir\":",
+		printf("{\"mode\":\"%s\",\"image_bytes\":%" PRIu64 ",\"seconds\":%.6f,\"target_dir\":",
 		       r->snapshot_mode, r->snapshot_bytes, secs(r->snapshot_ns));
 		json_string(r->snapshot_dir);
 		printf(",\"id\":\"%s\",\"id_seconds\":%.6f,\"split_seconds\":%.6f,"

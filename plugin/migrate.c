@@ -1172,7 +1172,7 @@ fail:
 out:
 	if (ret < 0 && !r->why[0])
 		snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
-	if (r->snapshot_bytes) {
+	if (r->snapshot_bytes && !o->snapshot_keep) {
 		char snap[4200];
 
 		/* its copy on the target is the parent; here it held the compare's pages */

@@ -62,8 +62,10 @@ modes="plain transparent coop"
 json_out=
 rounds=1
 plain_ways=both
-transparent_args=
-coop_args=
+# kvmotion at its best: the live snapshot in the pre-copy, the stop
+# incremental over it (pass "" to measure the full stop)
+transparent_args=--snapshot
+coop_args=--snapshot
 mem=0
 usage="usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rate R] [--modes \"plain transparent coop\"] [--dir D] [--data-dir D] [--weights-on huge|tmpfs|data] [--rounds N] [--plain copy|page-server|both] [--transparent-args ARGS] [--coop-args ARGS] [--mem] [--json FILE]"
 while [ $# -gt 0 ]; do

@@ -152,7 +152,7 @@ assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m6.json" stop.bytes
 # kept: named as CRIU names them, the engine being pid 1 of its namespace
 [ -f "$T/m6.json.work/snapshot/pagemap-1.img" ] && [ -f "$T/m6.json.work/snapshot/pages-1.img" ] ||
 	fail "--keep-snapshot: WORK/snapshot holds $(ls "$T/m6.json.work/snapshot" 2>&1)"
-assert_eq "kept pages bytes" "$(file_size "$T/m6.json.work/snapshot/pages-1.img")" "$(json_get "$T/m6.json" snapshot.bytes)"
+assert_eq "kept pages bytes" "$(file_size "$T/m6.json.work/snapshot/pages-1.img")" "$(json_get "$T/m6.json" snapshot.image_bytes)"
 finish snap "$(json_get "$T/m6.json" restored_pid)" "$T/ref-snap.out"
 pass "transparent with --snapshot (live, $(json_get "$T/m6.json" snapshot.seconds) s): $(json_get "$T/m6.json" bytes_seeded) B of pages seeded, $(json_get "$T/m6.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m6.json" bytes_sent_during_stop) B during it; $(phases "$T/m6.json"); tokens identical"
 

@@ -57,10 +57,10 @@ incremental() {
 }
 
 summary() {
-	printf '%s B of %s dumped B sent in the stop (%s of %s pages from the snapshot; snapshot: dump %s s, %s B); %s; compare %s s' \
+	printf '%s B of %s dumped B sent in the stop (%s of %s pages from the snapshot; snapshot: %s, %s s, %s B); %s; compare %s s' \
 		"$(json_get "$1" bytes_sent_during_stop)" "$(($(json_get "$1" pages.dumped) * 4096))" \
 		"$(json_get "$1" pages.from_snapshot)" "$(json_get "$1" pages.dumped)" \
-		"$(json_get "$1" snapshot.dump_seconds)" "$(json_get "$1" snapshot.image_bytes)" \
+		"$(json_get "$1" snapshot.mode)" "$(json_get "$1" snapshot.seconds)" "$(json_get "$1" snapshot.image_bytes)" \
 		"$(phases "$1")" "$(sec "$1" compare)"
 }
 
@@ -82,6 +82,7 @@ start_engine coop "$KM_NS_A" "$T/coop.safetensors" --coop
 pid=$ENGINE_PID
 migrate_ok "$T/i1.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot
 assert_eq "mode" "$(json_get "$T/i1.json" mode)" cooperative
+assert_eq "snapshot mode (the default)" "$(json_get "$T/i1.json" snapshot.mode)" live
 incremental "$T/i1.json"
 snapdir=$(json_get "$T/i1.json" snapshot.target_dir)
 [ -f "$T/images-B/$snapdir/kvmotion.snapshot" ] || fail "the target recorded no snapshot id"
@@ -107,6 +108,16 @@ assert_lt "chunk bytes of the snapshot" "$(json_get "$T/i2.json" snapshot.bytes_
 wait_pid_gone "$pid" 5
 finish plain "$(json_get "$T/i2.json" restored_pid)" "$T/ref-plain.out"
 pass "transparent, incremental: $(summary "$T/i2.json"); tokens identical"
+
+# the same over a snapshot taken by criu dump --leave-running
+start_engine coop3 "$KM_NS_A" "$T/coop.safetensors" --coop
+pid=$ENGINE_PID
+migrate_ok "$T/i3.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot=criu
+assert_eq "snapshot mode" "$(json_get "$T/i3.json" snapshot.mode)" criu
+incremental "$T/i3.json"
+wait_pid_gone "$pid" 5
+finish coop3 "$(json_get "$T/i3.json" restored_pid)" "$T/ref-coop.out"
+pass "cooperative, incremental over a criu snapshot: $(summary "$T/i3.json"); tokens identical"
 
 # --- a parent that is not the one compared against ------------------------------
 
