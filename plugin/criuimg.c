@@ -15,78 +15,32 @@
 #define PAGE_SIZE_BYTES 4096u
 #define PAGEMAP_MAX (256u * 1024 * 1024)
 
-/* Walks one pagemap image; adds its pages to info. */
+/* One pagemap image's pages_id and its pages here and in a parent. */
 static int read_pagemap(int dirfd, const char *name, uint32_t *ret_pages_id,
 			uint64_t *ret_present, uint64_t *ret_elsewhere, struct km_error *err)
 {
-	_cleanup_free_ uint8_t *buf = NULL;
-	size_t n, off = 8;
-	uint32_t magic[2];
-	bool head = true;
+	struct km_criu_pagemap pm = { 0 };
 	int r;
 
-	r = km_read_file_at(dirfd, name, PAGEMAP_MAX, (void **)&buf, &n);
-	if (r < 0) {
-		km_error_set(err, "%s: %s", name, strerror(-r));
+	r = km_criu_pagemap_read(dirfd, name, &pm, err);
+	if (r < 0)
 		return r;
-	}
-	if (n < 8)
-		goto bad;
-	memcpy(magic, buf, 8);
-	if (le32toh(magic[0]) != KM_CRIU_IMG_COMMON_MAGIC ||
-	    le32toh(magic[1]) != KM_CRIU_PAGEMAP_MAGIC)
-		goto bad;
+	*ret_pages_id = pm.pages_id;
 	*ret_present = 0;
 	*ret_elsewhere = 0;
-	while (off < n) {
-		uint32_t len;
-
-		if (n - off < 4)
-			goto bad;
-		memcpy(&len, buf + off, 4);
-		len = le32toh(len);
-		off += 4;
-		if (len > n - off)
-			goto bad;
-		if (head) {
-			Kvmotion__Criu__PagemapHead *h =
-				kvmotion__criu__pagemap_head__unpack(NULL, len, buf + off);
-
-			if (!h)
-				goto bad;
-			*ret_pages_id = h->pages_id;
-			kvmotion__criu__pagemap_head__free_unpacked(h, NULL);
-			head = false;
-		} else {
-			Kvmotion__Criu__PagemapEntry *e =
-				kvmotion__criu__pagemap_entry__unpack(NULL, len, buf + off);
-			uint32_t flags;
-
-			if (!e)
-				goto bad;
-			/* Old images: no flags, in_parent or present. */
-			flags = e->has_flags ? e->flags
-					     : (e->has_in_parent && e->in_parent ? KM_CRIU_PE_PARENT
-										 : KM_CRIU_PE_PRESENT);
-			/*
-			 * PE_LAZY marks pages a lazy restore could fetch; they
-			 * are in pages-*.img unless --lazy-pages kept them out,
-			 * which the size check below tells.
-			 */
-			if (flags & KM_CRIU_PE_PARENT)
-				*ret_elsewhere += KM_CRIU_PE_NR_PAGES(e);
-			else if (flags & KM_CRIU_PE_PRESENT)
-				*ret_present += KM_CRIU_PE_NR_PAGES(e);
-			kvmotion__criu__pagemap_entry__free_unpacked(e, NULL);
-		}
-		off += len;
+	/*
+	 * PE_LAZY marks pages a lazy restore could fetch; they are in
+	 * pages-*.img unless --lazy-pages kept them out, which the size check
+	 * of the caller tells.
+	 */
+	for (size_t i = 0; i < pm.n; i++) {
+		if (pm.e[i].flags & KM_CRIU_PE_PARENT)
+			*ret_elsewhere += pm.e[i].nr_pages;
+		else if (pm.e[i].flags & KM_CRIU_PE_PRESENT)
+			*ret_present += pm.e[i].nr_pages;
 	}
-	if (head)
-		goto bad;
+	km_criu_pagemap_clear(&pm);
 	return 0;
-bad:
-	km_error_set(err, "%s is not a valid CRIU pagemap image", name);
-	return -EBADMSG;
 }
 
 int km_criu_pages_local(int dirfd, bool *ret_local, struct km_criu_pages_info *ret,

@@ -97,46 +97,6 @@ static uint64_t now_ns(void)
 
 /* --- the tree ----------------------------------------------------------------- */
 
-/* Appends pid's children (every thread's children file) to out. */
-static size_t children_of(pid_t pid, pid_t *out, size_t max)
-{
-	char path[64];
-	struct dirent *de;
-	size_t n = 0;
-	DIR *d;
-
-	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-	d = opendir(path);
-	if (!d)
-		return 0;
-	while ((de = readdir(d)) && n < max) {
-		char cpath[sizeof(path) + 300], buf[4096], *p, *end;
-		_cleanup_close_ int fd = -1;
-		ssize_t len;
-
-		if (de->d_name[0] == '.')
-			continue;
-		snprintf(cpath, sizeof(cpath), "%s/%s/children", path, de->d_name);
-		fd = open(cpath, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		len = km_read_full(fd, buf, sizeof(buf) - 1);
-		if (len <= 0)
-			continue;
-		buf[len] = 0;
-		for (p = buf; n < max; p = end) {
-			long c = strtol(p, &end, 10);
-
-			if (end == p)
-				break;
-			if (c > 0)
-				out[n++] = (pid_t)c;
-		}
-	}
-	closedir(d);
-	return n;
-}
-
 /*
  * The tree depth-first, pid first: CRIU's dump order, which numbers the
  * pages files.
@@ -156,7 +116,7 @@ static int tree_preorder(pid_t pid, pid_t **ret, size_t *ret_n)
 		size_t k;
 
 		out[n++] = p;
-		k = children_of(p, kids, MAX_TREE);
+		k = km_proc_children(p, kids, MAX_TREE);
 		/* reversed on the stack, so the first child comes out first */
 		while (k > 0 && top < MAX_TREE)
 			stack[top++] = kids[--k];

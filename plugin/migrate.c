@@ -68,44 +68,11 @@ static void progress(const struct km_migrate_opts *o, enum km_migrate_phase p,
 /* pid and its descendants (through every thread's children list), pid first. */
 static size_t tree_pids(pid_t pid, pid_t *out, size_t max)
 {
-	size_t n = 0, i;
+	size_t n = 0;
 
 	out[n++] = pid;
-	for (i = 0; i < n && n < max; i++) {
-		char path[64];
-		DIR *d;
-		struct dirent *de;
-
-		snprintf(path, sizeof(path), "/proc/%d/task", (int)out[i]);
-		d = opendir(path);
-		if (!d)
-			continue;
-		while ((de = readdir(d)) && n < max) {
-			char cpath[sizeof(path) + 300], buf[4096], *p, *end;
-			_cleanup_close_ int fd = -1;
-			ssize_t len;
-
-			if (de->d_name[0] == '.')
-				continue;
-			snprintf(cpath, sizeof(cpath), "%s/%s/children", path, de->d_name);
-			fd = open(cpath, O_RDONLY | O_CLOEXEC);
-			if (fd < 0)
-				continue;
-			len = km_read_full(fd, buf, sizeof(buf) - 1);
-			if (len <= 0)
-				continue;
-			buf[len] = 0;
-			for (p = buf; n < max; p = end) {
-				long c = strtol(p, &end, 10);
-
-				if (end == p)
-					break;
-				if (c > 0)
-					out[n++] = (pid_t)c;
-			}
-		}
-		closedir(d);
-	}
+	for (size_t i = 0; i < n && n < max; i++)
+		n += km_proc_children(out[i], out + n, max - n);
 	return n;
 }
 

@@ -1224,3 +1224,8 @@ int km_store_gc_run(struct km_store *s, km_store_refs_fn refs, void *userdata,
 		*ret = stats;
 	return 0;
 }
+
+int km_store_flush(struct km_store *s)
+{
+	return syncfs(s->dir_fd) < 0 ? -errno : 0;
+}

@@ -150,6 +150,12 @@ int km_store_verify(struct km_store *s, bool repair, km_store_bad_fn bad_fn, voi
 		    struct km_store_verify_stats *ret);
 
 /*
+ * Writes back everything of the store's file system now (syncfs), e.g. at
+ * the end of a pre-copy whose puts did not sync: 0 or -errno.
+ */
+int km_store_flush(struct km_store *s);
+
+/*
  * Roots: named files whose chunk references keep chunks alive through gc.
  * kind is "indexes" or "manifests"; name is a plain file name (no '/').
  * Written atomically like chunks; replaces an existing root of that name.

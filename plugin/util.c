@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 #include "util.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -312,4 +313,43 @@ int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status)
 		/* a poll, not SIGCHLD: the callers' daemons leave signals to others */
 		usleep(10000);
 	}
+}
+
+size_t km_proc_children(pid_t pid, pid_t *out, size_t max)
+{
+	char path[64];
+	struct dirent *de;
+	size_t n = 0;
+	DIR *d;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	d = opendir(path);
+	if (!d)
+		return 0;
+	while ((de = readdir(d)) && n < max) {
+		char cpath[sizeof(path) + 300], buf[4096], *p, *end;
+		_cleanup_close_ int fd = -1;
+		ssize_t len;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(cpath, sizeof(cpath), "%s/%s/children", path, de->d_name);
+		fd = open(cpath, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		len = km_read_full(fd, buf, sizeof(buf) - 1);
+		if (len <= 0)
+			continue;
+		buf[len] = 0;
+		for (p = buf; n < max; p = end) {
+			long c = strtol(p, &end, 10);
+
+			if (end == p)
+				break;
+			if (c > 0)
+				out[n++] = (pid_t)c;
+		}
+	}
+	closedir(d);
+	return n;
 }

@@ -99,6 +99,12 @@ int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status);
 int km_task_dumped_bytes(pid_t pid, uint64_t *ret);
 
 /*
+ * pid's children (from every thread's /proc/PID/task/TID/children), at most
+ * max of them into out; their number. 0 for a pid that is gone.
+ */
+size_t km_proc_children(pid_t pid, pid_t *out, size_t max);
+
+/*
  * Error details for the caller to print: the library never prints. Modules
  * that can fail for reasons a user must see (which chunk, which file) take
  * an optional struct km_error * and describe the failure in it.

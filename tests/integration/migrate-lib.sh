@@ -1,15 +1,28 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # shellcheck shell=bash
 #
-# The helpers of the `kvmotion migrate` tests (migrate.sh, migrate_incr.sh),
-# sourced after lib.sh and netns.sh once km_netns_setup ran: the hosts'
-# stores, receivers and engines, a migration and its checks.
+# The set-up and helpers of the `kvmotion migrate` tests (migrate.sh,
+# migrate_incr.sh): lib.sh, netns.sh and the two hosts (km_netns_setup),
+# then the hosts' stores, receivers and engines, a migration and its checks.
 #
 # Same host, shared filesystem: each engine runs as the init of its own pid
 # namespace (unshare --pid --fork setsid), so that CRIU restores it into a
 # new one on the target while the stopped source still exists (no pid
 # clash); both hosts use one weights directory, so that the restored engine
 # finds its weights file at the path it mapped.
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=netns.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+km_init
+command -v openssl >/dev/null 2>&1 || skip "no openssl command (keys)"
+command -v unshare >/dev/null 2>&1 || skip "no unshare (util-linux)"
+ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
+PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
+[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
+[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
+km_netns_setup
 
 T=$KM_TMP
 storeA=$T/storeA

@@ -40,19 +40,7 @@
 #   KM_LINK_RATE (10gbit)
 set -euo pipefail
 
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# shellcheck source-path=SCRIPTDIR source=netns.sh
-. "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
-km_init
-command -v openssl >/dev/null 2>&1 || skip "no openssl command (keys)"
-command -v unshare >/dev/null 2>&1 || skip "no unshare (util-linux)"
-ENGINE=${KM_ENGINE:-$KM_BUILD_DIR/tests/engine/engine}
-PLUGIN_DIR=${KM_PLUGIN_DIR:-$KM_BUILD_DIR/criu-hooks}
-[ -x "$ENGINE" ] || fail "$ENGINE is missing: build the project first"
-[ -f "$PLUGIN_DIR/kvmotion.so" ] || skip "the CRIU plugin was not built (no criu-plugin.h)"
-km_netns_setup
-
+# lib.sh, netns.sh, the two hosts and the migration helpers
 # shellcheck source-path=SCRIPTDIR source=migrate-lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/migrate-lib.sh"
 
@@ -150,8 +138,9 @@ json_get "$T/m6.json" incremental_why | grep -q "protocol 1.3" || fail "incremen
 assert_ge "weights bytes sent before the stop" "$(json_get "$T/m6.json" bytes_sent_before_stop)" $((snap_bytes * 9 / 10))
 assert_lt "chunk bytes sent during the stop" "$(json_get "$T/m6.json" stop.bytes_sent)" $((snap_bytes / 10))
 # kept: named as CRIU names them, the engine being pid 1 of its namespace
-[ -f "$T/m6.json.work/snapshot/pagemap-1.img" ] && [ -f "$T/m6.json.work/snapshot/pages-1.img" ] ||
+if [ ! -f "$T/m6.json.work/snapshot/pagemap-1.img" ] || [ ! -f "$T/m6.json.work/snapshot/pages-1.img" ]; then
 	fail "--keep-snapshot: WORK/snapshot holds $(ls "$T/m6.json.work/snapshot" 2>&1)"
+fi
 assert_eq "kept pages bytes" "$(file_size "$T/m6.json.work/snapshot/pages-1.img")" "$(json_get "$T/m6.json" snapshot.image_bytes)"
 finish snap "$(json_get "$T/m6.json" restored_pid)" "$T/ref-snap.out"
 pass "transparent with --snapshot (live, $(json_get "$T/m6.json" snapshot.seconds) s): $(json_get "$T/m6.json" bytes_seeded) B of pages seeded, $(json_get "$T/m6.json" bytes_sent_before_stop) B before the stop, $(json_get "$T/m6.json" bytes_sent_during_stop) B during it; $(phases "$T/m6.json"); tokens identical"
