@@ -270,42 +270,22 @@ static int task_vmas(pid_t pid, struct vma **ret, size_t *ret_n, struct km_error
  * /proc/PID/task/TID/syscall; a thread running now reports none (only a
  * lazy restore reads PE_LAZY).
  */
+static int sp_aligned(char *text, void *userdata)
+{
+	const size_t *page = userdata;
+	char *tok[16], *save = NULL;
+	size_t nt = 0;
+
+	/* "NR ARG1..ARG6 SP PC", "-1 SP PC" or "running" */
+	for (char *t = strtok_r(text, " \n", &save); t && nt < KM_ARRAY_SIZE(tok);
+	     t = strtok_r(NULL, " \n", &save))
+		tok[nt++] = t;
+	return (nt == 3 || nt == 9) && (strtoull(tok[nt - 2], NULL, 16) & (*page - 1)) == 0;
+}
+
 static bool stack_pointer_aligned(pid_t pid, size_t page)
 {
-	char path[64];
-	struct dirent *de;
-	bool aligned = false;
-	DIR *d;
-
-	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-	d = opendir(path);
-	if (!d)
-		return false;
-	while (!aligned && (de = readdir(d))) {
-		char spath[sizeof(path) + 300], buf[512], *tok[16], *save = NULL;
-		_cleanup_close_ int fd = -1;
-		size_t nt = 0;
-		ssize_t len;
-
-		if (de->d_name[0] == '.')
-			continue;
-		snprintf(spath, sizeof(spath), "%s/%s/syscall", path, de->d_name);
-		fd = open(spath, O_RDONLY | O_CLOEXEC);
-		if (fd < 0)
-			continue;
-		len = km_read_full(fd, buf, sizeof(buf) - 1);
-		if (len <= 0)
-			continue;
-		buf[len] = 0;
-		/* "NR ARG1..ARG6 SP PC", "-1 SP PC" or "running" */
-		for (char *t = strtok_r(buf, " \n", &save); t && nt < KM_ARRAY_SIZE(tok);
-		     t = strtok_r(NULL, " \n", &save))
-			tok[nt++] = t;
-		if (nt == 3 || nt == 9)
-			aligned = (strtoull(tok[nt - 2], NULL, 16) & (page - 1)) == 0;
-	}
-	closedir(d);
-	return aligned;
+	return km_proc_read_tasks(pid, "syscall", sp_aligned, &page) > 0;
 }
 
 static int plan_push(struct plan *p, uint64_t start, uint64_t end, uint32_t flags, bool mem)

@@ -315,41 +315,64 @@ int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status)
 	}
 }
 
-size_t km_proc_children(pid_t pid, pid_t *out, size_t max)
+int km_proc_read_tasks(pid_t pid, const char *file, km_task_text_fn fn, void *userdata)
 {
 	char path[64];
 	struct dirent *de;
-	size_t n = 0;
+	int r = 0;
 	DIR *d;
 
 	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
 	d = opendir(path);
 	if (!d)
 		return 0;
-	while ((de = readdir(d)) && n < max) {
-		char cpath[sizeof(path) + 300], buf[4096], *p, *end;
+	while (r == 0 && (de = readdir(d))) {
+		char fpath[sizeof(path) + 300], buf[4096];
 		_cleanup_close_ int fd = -1;
 		ssize_t len;
 
 		if (de->d_name[0] == '.')
 			continue;
-		snprintf(cpath, sizeof(cpath), "%s/%s/children", path, de->d_name);
-		fd = open(cpath, O_RDONLY | O_CLOEXEC);
+		snprintf(fpath, sizeof(fpath), "%s/%s/%s", path, de->d_name, file);
+		fd = open(fpath, O_RDONLY | O_CLOEXEC);
 		if (fd < 0)
 			continue;
 		len = km_read_full(fd, buf, sizeof(buf) - 1);
 		if (len <= 0)
 			continue;
 		buf[len] = 0;
-		for (p = buf; n < max; p = end) {
-			long c = strtol(p, &end, 10);
-
-			if (end == p)
-				break;
-			if (c > 0)
-				out[n++] = (pid_t)c;
-		}
+		r = fn(buf, userdata);
 	}
 	closedir(d);
-	return n;
+	return r;
+}
+
+struct children {
+	pid_t *out;
+	size_t n, max;
+};
+
+static int add_children(char *text, void *userdata)
+{
+	struct children *c = userdata;
+	char *end;
+
+	for (char *p = text; c->n < c->max; p = end) {
+		long pid = strtol(p, &end, 10);
+
+		if (end == p)
+			break;
+		if (pid > 0)
+			c->out[c->n++] = (pid_t)pid;
+	}
+	return c->n == c->max;
+}
+
+size_t km_proc_children(pid_t pid, pid_t *out, size_t max)
+{
+	struct children c = { out, 0, max };
+
+	if (max)
+		(void)km_proc_read_tasks(pid, "children", add_children, &c);
+	return c.n;
 }

@@ -99,6 +99,14 @@ int km_wait_child(pid_t pid, unsigned int timeout_s, int *ret_status);
 int km_task_dumped_bytes(pid_t pid, uint64_t *ret);
 
 /*
+ * Calls fn with the text of /proc/PID/task/TID/FILE (at most 4 KiB, NUL
+ * terminated) for each thread of pid whose file reads, until fn returns
+ * nonzero; returns that, 0 if none did (or pid is gone).
+ */
+typedef int (*km_task_text_fn)(char *text, void *userdata);
+int km_proc_read_tasks(pid_t pid, const char *file, km_task_text_fn fn, void *userdata);
+
+/*
  * pid's children (from every thread's /proc/PID/task/TID/children), at most
  * max of them into out; their number. 0 for a pid that is gone.
  */
