@@ -80,20 +80,108 @@ static uint64_t present_pages(const struct km_criu_pagemap *pm)
 }
 
 /* A run of the parent's present pages: where they lie in its pages file. */
-struct prun {
+struct km_incr_prun {
 	uint64_t vaddr, nr, page; /* page: index in the pages file */
 };
 
 static int prun_cmp(const void *a, const void *b)
 {
-	const struct prun *x = a, *y = b;
+	const struct km_incr_prun *x = a, *y = b;
 
 	return x->vaddr < y->vaddr ? -1 : x->vaddr > y->vaddr;
 }
 
+void km_incr_parent_close(struct km_incr_parent *p)
+{
+	km_criu_pagemap_clear(&p->pm);
+	if (p->pages && p->size)
+		munmap((void *)p->pages, p->size);
+	free(p->runs);
+	*p = (struct km_incr_parent){ 0 };
+}
+
+int km_incr_parent_open(int pdirfd, const char *name, struct km_incr_parent *ret,
+			struct km_error *err)
+{
+	struct km_incr_parent p = { 0 };
+	struct mapped m = { 0 };
+	char pages[64];
+	uint64_t page = 0;
+	int r;
+
+	r = km_criu_pagemap_read(pdirfd, name, &p.pm, NULL);
+	if (r == -ENOENT)
+		return r;
+	if (r < 0) {
+		km_error_set(err, "the parent's %s is not a valid pagemap image", name);
+		return r;
+	}
+	snprintf(pages, sizeof(pages), "pages-%u.img", p.pm.pages_id);
+	r = map_at(pdirfd, pages, &m, err);
+	if (r < 0) {
+		km_error_prefix(err, "the parent's ");
+		goto fail;
+	}
+	p.pages = m.p;
+	p.size = m.size;
+	p.runs = calloc(p.pm.n ? p.pm.n : 1, sizeof(*p.runs));
+	if (!p.runs) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	for (size_t i = 0; i < p.pm.n; i++) {
+		const struct km_criu_pme *e = &p.pm.e[i];
+
+		if (!(e->flags & KM_CRIU_PE_PRESENT))
+			continue;
+		p.runs[p.n_runs++] =
+			(struct km_incr_prun){ .vaddr = e->vaddr, .nr = e->nr_pages, .page = page };
+		page += e->nr_pages;
+	}
+	if (page * PAGE != p.size) {
+		km_error_set(err, "the parent's %s holds %zu bytes, its pagemap lists %llu pages",
+			     pages, p.size, (unsigned long long)page);
+		r = -EBADMSG;
+		goto fail;
+	}
+	/* CRIU writes them in address order; a sort costs nothing if so */
+	qsort(p.runs, p.n_runs, sizeof(*p.runs), prun_cmp);
+	*ret = p;
+	return 0;
+fail:
+	km_incr_parent_close(&p);
+	return r;
+}
+
+const uint8_t *km_incr_parent_page(const struct km_incr_parent *p, uint64_t vaddr, size_t *hint)
+{
+	size_t j = *hint;
+
+	/* callers walk addresses upwards: go on from the last run, else bisect */
+	if (j >= p->n_runs || p->runs[j].vaddr > vaddr) {
+		size_t lo = 0, hi = p->n_runs;
+
+		while (lo < hi) {
+			size_t mid = lo + (hi - lo) / 2;
+
+			if (p->runs[mid].vaddr <= vaddr)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		j = lo ? lo - 1 : 0;
+	}
+	while (j < p->n_runs && p->runs[j].vaddr + p->runs[j].nr * PAGE <= vaddr)
+		j++;
+	*hint = j;
+	if (j < p->n_runs && p->runs[j].vaddr <= vaddr)
+		return p->pages + (p->runs[j].page + (vaddr - p->runs[j].vaddr) / PAGE) * PAGE;
+	return NULL;
+}
+
 struct compare_job {
-	const uint8_t *dump, *parent;
-	const int64_t *poff; /* the parent's page for each dumped page, -1: none */
+	const uint8_t *dump;
+	const uint8_t *const *ppage; /* the parent's page for each dumped page, NULL: none */
 	uint8_t *equal;
 	uint64_t from, to;
 };
@@ -103,9 +191,7 @@ static int compare_fn(void *arg)
 	const struct compare_job *j = arg;
 
 	for (uint64_t k = j->from; k < j->to; k++)
-		j->equal[k] = j->poff[k] >= 0 &&
-			      memcmp(j->dump + k * PAGE, j->parent + (uint64_t)j->poff[k] * PAGE,
-				     PAGE) == 0;
+		j->equal[k] = j->ppage[k] && memcmp(j->dump + k * PAGE, j->ppage[k], PAGE) == 0;
 	return 0;
 }
 
@@ -134,10 +220,10 @@ static int push(struct km_criu_pagemap *out, size_t *cap, uint64_t vaddr, uint64
 }
 
 struct one {
-	struct km_criu_pagemap dump, parent, out;
-	struct mapped dm, pmap;
-	struct prun *runs;
-	int64_t *poff;
+	struct km_criu_pagemap dump, out;
+	struct km_incr_parent parent;
+	struct mapped dm;
+	const uint8_t **ppage;
 	uint8_t *equal;
 	struct compare_job *jobs;
 	int tmp_fd;
@@ -147,12 +233,10 @@ struct one {
 static void one_clear(int dirfd, struct one *o)
 {
 	km_criu_pagemap_clear(&o->dump);
-	km_criu_pagemap_clear(&o->parent);
 	km_criu_pagemap_clear(&o->out);
+	km_incr_parent_close(&o->parent);
 	unmap(&o->dm);
-	unmap(&o->pmap);
-	free(o->runs);
-	free(o->poff);
+	free(o->ppage);
 	free(o->equal);
 	free(o->jobs);
 	if (o->tmp_fd >= 0) {
@@ -161,58 +245,22 @@ static void one_clear(int dirfd, struct one *o)
 	}
 }
 
-/* The parent's page holding each present page of the dump (-1: none). */
-static int locate(struct one *o, uint64_t n_present, struct km_error *err)
+/* The parent's page holding each present page of the dump (NULL: none). */
+static int locate(struct one *o, uint64_t n_present)
 {
-	size_t n_runs = 0, j = 0;
-	uint64_t page = 0, k = 0;
+	uint64_t k = 0;
+	size_t hint = 0;
 
-	o->runs = calloc(o->parent.n ? o->parent.n : 1, sizeof(*o->runs));
-	o->poff = malloc((size_t)n_present * sizeof(*o->poff));
-	if (!o->runs || !o->poff)
+	o->ppage = malloc((size_t)n_present * sizeof(*o->ppage));
+	if (!o->ppage)
 		return -ENOMEM;
-	for (size_t i = 0; i < o->parent.n; i++) {
-		const struct km_criu_pme *e = &o->parent.e[i];
-
-		if (!(e->flags & KM_CRIU_PE_PRESENT))
-			continue;
-		o->runs[n_runs++] = (struct prun){ .vaddr = e->vaddr, .nr = e->nr_pages, .page = page };
-		page += e->nr_pages;
-	}
-	if (page * PAGE != o->pmap.size) {
-		km_error_set(err, "the parent's pages-%u.img holds %zu bytes, its pagemap lists %llu pages",
-			     o->parent.pages_id, o->pmap.size, (unsigned long long)page);
-		return -EBADMSG;
-	}
-	/* CRIU writes them in address order; a sort costs nothing if so */
-	qsort(o->runs, n_runs, sizeof(*o->runs), prun_cmp);
 	for (size_t i = 0; i < o->dump.n; i++) {
 		const struct km_criu_pme *e = &o->dump.e[i];
 
 		if (!(e->flags & KM_CRIU_PE_PRESENT))
 			continue;
-		/* the last run starting at or below the entry, found by bisection */
-		size_t lo = 0, hi = n_runs;
-
-		while (lo < hi) {
-			size_t mid = lo + (hi - lo) / 2;
-
-			if (o->runs[mid].vaddr <= e->vaddr)
-				lo = mid + 1;
-			else
-				hi = mid;
-		}
-		j = lo ? lo - 1 : 0;
-		for (uint64_t p = 0; p < e->nr_pages; p++, k++) {
-			uint64_t v = e->vaddr + p * PAGE;
-
-			while (j < n_runs && o->runs[j].vaddr + o->runs[j].nr * PAGE <= v)
-				j++;
-			if (j < n_runs && o->runs[j].vaddr <= v)
-				o->poff[k] = (int64_t)(o->runs[j].page + (v - o->runs[j].vaddr) / PAGE);
-			else
-				o->poff[k] = -1;
-		}
+		for (uint64_t p = 0; p < e->nr_pages; p++, k++)
+			o->ppage[k] = km_incr_parent_page(&o->parent, e->vaddr + p * PAGE, &hint);
 	}
 	return 0;
 }
@@ -274,7 +322,7 @@ static int rewrite_one(int dirfd, int pdirfd, const char *name, struct km_workpo
 		       struct km_incr_stats *st, struct km_error *err)
 {
 	struct one o = { .tmp_fd = -1 };
-	char pages[64], ppages[64];
+	char pages[64];
 	_cleanup_free_ void *img = NULL;
 	size_t img_size;
 	uint64_t n_present, kept = 0, t0 = now_ns(), n_jobs;
@@ -292,8 +340,8 @@ static int rewrite_one(int dirfd, int pdirfd, const char *name, struct km_workpo
 	n_present = present_pages(&o.dump);
 	st->pages += n_present;
 	st->bytes_before += n_present * PAGE;
-	r = km_criu_pagemap_read(pdirfd, name, &o.parent, NULL);
-	if (r == -ENOENT || n_present == 0) {
+	r = n_present ? km_incr_parent_open(pdirfd, name, &o.parent, err) : -ENOENT;
+	if (r == -ENOENT) {
 		/* a task the snapshot did not know: all its pages cross */
 		st->pagemaps_kept++;
 		st->pages_present += n_present;
@@ -301,12 +349,9 @@ static int rewrite_one(int dirfd, int pdirfd, const char *name, struct km_workpo
 		r = 0;
 		goto out;
 	}
-	if (r < 0) {
-		km_error_set(err, "the parent's %s is not a valid pagemap image", name);
+	if (r < 0)
 		goto out;
-	}
 	snprintf(pages, sizeof(pages), "pages-%u.img", o.dump.pages_id);
-	snprintf(ppages, sizeof(ppages), "pages-%u.img", o.parent.pages_id);
 	r = map_at(dirfd, pages, &o.dm, err);
 	if (r < 0)
 		goto out;
@@ -316,12 +361,7 @@ static int rewrite_one(int dirfd, int pdirfd, const char *name, struct km_workpo
 		r = -EBADMSG;
 		goto out;
 	}
-	r = map_at(pdirfd, ppages, &o.pmap, err);
-	if (r < 0) {
-		km_error_prefix(err, "the parent's ");
-		goto out;
-	}
-	r = locate(&o, n_present, err);
+	r = locate(&o, n_present);
 	if (r < 0)
 		goto out;
 	o.equal = calloc((size_t)n_present, 1);
@@ -334,8 +374,7 @@ static int rewrite_one(int dirfd, int pdirfd, const char *name, struct km_workpo
 	for (uint64_t i = 0; i < n_jobs; i++) {
 		o.jobs[i] = (struct compare_job){
 			.dump = o.dm.p,
-			.parent = o.pmap.p,
-			.poff = o.poff,
+			.ppage = o.ppage,
 			.equal = o.equal,
 			.from = i * COMPARE_SLICE,
 			.to = KM_MIN((i + 1) * COMPARE_SLICE, n_present),

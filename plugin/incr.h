@@ -20,6 +20,7 @@
 
 #include <stdint.h>
 
+#include "criuimg.h"
 #include "hash.h"
 #include "util.h"
 
@@ -52,6 +53,29 @@ struct km_incr_stats {
  */
 int km_incr_rewrite(int dirfd, int parent_dirfd, const struct km_incr_opts *o,
 		    struct km_incr_stats *ret, struct km_error *err);
+
+/*
+ * One pagemap of a parent image, its pages mapped, found by address. Open:
+ * -ENOENT if the parent has no pagemap of that name; -EBADMSG if its pages
+ * file does not hold what the pagemap lists.
+ */
+struct km_incr_prun;
+struct km_incr_parent {
+	struct km_criu_pagemap pm;
+	const uint8_t *pages;
+	size_t size;
+	struct km_incr_prun *runs; /* present runs by address */
+	size_t n_runs;
+};
+
+int km_incr_parent_open(int pdirfd, const char *pagemap_name, struct km_incr_parent *ret,
+			struct km_error *err);
+/*
+ * The parent's page at vaddr, or NULL. *hint (0 at first) keeps the place
+ * between calls: walking addresses upwards costs no search.
+ */
+const uint8_t *km_incr_parent_page(const struct km_incr_parent *p, uint64_t vaddr, size_t *hint);
+void km_incr_parent_close(struct km_incr_parent *p);
 
 /*
  * The snapshot id of the dump in dirfd (threads: 0 one per CPU); -ENOENT

@@ -77,6 +77,7 @@ struct cli {
 	bool snapshot;
 	bool snapshot_criu;
 	bool keep_snapshot;
+	bool stop_dump_file;
 	const char *work;
 	const char *criu;
 	const char *plugin_dir;
@@ -210,6 +211,10 @@ static void usage(FILE *f)
 	      "                       sent ahead as chunks)\n"
 	      "  --keep-snapshot      migrate: keep the snapshot's pagemap and pages files in\n"
 	      "                       WORK/snapshot (the older targets' path)\n"
+	      "  --stop-dump=page-server|file  migrate with a snapshot: CRIU sends the stop's\n"
+	      "                       pages to a page server here that compares them with the\n"
+	      "                       snapshot as they come (the default), or writes the whole\n"
+	      "                       dump, compared after it\n"
 	      "  --work DIR           migrate: where the image goes (DIR/img; default a new /tmp dir)\n"
 	      "  --criu CRIU          migrate: CRIU to dump with (default $KVMOTION_CRIU, else criu)\n"
 	      "  --plugin-dir DIR     migrate: directory of kvmotion.so, passed to criu as -L\n"
@@ -1244,8 +1249,14 @@ static void print_migrate_json(const struct cli *c, const struct km_migrate_repo
 		printf("null");
 	}
 	printf(",\"pages\":{\"dumped\":%" PRIu64 ",\"from_snapshot\":%" PRIu64
-	       ",\"sent\":%" PRIu64 "}",
+	       ",\"sent\":%" PRIu64 ",\"dump\":",
 	       r->pages, r->pages_parent, r->pages_present);
+	if (r->stop_dump[0])
+		json_string(r->stop_dump);
+	else
+		printf("null");
+	/* page-server: its receiving, comparing and writing, while CRIU dumped */
+	printf(",\"page_server_seconds\":%.6f}", secs(r->pagesrv_ns));
 	printf(",\"precopy\":{");
 	print_send_stats_json(&r->precopy);
 	printf(",\"seconds\":%.6f,\"discover_seconds\":%.6f},\"stop\":{", secs(r->precopy_ns),
@@ -1330,6 +1341,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		.snapshot = c->snapshot,
 		.snapshot_criu = c->snapshot_criu,
 		.snapshot_keep = c->keep_snapshot,
+		.stop_dump_file = c->stop_dump_file,
 		.work = c->work,
 		.criu = c->criu ? c->criu : getenv("KVMOTION_CRIU"),
 		.plugin_dir = c->plugin_dir,
@@ -1341,6 +1353,7 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 	const char *corrupt = getenv("KVMOTION_TEST_CORRUPT_SEND");
 	const char *corrupt_piece = getenv("KVMOTION_TEST_CORRUPT_PIECE");
 	const char *wrong_parent = getenv("KVMOTION_TEST_WRONG_PARENT");
+	const char *pagesrv_fail = getenv("KVMOTION_TEST_PAGESRV_FAIL");
 	char work[] = "/tmp/kvmotion-migrate-XXXXXX";
 	int r;
 
@@ -1360,6 +1373,8 @@ static int cmd_migrate(struct cli *c, int argc, char **argv)
 		o.client.test_corrupt_piece = (unsigned)strtoul(corrupt_piece, NULL, 10);
 	if (wrong_parent && wrong_parent[0])
 		o.test_wrong_parent = (unsigned)strtoul(wrong_parent, NULL, 10);
+	if (pagesrv_fail && pagesrv_fail[0])
+		o.test_pagesrv_fail_after = strtoull(pagesrv_fail, NULL, 10);
 	if (!c->json && isatty(STDERR_FILENO))
 		o.progress = migrate_progress;
 	signal(SIGPIPE, SIG_IGN);
@@ -1968,6 +1983,7 @@ enum {
 	OPT_WEIGHTS,
 	OPT_SNAPSHOT,
 	OPT_KEEP_SNAPSHOT,
+	OPT_STOP_DUMP,
 	OPT_WORK,
 	OPT_CRIU,
 	OPT_PLUGIN_DIR,
@@ -2033,6 +2049,7 @@ int main(int argc, char **argv)
 		{ "weights", required_argument, NULL, OPT_WEIGHTS },
 		{ "snapshot", optional_argument, NULL, OPT_SNAPSHOT },
 		{ "keep-snapshot", no_argument, NULL, OPT_KEEP_SNAPSHOT },
+		{ "stop-dump", required_argument, NULL, OPT_STOP_DUMP },
 		{ "work", required_argument, NULL, OPT_WORK },
 		{ "criu", required_argument, NULL, OPT_CRIU },
 		{ "plugin-dir", required_argument, NULL, OPT_PLUGIN_DIR },
@@ -2105,6 +2122,13 @@ int main(int argc, char **argv)
 				return fail("--snapshot: expected live or criu, not '%s'", optarg);
 			break;
 		case OPT_KEEP_SNAPSHOT: c.keep_snapshot = true; break;
+		case OPT_STOP_DUMP:
+			if (strcmp(optarg, "file") == 0)
+				c.stop_dump_file = true;
+			else if (strcmp(optarg, "page-server") != 0)
+				return fail("--stop-dump: expected page-server or file, not '%s'",
+					    optarg);
+			break;
 		case OPT_WORK: c.work = optarg; break;
 		case OPT_CRIU: c.criu = optarg; break;
 		case OPT_PLUGIN_DIR: c.plugin_dir = optarg; break;

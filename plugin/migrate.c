@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -25,6 +26,7 @@
 #include "image.h"
 #include "incr.h"
 #include "livesnap.h"
+#include "pagesrv.h"
 #include "store.h"
 #include "weights.h"
 
@@ -327,7 +329,7 @@ static int open_model_files(pid_t pid, struct km_store *s, struct km_migrate_rep
 }
 
 static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split,
-		    bool split_engines, struct km_error *err);
+		    bool split_engines, int ps_fd, struct km_error *err);
 static uint64_t dir_bytes(const char *dir);
 
 /*
@@ -360,7 +362,7 @@ static int take_snapshot(const struct km_migrate_opts *o, const char *dir, int d
 	t = now_ns();
 	if (o->snapshot_criu) {
 		snprintf(r->snapshot_mode, sizeof(r->snapshot_mode), "criu");
-		q = run_dump(o, dir, true, false, false, err);
+		q = run_dump(o, dir, true, false, false, -1, err);
 		if (q < 0) {
 			km_error_prefix(err, "snapshot (criu dump --leave-running, log %s/dump.log)",
 					dir);
@@ -628,10 +630,10 @@ static int snapshot_parent(const struct km_migrate_opts *o, struct km_store *s,
  * (--leave-running); split by the plugin as split and split_engines say.
  */
 static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap, bool split,
-		    bool split_engines, struct km_error *err)
+		    bool split_engines, int ps_fd, struct km_error *err)
 {
 	const char *argv[32 + 64];
-	char pidbuf[16];
+	char pidbuf[16], psbuf[16];
 	size_t n = 0;
 	int status;
 	pid_t child;
@@ -654,6 +656,12 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap,
 	if (o->plugin_dir) {
 		argv[n++] = "-L";
 		argv[n++] = o->plugin_dir;
+	}
+	if (ps_fd >= 0) {
+		snprintf(psbuf, sizeof(psbuf), "%d", ps_fd);
+		argv[n++] = "--page-server";
+		argv[n++] = "--ps-socket";
+		argv[n++] = psbuf;
 	}
 	for (size_t i = 0; i < o->n_criu_args; i++)
 		argv[n++] = o->criu_args[i];
@@ -685,6 +693,8 @@ static int run_dump(const struct km_migrate_opts *o, const char *img, bool snap,
 			dup2(nul, STDOUT_FILENO);
 			dup2(nul, STDERR_FILENO);
 		}
+		if (ps_fd >= 0 && fcntl(ps_fd, F_SETFD, 0) < 0)
+			_exit(127);
 		execvp(argv[0], (char *const *)argv);
 		_exit(127);
 	}
@@ -793,6 +803,50 @@ static uint64_t dir_bytes(const char *dir)
 	}
 	closedir(d);
 	return n;
+}
+
+/*
+ * The incremental stop's dump: criu dump --page-server into a page server
+ * of ours (pagesrv.h) that writes the pages differing from the snapshot's
+ * in sfd into the image as they come. r->compare_ns: what the comparing
+ * took after CRIU had ended; r->pagesrv_ns: the server's busy time, most
+ * of it while CRIU dumped.
+ */
+static int dump_to_pagesrv(const struct km_migrate_opts *o, int dirfd, int sfd,
+			   struct km_migrate_report *r, struct km_incr_stats *is,
+			   struct km_error *err)
+{
+	struct km_pagesrv_opts po = { .test_fail_after_pages = o->test_pagesrv_fail_after };
+	struct km_pagesrv *ps = NULL;
+	struct km_error perr = { { 0 } };
+	int sv[2], ret, q;
+	uint64_t t;
+
+	snprintf(r->stop_dump, sizeof(r->stop_dump), "page-server");
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+		km_error_set(err, "socketpair: %s", strerror(errno));
+		return -errno;
+	}
+	ret = km_pagesrv_start(sv[0], dirfd, sfd, &po, &ps, err);
+	if (ret < 0) {
+		close(sv[1]);
+		return ret;
+	}
+	ret = run_dump(o, r->image_dir, false, false, false, sv[1], err);
+	close(sv[1]);
+	t = now_ns();
+	q = km_pagesrv_wait(ps, is, &perr);
+	r->compare_ns = now_ns() - t;
+	if (q == 0) {
+		r->pagesrv_ns = is->compare_ns + is->write_ns;
+		return ret;
+	}
+	if (ret == 0 || q != -EPIPE) {
+		/* the page server's failure is the reason of CRIU's (or CRIU saw none) */
+		*err = perr;
+		km_error_prefix(err, "the stop's page server");
+	}
+	return ret < 0 ? ret : q;
 }
 
 /* --- the way back ------------------------------------------------------------ */
@@ -981,6 +1035,8 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	struct km_image_result res = { 0 };
 	struct km_image_send_opts so = { .label = "migrate", .restore = true };
 	struct km_hash wrong_id;
+	struct km_incr_stats is = { 0 };
+	_cleanup_close_ int sfd = -1;
 	int q, ret;
 
 	memset(r, 0, sizeof(*r));
@@ -1038,13 +1094,27 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 		goto out;
 
 	/* --- stop --- */
+	if (r->snapshot_dir[0]) {
+		char snap[4200];
+
+		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
+		sfd = open(snap, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (sfd < 0) {
+			ret = -errno;
+			km_error_set(err, "snapshot %s: %s", snap, strerror(errno));
+			goto out;
+		}
+	}
 	n_pids = tree_pids(o->pid, pids, MAX_TREE);
 	progress(o, KM_MIGRATE_DUMP, r);
 	t_stop = now_ns();
-	if (r->snapshot_dir[0])
-		ret = run_dump(o, r->image_dir, false, false, false, err);
+	if (sfd >= 0 && !o->stop_dump_file)
+		ret = dump_to_pagesrv(o, dirfd, sfd, r, &is, err);
+	else if (sfd >= 0)
+		ret = run_dump(o, r->image_dir, false, false, false, -1, err);
 	else
-		ret = run_dump(o, r->image_dir, false, true, !km_client_target(c)->can_unsplit, err);
+		ret = run_dump(o, r->image_dir, false, true, !km_client_target(c)->can_unsplit, -1,
+			       err);
 	t = now_ns() - t_stop;
 	{
 		_cleanup_close_ int lfd = openat(dirfd, "dump.log", O_RDONLY | O_CLOEXEC);
@@ -1054,25 +1124,17 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	}
 	if (ret < 0)
 		goto fail;
-	if (r->snapshot_dir[0]) {
-		char snap[4200];
-		_cleanup_close_ int sfd = -1;
-		struct km_incr_stats is;
-
-		/* only the pages that differ from the snapshot's cross */
-		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
-		t = now_ns();
-		sfd = open(snap, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (sfd < 0) {
-			ret = -errno;
-			km_error_set(err, "snapshot %s: %s", snap, strerror(errno));
-		} else {
+	if (sfd >= 0) {
+		if (o->stop_dump_file) {
+			/* only the pages that differ from the snapshot's cross */
+			snprintf(r->stop_dump, sizeof(r->stop_dump), "file");
+			t = now_ns();
 			ret = km_incr_rewrite(dirfd, sfd, NULL, &is, err);
-		}
-		r->compare_ns = now_ns() - t;
-		if (ret < 0) {
-			km_error_prefix(err, "comparing the dump with the snapshot");
-			goto fail;
+			r->compare_ns = now_ns() - t;
+			if (ret < 0) {
+				km_error_prefix(err, "comparing the dump with the snapshot");
+				goto fail;
+			}
 		}
 		r->pages = is.pages;
 		r->pages_parent = is.pages_parent;

@@ -74,6 +74,14 @@ struct km_migrate_opts {
 	bool snapshot;
 	bool snapshot_criu;
 	bool snapshot_keep;
+	/*
+	 * The incremental stop's dump: by default CRIU sends the pages to a
+	 * page server in this process that compares them with the snapshot as
+	 * they come (pagesrv.h: no complete dump is written); with
+	 * stop_dump_file CRIU writes the complete dump, compared afterwards
+	 * (km_incr_rewrite).
+	 */
+	bool stop_dump_file;
 	const char *work; /* work directory: the image goes to WORK/img */
 	const char *criu; /* NULL: "criu" in PATH */
 	const char *plugin_dir; /* -L of criu dump (kvmotion.so); NULL: CRIU's default */
@@ -89,6 +97,8 @@ struct km_migrate_opts {
 	 * 0: off.
 	 */
 	unsigned test_wrong_parent;
+	/* Tests only: the stop's page server fails after this many pages (0: off). */
+	uint64_t test_pagesrv_fail_after;
 };
 
 #define KM_MIGRATE_MAX_WEIGHTS 8
@@ -124,6 +134,8 @@ struct km_migrate_report {
 	uint64_t snapshot_id_ns, snapshot_split_ns, snapshot_send_ns; /* after it, while serving */
 	uint64_t pages, pages_parent, pages_present; /* the stop's dump: present, equal, sent */
 	uint64_t compare_ns; /* the stop: comparing with the snapshot, rewriting the image */
+	char stop_dump[16]; /* the incremental stop's dump: "page-server", "file"; "" none */
+	uint64_t pagesrv_ns; /* page-server: its busy time, overlapping the dump */
 	/*
 	 * nanoseconds; the stop's phases (dump.log, the target's reply, ours).
 	 * gpu_restore_ns and resume_ns: on success the target's (its plugin's

@@ -28,10 +28,17 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=migrate-lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/migrate-lib.sh"
 
-# incremental OUT: the stop went incremental over a snapshot the target holds
+# incremental OUT [DUMP]: the stop went incremental over a snapshot the
+# target holds, its dump made as DUMP says (page-server, the default, or file)
 incremental() {
-	local out=$1 dumped sent
+	local out=$1 dump=${2:-page-server} dumped sent written
 	assert_eq "incremental" "$(json_get "$out" incremental)" True
+	assert_eq "the stop's dump" "$(json_get "$out" pages.dump)" "$dump"
+	if [ "$dump" = page-server ]; then
+		# the page server wrote the pages that differ, never a whole dump
+		written=$(find "$out.work/img" -name 'pages-*.img' -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
+		assert_eq "pages-*.img bytes on A" "$written" $(($(json_get "$out" pages.sent) * 4096))
+	fi
 	assert_eq "image (incremental: unsplit)" "$(json_get "$out" image)" unsplit
 	[ -n "$(json_get "$out" snapshot.target_dir)" ] || fail "no snapshot directory on the target"
 	# no weights byte copied on the target in the stop
@@ -101,12 +108,12 @@ pass "transparent, incremental: $(summary "$T/i2.json"); tokens identical"
 # the same over a snapshot taken by criu dump --leave-running
 start_engine coop3 "$KM_NS_A" "$T/coop.safetensors" --coop
 pid=$ENGINE_PID
-migrate_ok "$T/i3.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot=criu
+migrate_ok "$T/i3.json" "$KM_NS_A" "$storeA" "$pid" "$toB" --snapshot=criu --stop-dump=file
 assert_eq "snapshot mode" "$(json_get "$T/i3.json" snapshot.mode)" criu
-incremental "$T/i3.json"
+incremental "$T/i3.json" file
 wait_pid_gone "$pid" 5
 finish coop3 "$(json_get "$T/i3.json" restored_pid)" "$T/ref-coop.out"
-pass "cooperative, incremental over a criu snapshot: $(summary "$T/i3.json"); tokens identical"
+pass "cooperative, incremental over a criu snapshot, the whole dump written and compared after it: $(summary "$T/i3.json"); tokens identical"
 
 # --- a parent that is not the one compared against ------------------------------
 
@@ -124,6 +131,17 @@ KVMOTION_TEST_WRONG_PARENT=2 migrate_fails "$T/f2.json" "$KM_NS_A" "$storeA" "$p
 	"not in the image area" --snapshot --weights plain
 finish w2 "$pid" "$T/ref-plain.out"
 pass "missing parent refused: '$(json_get "$T/f2.json" error | cut -c1-110)'; engine resumed, tokens identical"
+
+# --- the stop's page server fails while CRIU dumps ------------------------------
+
+start_engine w4 "$KM_NS_A" "$T/plain.safetensors"
+pid=$ENGINE_PID
+KVMOTION_TEST_PAGESRV_FAIL=64 migrate_fails "$T/f4.json" "$KM_NS_A" "$storeA" "$pid" "$toB" \
+	"page server: test: failure injected after" --snapshot --weights plain
+assert_eq "resumed" "$(json_get "$T/f4.json" resumed)" True
+assert_eq "bytes during the stop" "$(json_get "$T/f4.json" bytes_sent_during_stop)" 0
+finish w4 "$pid" "$T/ref-plain.out"
+pass "page server failing in the dump: '$(json_get "$T/f4.json" error | cut -c1-110)'; CRIU's dump failed, engine resumed, tokens identical"
 
 # The parent goes between the image's arrival and the restore: CRIU itself
 # refuses (its pagemap names pages of a parent it cannot open).

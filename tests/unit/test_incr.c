@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,6 +18,7 @@
 #include "criuimg.h"
 #include "format.h"
 #include "incr.h"
+#include "pagesrv.h"
 
 #define PAGE 4096u
 #define P    KM_CRIU_PE_PRESENT
@@ -410,6 +412,195 @@ START_TEST(test_criuimg_pagemap_reads_field_5)
 }
 END_TEST
 
+/* --- the stop's page server, driven as criu dump --page-server drives it --- */
+
+struct psi {
+	uint32_t cmd, nr_pages;
+	uint64_t vaddr, dst_id;
+};
+
+static int client_send(int sk, const void *buf, size_t n)
+{
+	return send(sk, buf, n, MSG_NOSIGNAL) == (ssize_t)n ? 0 : -1;
+}
+
+static int client_cmd(int sk, uint32_t cmd, uint32_t flags, uint64_t vaddr, uint32_t nr,
+		      uint64_t dst_id)
+{
+	struct psi pi = { .cmd = flags << 16 | cmd, .nr_pages = nr, .vaddr = vaddr, .dst_id = dst_id };
+
+	return client_send(sk, &pi, sizeof(pi));
+}
+
+/* OPEN2 of pagemap-ID (type 1: task, 2: shmem), then the entries as CRIU sends them. */
+static int client_pagemap(int sk, uint64_t id, unsigned type, const struct km_criu_pme *e,
+			  size_t n, unsigned (*gen)(uint64_t vaddr))
+{
+	uint64_t dst = id << 8 | type;
+	uint8_t buf[PAGE];
+	char has_parent = 1;
+
+	if (client_cmd(sk, 4, 0, 0, 0, dst) || recv(sk, &has_parent, 1, MSG_WAITALL) != 1)
+		return -1;
+	ck_assert_int_eq(has_parent, 0);
+	for (size_t i = 0; i < n; i++) {
+		if (client_cmd(sk, 6, e[i].flags, e[i].vaddr, (uint32_t)e[i].nr_pages, dst))
+			return -1;
+		for (uint64_t p = 0; (e[i].flags & P) && p < e[i].nr_pages; p++) {
+			page_bytes(e[i].vaddr + p * PAGE, gen(e[i].vaddr + p * PAGE), buf);
+			if (client_send(sk, buf, PAGE))
+				return -1;
+		}
+	}
+	return 0;
+}
+
+static const struct km_criu_pme shmem_pm[] = { { 0, 2, P } };
+
+START_TEST(test_pagesrv_writes_incremental_image)
+{
+	struct fixture f;
+	struct km_pagesrv *ps;
+	struct km_incr_stats st;
+	struct km_error err = { { 0 } };
+	struct km_criu_pagemap pm;
+	int sv[2],status = -1;
+	uint8_t got[PAGE], want_page[PAGE];
+	static const struct km_criu_pme want[] = {
+		{ 0x10000, 2, KM_CRIU_PE_PARENT }, { 0x12000, 1, PL },
+		{ 0x13000, 1, KM_CRIU_PE_PARENT }, { 0x20000, 2, KM_CRIU_PE_PARENT },
+		{ 0x22000, 1, P },		   { 0x30000, 1, P },
+		{ 0x40000, 1, P },		   { 0x50000, 2, 0 },
+	};
+
+	fixture_setup(&f);
+	write_dump(f.parent, "7", 3, parent_pm, 3, gen_parent);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_pagemap(sv[1], 7, 1, dump_pm, 5, gen_dump), 0);
+	ck_assert_int_eq(client_pagemap(sv[1], 9, 2, shmem_pm, 1, gen_dump), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 0x1024, 0, 0, 0, 0), 0);
+	ck_assert_int_eq(recv(sv[1], &status, 4, MSG_WAITALL), 4);
+	ck_assert_int_eq(status, 0);
+	ck_assert_int_eq(km_pagesrv_wait(ps, &st, &err), 0);
+	close(sv[1]);
+
+	/* the same image km_incr_rewrite makes of the complete dump, plus the shmem kept */
+	ck_assert_uint_eq(st.pagemaps, 1);
+	ck_assert_uint_eq(st.pagemaps_kept, 1);
+	ck_assert_uint_eq(st.pages, 11);
+	ck_assert_uint_eq(st.pages_parent, 5);
+	ck_assert_uint_eq(st.pages_present, 6);
+	ck_assert_uint_eq(st.bytes_after, 6 * PAGE);
+	ck_assert_int_eq(km_criu_pagemap_read(f.img, "pagemap-7.img", &pm, &err), 0);
+	ck_assert_uint_eq(pm.pages_id, 1);
+	ck_assert_uint_eq(pm.n, sizeof(want) / sizeof(want[0]));
+	for (size_t i = 0; i < pm.n; i++) {
+		ck_assert_uint_eq(pm.e[i].vaddr, want[i].vaddr);
+		ck_assert_uint_eq(pm.e[i].nr_pages, want[i].nr_pages);
+		ck_assert_uint_eq(pm.e[i].flags, want[i].flags);
+	}
+	km_criu_pagemap_clear(&pm);
+	for (size_t i = 0; i < 4; i++)
+		for (uint64_t p = 0; p < dump_pm[i].nr_pages; p++) {
+			uint64_t v = dump_pm[i].vaddr + p * PAGE;
+
+			ck_assert(read_page(f.img, f.parent, "pagemap-7.img", v, got));
+			page_bytes(v, gen_dump(v), want_page);
+			ck_assert_mem_eq(got, want_page, PAGE);
+		}
+	ck_assert_int_eq(km_criu_pagemap_read(f.img, "pagemap-shmem-9.img", &pm, &err), 0);
+	ck_assert_uint_eq(pm.pages_id, 2);
+	ck_assert_uint_eq(pm.n, 1);
+	ck_assert_uint_eq(pm.e[0].flags, P);
+	km_criu_pagemap_clear(&pm);
+	ck_assert(read_page(f.img, -1, "pagemap-shmem-9.img", PAGE, got));
+	page_bytes(PAGE, 0, want_page);
+	ck_assert_mem_eq(got, want_page, PAGE);
+	fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_pagesrv_without_parent_keeps_all)
+{
+	struct fixture f;
+	struct km_pagesrv *ps;
+	struct km_incr_stats st;
+	struct km_error err = { { 0 } };
+	int sv[2], status = -1;
+
+	fixture_setup(&f);
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, -1, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_pagemap(sv[1], 7, 1, dump_pm, 5, gen_dump), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 0x1023, 0, 0, 0, 0), 0);
+	ck_assert_int_eq(recv(sv[1], &status, 4, MSG_WAITALL), 4);
+	ck_assert_int_eq(km_pagesrv_wait(ps, &st, &err), 0);
+	close(sv[1]);
+	ck_assert_uint_eq(st.pagemaps_kept, 1);
+	ck_assert_uint_eq(st.pages_parent, 0);
+	ck_assert_uint_eq(st.pages_present, 9);
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* The stream's end before CRIU's close, a command of no dump, a failure: errors, the socket shut. */
+START_TEST(test_pagesrv_refuses_cut_and_foreign_streams)
+{
+	struct fixture f;
+	struct km_pagesrv *ps;
+	struct km_pagesrv_opts o = { .test_fail_after_pages = 2 };
+	struct km_error err = { { 0 } };
+	uint8_t page[PAGE] = { 0 };
+	char c;
+	int sv[2];
+
+	fixture_setup(&f);
+	/* cut in the middle of a run of pages */
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 4, 0, 0, 0, 7 << 8 | 1), 0);
+	ck_assert_int_eq(recv(sv[1], &c, 1, MSG_WAITALL), 1);
+	ck_assert_int_eq(client_cmd(sv[1], 6, P, 0x10000, 4, 7 << 8 | 1), 0);
+	ck_assert_int_eq(client_send(sv[1], page, PAGE), 0);
+	close(sv[1]);
+	ck_assert_int_eq(km_pagesrv_wait(ps, NULL, &err), -EPIPE);
+	ck_assert_ptr_nonnull(strstr(err.msg, "criu closed the socket"));
+
+	/* PS_IOV_GET belongs to lazy pages, not to a dump */
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	(void)unlinkat(f.img, "pages-1.img", 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 7, 0, 0x10000, 1, 7 << 8 | 1), 0);
+	ck_assert_int_eq(km_pagesrv_wait(ps, NULL, &err), -EPROTO);
+	ck_assert_ptr_nonnull(strstr(err.msg, "command 7"));
+	ck_assert_int_eq(recv(sv[1], &c, 1, 0), 0); /* shut: CRIU's next send fails */
+	close(sv[1]);
+
+	/* an unknown kind of pagemap */
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 4, 0, 0, 0, 7 << 8 | 99), 0);
+	ck_assert_int_eq(km_pagesrv_wait(ps, NULL, &err), -EPROTO);
+	ck_assert_ptr_nonnull(strstr(err.msg, "unknown kind"));
+	close(sv[1]);
+
+	/* a failure of ours while CRIU sends */
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	(void)unlinkat(f.img, "pages-1.img", 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, &o, &ps, &err), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 4, 0, 0, 0, 7 << 8 | 1), 0);
+	ck_assert_int_eq(recv(sv[1], &c, 1, MSG_WAITALL), 1);
+	ck_assert_int_eq(client_cmd(sv[1], 6, P, 0x10000, 2, 7 << 8 | 1), 0);
+	ck_assert_int_eq(client_send(sv[1], page, PAGE), 0);
+	ck_assert_int_eq(client_send(sv[1], page, PAGE), 0);
+	ck_assert_int_eq(km_pagesrv_wait(ps, NULL, &err), -EIO);
+	ck_assert_ptr_nonnull(strstr(err.msg, "failure injected"));
+	close(sv[1]);
+	fixture_teardown(&f);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("incr");
@@ -423,6 +614,9 @@ int main(void)
 	tcase_add_test(tc, test_incr_rewrite_many_pages_threads);
 	tcase_add_test(tc, test_incr_snapshot_id_follows_content);
 	tcase_add_test(tc, test_criuimg_pagemap_reads_field_5);
+	tcase_add_test(tc, test_pagesrv_writes_incremental_image);
+	tcase_add_test(tc, test_pagesrv_without_parent_keeps_all);
+	tcase_add_test(tc, test_pagesrv_refuses_cut_and_foreign_streams);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
