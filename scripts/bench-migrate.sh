@@ -38,13 +38,23 @@
 #                            [--data-dir /var/tmp] [--weights-on huge|tmpfs|data]
 #                            [--rounds N] [--plain copy|page-server|both]
 #                            [--transparent-args "..."] [--coop-args "..."]
-#                            [--mem] [--json FILE]
+#                            [--mem] [--plain-source keep|kill] [--json FILE]
 #
 # --rounds N: each migration N times, medians (default 1). --modes: a subset
 # (the report says "not run" for the others). --transparent-args and
 # --coop-args: extra arguments for that mode's `kvmotion migrate` (split on
 # blanks). --mem: memory in use (/proc/meminfo) and each directory's size at
 # each mode's peak, on stderr. The defaults are the issue's full benchmark.
+#
+# --plain-source keep (the default): plain CRIU's dump leaves the source
+# stopped (--leave-stopped) and the source ends after B's restore, as
+# kvmotion's stop does and as two hosts would see it. Here both "hosts" are
+# one VM, and this VM hands the memory its guest frees back to the host at
+# once (virtio-balloon free page reporting), so memory touched again costs
+# a host fault per page (0.3 GB/s instead of ~2 GB/s): with `kill` (CRIU's
+# default: the source killed at the end of the dump) B's restore reuses the
+# gigabytes the source just freed on the same machine, which no second host
+# would (docs/performance.md, "The stop's page server").
 #
 # Each engine runs as the init of its own pid namespace (restore on the same
 # kernel while the stopped source exists; docs/migrate.md).
@@ -67,7 +77,8 @@ plain_ways=both
 transparent_args=--snapshot
 coop_args=--snapshot
 mem=0
-usage="usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rate R] [--modes \"plain transparent coop\"] [--dir D] [--data-dir D] [--weights-on huge|tmpfs|data] [--rounds N] [--plain copy|page-server|both] [--transparent-args ARGS] [--coop-args ARGS] [--mem] [--json FILE]"
+plain_source=keep
+usage="usage: $0 [--sizes \"MiB ...\"] [--kv-mib N] [--rate R] [--modes \"plain transparent coop\"] [--dir D] [--data-dir D] [--weights-on huge|tmpfs|data] [--rounds N] [--plain copy|page-server|both] [--transparent-args ARGS] [--coop-args ARGS] [--mem] [--plain-source keep|kill] [--json FILE]"
 while [ $# -gt 0 ]; do
 	case $1 in
 	--sizes) sizes=$2; shift 2 ;;
@@ -82,10 +93,12 @@ while [ $# -gt 0 ]; do
 	--transparent-args) transparent_args=$2; shift 2 ;;
 	--coop-args) coop_args=$2; shift 2 ;;
 	--mem) mem=1; shift ;;
+	--plain-source) plain_source=$2; shift 2 ;;
 	--json) json_out=$2; shift 2 ;;
 	*) echo "$usage" >&2; exit 2 ;;
 	esac
 done
+case $plain_source in kill) plain_dump_args=() ;; keep) plain_dump_args=(--leave-stopped) ;; *) echo "$usage" >&2; exit 2 ;; esac
 case $plain_ways in copy | page-server | both) ;; *) echo "$usage" >&2; exit 2 ;; esac
 case $weights_on in huge | tmpfs | data) ;; *) echo "$usage" >&2; exit 2 ;; esac
 for m in $modes; do
@@ -230,7 +243,7 @@ plain_run() {
 			--pidfile "$work/ps.pid" -d || fail "criu page-server did not start"
 		ps=$(cat "$work/ps.pid")
 		t0=$(now)
-		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 \
+		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 "${plain_dump_args[@]}" \
 			--page-server --address "$KM_ADDR_B" --port 7482 ||
 			{ tail -n 20 "$img/dump.log" >&2; fail "plain dump to the page server failed"; }
 		t1=$(now)
@@ -239,7 +252,7 @@ plain_run() {
 		while ps -o stat= -p "$ps" | grep -qv Z; do sleep 0.005; done
 	else
 		t0=$(now)
-		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 ||
+		km_in_a "$criu" dump -t "$ENGINE_PID" -D "$img" -o dump.log -v1 "${plain_dump_args[@]}" ||
 			{ tail -n 20 "$img/dump.log" >&2; fail "plain dump failed"; }
 		t1=$(now)
 	fi
@@ -259,6 +272,8 @@ plain_run() {
 	pids+=("$rpid")
 	mem_note "plain $way, restored on B"
 	kill_wait "$rpid"
+	# --plain-source keep: the stopped source ends now, after the restore
+	[ "$plain_source" = kill ] || kill_wait "$ENGINE_PID"
 	rm -rf "$img" "$dst"
 	echo "$(elapsed "$t0" "$t1") $(elapsed "$t1" "$t2") $(elapsed "$t1b" "$t3") $bytes"
 }
@@ -330,6 +345,8 @@ km_run() {
 	kill "$spid"
 	wait "$spid" || true
 	# nothing of this mode is left for the next one
+	# KM_BENCH_LOGS=DIR: B's restore.log of each kvmotion stop kept there
+	[ -z "${KM_BENCH_LOGS:-}" ] || for f in "$work"/imagesB/*/restore.log; do cp "$f" "$KM_BENCH_LOGS/$(basename "$(dirname "$f")").restore.log"; done
 	rm -rf "$work/$name-work" "$data/storeB" "$work/imagesB"
 	cat "$out"
 }
@@ -382,11 +399,13 @@ for mib in $sizes; do
 	rm -rf "$model" "$data/storeA"
 done
 
-python3 - "$kv_mib" "$rate" "${json_out:-}" "$floor_freeze" "$floor_restore" "$modes" "${results[@]}" <<'PY'
+python3 - "$kv_mib" "$rate" "${json_out:-}" "$floor_freeze" "$floor_restore" "$modes" "$plain_source" "${results[@]}" <<'PY'
 import json, re, statistics, sys
 kv, rate, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 floor_freeze, floor_restore = float(sys.argv[4]), float(sys.argv[5])
 modes = sys.argv[6].split()
+plain_source = sys.argv[7]
+del sys.argv[7]
 m = re.fullmatch(r"(\d+(?:\.\d+)?)(gbit|mbit|kbit|bit)?", rate)
 bps = float(m.group(1)) * {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1, None: 1}[m.group(2)]
 med = statistics.median
@@ -515,5 +534,5 @@ for r in rows:
         target(name, v, v <= 1)
 if out:
     with open(out, "w") as f:
-        json.dump({"kv_mib": kv, "rate": rate, "modes": modes, "rows": rows, "summary": summary}, f, indent=1)
+        json.dump({"kv_mib": kv, "rate": rate, "modes": modes, "plain_source": plain_source, "rows": rows, "summary": summary}, f, indent=1)
 PY
