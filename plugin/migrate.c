@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -502,6 +503,19 @@ static void remove_dir(const char *dir)
 			(void)unlinkat(fd, de->d_name, 0);
 	closedir(d);
 	(void)rmdir(dir);
+}
+
+/* A directory removed by a thread of its own. */
+struct dir_dropper {
+	pthread_t thread;
+	bool started;
+	char dir[4200];
+};
+
+static void *drop_fn(void *arg)
+{
+	remove_dir(((struct dir_dropper *)arg)->dir);
+	return NULL;
 }
 
 static bool is_log(const char *name)
@@ -1036,6 +1050,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	struct km_image_send_opts so = { .label = "migrate", .restore = true };
 	struct km_hash wrong_id;
 	struct km_incr_stats is = { 0 };
+	struct dir_dropper drop = { .started = false };
 	_cleanup_close_ int sfd = -1;
 	int q, ret;
 
@@ -1140,6 +1155,17 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 		r->pages_parent = is.pages_parent;
 		r->pages_present = is.pages_present;
 		r->incremental = true;
+		if (!o->snapshot_keep) {
+			/*
+			 * Compared: the snapshot's pages on A are of no more use
+			 * (a new attempt takes a new snapshot). Freed while the
+			 * image crosses, not after the target's restore.
+			 */
+			close(sfd);
+			sfd = -1;
+			snprintf(drop.dir, sizeof(drop.dir), "%s/snapshot", o->work);
+			drop.started = pthread_create(&drop.thread, NULL, drop_fn, &drop) == 0;
+		}
 		so.parent = r->snapshot_dir;
 		so.parent_id = &r->snapshot_id;
 		if (o->test_wrong_parent == 1) {
@@ -1201,7 +1227,9 @@ fail:
 out:
 	if (ret < 0 && !r->why[0])
 		snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
-	if (r->snapshot_bytes && !o->snapshot_keep) {
+	if (drop.started)
+		pthread_join(drop.thread, NULL);
+	else if (r->snapshot_bytes && !o->snapshot_keep) {
 		char snap[4200];
 
 		/* its copy on the target is the parent; here it held the compare's pages */
