@@ -168,19 +168,49 @@ static const struct km_criu_pme dump_pm[] = {
 	{ 0x50000, 2, 0 },  /* zero pages stay as they are */
 };
 
-START_TEST(test_incr_rewrite_marks_equal_pages_parent)
+/*
+ * The incremental image of dump_pm over parent_pm in f: pagemap-7.img as
+ * want, and every page reads back as the dump had it, through the parent
+ * where marked.
+ */
+static void assert_incremental_7(struct fixture *f)
 {
-	struct fixture f;
-	struct km_incr_stats st;
-	struct km_error err = { { 0 } };
-	struct km_criu_pagemap pm;
-	struct stat sb;
 	static const struct km_criu_pme want[] = {
 		{ 0x10000, 2, KM_CRIU_PE_PARENT }, { 0x12000, 1, PL },
 		{ 0x13000, 1, KM_CRIU_PE_PARENT }, { 0x20000, 2, KM_CRIU_PE_PARENT },
 		{ 0x22000, 1, P },		   { 0x30000, 1, P },
 		{ 0x40000, 1, P },		   { 0x50000, 2, 0 },
 	};
+	struct km_error err = { { 0 } };
+	struct km_criu_pagemap pm;
+
+	ck_assert_int_eq(km_criu_pagemap_read(f->img, "pagemap-7.img", &pm, &err), 0);
+	ck_assert_uint_eq(pm.pages_id, 1);
+	ck_assert_uint_eq(pm.n, sizeof(want) / sizeof(want[0]));
+	for (size_t i = 0; i < pm.n; i++) {
+		ck_assert_uint_eq(pm.e[i].vaddr, want[i].vaddr);
+		ck_assert_uint_eq(pm.e[i].nr_pages, want[i].nr_pages);
+		ck_assert_uint_eq(pm.e[i].flags, want[i].flags);
+	}
+	km_criu_pagemap_clear(&pm);
+	for (size_t i = 0; i < 4; i++)
+		for (uint64_t p = 0; (dump_pm[i].flags & P) && p < dump_pm[i].nr_pages; p++) {
+			uint64_t v = dump_pm[i].vaddr + p * PAGE;
+			uint8_t got[PAGE], exp[PAGE];
+
+			ck_assert(read_page(f->img, f->parent, "pagemap-7.img", v, got));
+			page_bytes(v, gen_dump(v), exp);
+			ck_assert_msg(memcmp(got, exp, PAGE) == 0, "page %llx differs",
+				      (unsigned long long)v);
+		}
+}
+
+START_TEST(test_incr_rewrite_marks_equal_pages_parent)
+{
+	struct fixture f;
+	struct km_incr_stats st;
+	struct km_error err = { { 0 } };
+	struct stat sb;
 
 	fixture_setup(&f);
 	write_dump(f.parent, "7", 3, parent_pm, 3, gen_parent);
@@ -193,31 +223,12 @@ START_TEST(test_incr_rewrite_marks_equal_pages_parent)
 	ck_assert_uint_eq(st.bytes_before, 9 * PAGE);
 	ck_assert_uint_eq(st.bytes_after, 4 * PAGE);
 
-	ck_assert_int_eq(km_criu_pagemap_read(f.img, "pagemap-7.img", &pm, &err), 0);
-	ck_assert_uint_eq(pm.pages_id, 1);
-	ck_assert_uint_eq(pm.n, sizeof(want) / sizeof(want[0]));
-	for (size_t i = 0; i < pm.n; i++) {
-		ck_assert_uint_eq(pm.e[i].vaddr, want[i].vaddr);
-		ck_assert_uint_eq(pm.e[i].nr_pages, want[i].nr_pages);
-		ck_assert_uint_eq(pm.e[i].flags, want[i].flags);
-	}
-	km_criu_pagemap_clear(&pm);
 	ck_assert_int_eq(fstatat(f.img, "pages-1.img", &sb, 0), 0);
 	ck_assert_int_eq(sb.st_size, 4 * PAGE);
 	/* no temporary file left */
 	ck_assert_int_ne(fstatat(f.img, ".pages-1.img.incr", &sb, 0), 0);
 
-	/* every page reads back as the dump had it, through the parent where marked */
-	for (size_t i = 0; i < 4; i++)
-		for (uint64_t p = 0; (dump_pm[i].flags & P) && p < dump_pm[i].nr_pages; p++) {
-			uint64_t v = dump_pm[i].vaddr + p * PAGE;
-			uint8_t got[PAGE], exp[PAGE];
-
-			ck_assert(read_page(f.img, f.parent, "pagemap-7.img", v, got));
-			page_bytes(v, gen_dump(v), exp);
-			ck_assert_msg(memcmp(got, exp, PAGE) == 0, "page %llx differs",
-				      (unsigned long long)v);
-		}
+	assert_incremental_7(&f);
 	fixture_teardown(&f);
 }
 END_TEST
@@ -464,14 +475,8 @@ START_TEST(test_pagesrv_writes_incremental_image)
 	struct km_incr_stats st;
 	struct km_error err = { { 0 } };
 	struct km_criu_pagemap pm;
-	int sv[2],status = -1;
+	int sv[2], status = -1;
 	uint8_t got[PAGE], want_page[PAGE];
-	static const struct km_criu_pme want[] = {
-		{ 0x10000, 2, KM_CRIU_PE_PARENT }, { 0x12000, 1, PL },
-		{ 0x13000, 1, KM_CRIU_PE_PARENT }, { 0x20000, 2, KM_CRIU_PE_PARENT },
-		{ 0x22000, 1, P },		   { 0x30000, 1, P },
-		{ 0x40000, 1, P },		   { 0x50000, 2, 0 },
-	};
 
 	fixture_setup(&f);
 	write_dump(f.parent, "7", 3, parent_pm, 3, gen_parent);
@@ -492,23 +497,7 @@ START_TEST(test_pagesrv_writes_incremental_image)
 	ck_assert_uint_eq(st.pages_parent, 5);
 	ck_assert_uint_eq(st.pages_present, 6);
 	ck_assert_uint_eq(st.bytes_after, 6 * PAGE);
-	ck_assert_int_eq(km_criu_pagemap_read(f.img, "pagemap-7.img", &pm, &err), 0);
-	ck_assert_uint_eq(pm.pages_id, 1);
-	ck_assert_uint_eq(pm.n, sizeof(want) / sizeof(want[0]));
-	for (size_t i = 0; i < pm.n; i++) {
-		ck_assert_uint_eq(pm.e[i].vaddr, want[i].vaddr);
-		ck_assert_uint_eq(pm.e[i].nr_pages, want[i].nr_pages);
-		ck_assert_uint_eq(pm.e[i].flags, want[i].flags);
-	}
-	km_criu_pagemap_clear(&pm);
-	for (size_t i = 0; i < 4; i++)
-		for (uint64_t p = 0; p < dump_pm[i].nr_pages; p++) {
-			uint64_t v = dump_pm[i].vaddr + p * PAGE;
-
-			ck_assert(read_page(f.img, f.parent, "pagemap-7.img", v, got));
-			page_bytes(v, gen_dump(v), want_page);
-			ck_assert_mem_eq(got, want_page, PAGE);
-		}
+	assert_incremental_7(&f);
 	ck_assert_int_eq(km_criu_pagemap_read(f.img, "pagemap-shmem-9.img", &pm, &err), 0);
 	ck_assert_uint_eq(pm.pages_id, 2);
 	ck_assert_uint_eq(pm.n, 1);
