@@ -228,7 +228,13 @@ start_engine fail6 "$KM_NS_A" "$T/coop.safetensors" --coop
 pid=$ENGINE_PID
 t0=$(date +%s)
 migrate_fails "$T/f6.json" "$KM_NS_A" "$storeA" "$pid" "$KM_ADDR_B:7465" "timed out|connection"
-assert_eq "errno" "$(json_get "$T/f6.json" errno)" ETIMEDOUT
+# TCP gives up with ETIMEDOUT, or with EHOSTUNREACH when A's neighbour entry for
+# B expired meanwhile and could not be resolved again (the kernel reports that
+# soft error instead): both say the peer stopped answering
+case $(json_get "$T/f6.json" errno) in
+ETIMEDOUT | EHOSTUNREACH) ;;
+*) fail "errno: $(json_get "$T/f6.json" errno), expected ETIMEDOUT or EHOSTUNREACH" ;;
+esac
 assert_lt "seconds until the sender gave up" $(($(date +%s) - t0)) 40
 ip -n "$KM_NS_B" link set "$KM_VETH_B" up
 finish fail6 "$pid" "$T/ref-coop.out"
