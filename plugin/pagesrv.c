@@ -201,6 +201,11 @@ static int cur_open(struct km_pagesrv *ps, uint64_t dst_id)
 			     (unsigned long long)(dst_id & PS_TYPE_MASK));
 		return -EPROTO;
 	}
+	/* written already: a second OPEN would overwrite its entries */
+	if (faccessat(ps->dirfd, c->name, F_OK, 0) == 0) {
+		km_error_set(&ps->err, "criu sent %s twice", c->name);
+		return -EEXIST;
+	}
 	c->dst_id = dst_id;
 	c->out.pages_id = ps->next_pages_id++;
 	snprintf(c->pages, sizeof(c->pages), "pages-%u.img", c->out.pages_id);

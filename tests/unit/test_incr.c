@@ -574,6 +574,17 @@ START_TEST(test_pagesrv_refuses_cut_and_foreign_streams)
 	ck_assert_ptr_nonnull(strstr(err.msg, "unknown kind"));
 	close(sv[1]);
 
+	/* the same pagemap opened twice */
+	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+	(void)unlinkat(f.img, "pages-1.img", 0);
+	ck_assert_int_eq(km_pagesrv_start(sv[0], f.img, f.parent, NULL, &ps, &err), 0);
+	ck_assert_int_eq(client_pagemap(sv[1], 7, 1, dump_pm, 5, gen_dump), 0);
+	ck_assert_int_eq(client_cmd(sv[1], 4, 0, 0, 0, 7 << 8 | 1), 0);
+	ck_assert_int_eq(km_pagesrv_wait(ps, NULL, &err), -EEXIST);
+	ck_assert_ptr_nonnull(strstr(err.msg, "pagemap-7.img twice"));
+	close(sv[1]);
+	(void)unlinkat(f.img, "pagemap-7.img", 0);
+
 	/* a failure of ours while CRIU sends */
 	ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
 	(void)unlinkat(f.img, "pages-1.img", 0);
