@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <endian.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
 #include <stdlib.h>
@@ -112,6 +113,31 @@ void km_criu_pagemap_clear(struct km_criu_pagemap *pm)
 	free(pm->e);
 	pm->e = NULL;
 	pm->n = 0;
+}
+
+int km_criu_pagemap_push(struct km_criu_pagemap *pm, size_t *cap, uint64_t vaddr,
+			 uint64_t nr_pages, uint32_t flags)
+{
+	struct km_criu_pme *last = pm->n ? &pm->e[pm->n - 1] : NULL;
+
+	if (last && last->flags == flags &&
+	    last->vaddr + last->nr_pages * PAGE_SIZE_BYTES == vaddr &&
+	    last->nr_pages + nr_pages <= UINT32_MAX) {
+		last->nr_pages += nr_pages;
+		return 0;
+	}
+	if (pm->n == *cap) {
+		size_t ncap = *cap ? *cap * 2 : 64;
+		struct km_criu_pme *ne = realloc(pm->e, ncap * sizeof(*ne));
+
+		if (!ne)
+			return -ENOMEM;
+		pm->e = ne;
+		*cap = ncap;
+	}
+	pm->e[pm->n++] =
+		(struct km_criu_pme){ .vaddr = vaddr, .nr_pages = nr_pages, .flags = flags };
+	return 0;
 }
 
 int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,

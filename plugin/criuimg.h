@@ -65,5 +65,12 @@ int km_criu_pagemap_encode(const struct km_criu_pagemap *pm, void **ret, size_t 
 int km_criu_pagemap_write(int dirfd, const char *name, const struct km_criu_pagemap *pm,
 			  struct km_error *err);
 void km_criu_pagemap_clear(struct km_criu_pagemap *pm);
+/*
+ * Appends an entry to pm (room for *cap entries, grown as needed), merged
+ * into the last one when it continues it with the same flags and the sum
+ * stays below 2^32 pages (what km_criu_pagemap_encode writes). -ENOMEM.
+ */
+int km_criu_pagemap_push(struct km_criu_pagemap *pm, size_t *cap, uint64_t vaddr,
+			 uint64_t nr_pages, uint32_t flags);
 
 #endif

@@ -195,30 +195,6 @@ static int compare_fn(void *arg)
 	return 0;
 }
 
-/* Appends an entry, merging it into the last one when they continue each other. */
-static int push(struct km_criu_pagemap *out, size_t *cap, uint64_t vaddr, uint64_t nr,
-		uint32_t flags)
-{
-	struct km_criu_pme *last = out->n ? &out->e[out->n - 1] : NULL;
-
-	if (last && last->flags == flags && last->vaddr + last->nr_pages * PAGE == vaddr &&
-	    last->nr_pages + nr <= UINT32_MAX) {
-		last->nr_pages += nr;
-		return 0;
-	}
-	if (out->n == *cap) {
-		struct km_criu_pme *ne;
-
-		*cap = *cap ? *cap * 2 : 64;
-		ne = realloc(out->e, *cap * sizeof(*ne));
-		if (!ne)
-			return -ENOMEM;
-		out->e = ne;
-	}
-	out->e[out->n++] = (struct km_criu_pme){ .vaddr = vaddr, .nr_pages = nr, .flags = flags };
-	return 0;
-}
-
 struct one {
 	struct km_criu_pagemap dump, out;
 	struct km_incr_parent parent;
@@ -285,7 +261,7 @@ static int write_pages(int dirfd, struct one *o, uint64_t *ret_kept, struct km_e
 		uint64_t p = 0;
 
 		if (!(e->flags & KM_CRIU_PE_PRESENT)) {
-			r = push(&o->out, &cap, e->vaddr, e->nr_pages, e->flags);
+			r = km_criu_pagemap_push(&o->out, &cap, e->vaddr, e->nr_pages, e->flags);
 			if (r < 0)
 				return r;
 			continue;
@@ -297,8 +273,8 @@ static int write_pages(int dirfd, struct one *o, uint64_t *ret_kept, struct km_e
 			while (q < e->nr_pages && (bool)o->equal[k + q] == eq)
 				q++;
 			/* CRIU marks holes in the parent with PE_PARENT alone */
-			r = push(&o->out, &cap, e->vaddr + p * PAGE, q - p,
-				 eq ? KM_CRIU_PE_PARENT : e->flags);
+			r = km_criu_pagemap_push(&o->out, &cap, e->vaddr + p * PAGE, q - p,
+						 eq ? KM_CRIU_PE_PARENT : e->flags);
 			if (r < 0)
 				return r;
 			if (!eq) {

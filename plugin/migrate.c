@@ -509,7 +509,7 @@ static void remove_dir(const char *dir)
 struct dir_dropper {
 	pthread_t thread;
 	bool started;
-	char dir[4200];
+	const char *dir;
 };
 
 static void *drop_fn(void *arg)
@@ -1051,6 +1051,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	struct km_hash wrong_id;
 	struct km_incr_stats is = { 0 };
 	struct dir_dropper drop = { .started = false };
+	char snap[4200]; /* WORK/snapshot: the snapshot's pages for the stop's compare */
 	_cleanup_close_ int sfd = -1;
 	int q, ret;
 
@@ -1068,6 +1069,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 	if (!pids)
 		return -ENOMEM;
 	snprintf(r->image_dir, sizeof(r->image_dir), "%s/img", o->work);
+	snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
 	if (mkdir(o->work, 0700) < 0 && errno != EEXIST) {
 		km_error_set(err, "cannot create %s: %s", o->work, strerror(errno));
 		return -errno;
@@ -1110,9 +1112,6 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 
 	/* --- stop --- */
 	if (r->snapshot_dir[0]) {
-		char snap[4200];
-
-		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
 		sfd = open(snap, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (sfd < 0) {
 			ret = -errno;
@@ -1163,7 +1162,7 @@ int km_migrate(const struct km_migrate_opts *o, struct km_migrate_report *r, str
 			 */
 			close(sfd);
 			sfd = -1;
-			snprintf(drop.dir, sizeof(drop.dir), "%s/snapshot", o->work);
+			drop.dir = snap;
 			drop.started = pthread_create(&drop.thread, NULL, drop_fn, &drop) == 0;
 		}
 		so.parent = r->snapshot_dir;
@@ -1229,13 +1228,9 @@ out:
 		snprintf(r->why, sizeof(r->why), "%s", err->msg[0] ? err->msg : strerror(-ret));
 	if (drop.started)
 		pthread_join(drop.thread, NULL);
-	else if (r->snapshot_bytes && !o->snapshot_keep) {
-		char snap[4200];
-
+	else if (r->snapshot_bytes && !o->snapshot_keep)
 		/* its copy on the target is the parent; here it held the compare's pages */
-		snprintf(snap, sizeof(snap), "%s/snapshot", o->work);
 		remove_dir(snap);
-	}
 	km_client_free(c);
 	km_store_free(s);
 	r->total_ns = now_ns() - t_all;

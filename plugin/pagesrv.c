@@ -95,25 +95,17 @@ static int decode_dst(uint64_t dst_id, char *name, size_t size, bool *ret_task)
 	}
 }
 
+/* n bytes from the socket; -EPIPE if it ends before them. */
 static int recv_full(int sock, void *buf, size_t n)
 {
-	uint8_t *p = buf;
+	ssize_t got = km_read_full(sock, buf, n);
 
-	while (n) {
-		ssize_t got = recv(sock, p, n, MSG_WAITALL);
-
-		if (got < 0 && errno == EINTR)
-			continue;
-		if (got < 0)
-			return -errno;
-		if (got == 0)
-			return -EPIPE;
-		p += got;
-		n -= (size_t)got;
-	}
-	return 0;
+	if (got < 0)
+		return (int)got;
+	return (size_t)got == n ? 0 : -EPIPE;
 }
 
+/* MSG_NOSIGNAL: a socket CRIU closed must not kill the sender with SIGPIPE. */
 static int send_full(int sock, const void *buf, size_t n)
 {
 	ssize_t w;
@@ -124,29 +116,6 @@ static int send_full(int sock, const void *buf, size_t n)
 	if (w < 0)
 		return -errno;
 	return (size_t)w == n ? 0 : -EIO;
-}
-
-/* Appends an entry, merging it into the last one when they continue each other. */
-static int push(struct cur *c, uint64_t vaddr, uint64_t nr, uint32_t flags)
-{
-	struct km_criu_pme *last = c->out.n ? &c->out.e[c->out.n - 1] : NULL;
-
-	if (last && last->flags == flags && last->vaddr + last->nr_pages * PAGE == vaddr &&
-	    last->nr_pages + nr <= UINT32_MAX) {
-		last->nr_pages += nr;
-		return 0;
-	}
-	if (c->out.n == c->cap) {
-		size_t cap = c->cap ? c->cap * 2 : 64;
-		struct km_criu_pme *ne = realloc(c->out.e, cap * sizeof(*ne));
-
-		if (!ne)
-			return -ENOMEM;
-		c->out.e = ne;
-		c->cap = cap;
-	}
-	c->out.e[c->out.n++] = (struct km_criu_pme){ .vaddr = vaddr, .nr_pages = nr, .flags = flags };
-	return 0;
 }
 
 static void cur_drop(struct km_pagesrv *ps)
@@ -268,7 +237,8 @@ static int add_pages(struct km_pagesrv *ps, uint64_t vaddr, uint64_t nr, uint32_
 			} while (q < n);
 			ps->st.compare_ns += now_ns() - t;
 			/* CRIU marks holes in the parent with PE_PARENT alone */
-			r = push(c, vaddr + (uint64_t)p * PAGE, q - p, eq ? KM_CRIU_PE_PARENT : flags);
+			r = km_criu_pagemap_push(&c->out, &c->cap, vaddr + (uint64_t)p * PAGE, q - p,
+						 eq ? KM_CRIU_PE_PARENT : flags);
 			if (r < 0)
 				return r;
 			if (eq) {
@@ -335,7 +305,8 @@ static int serve(struct km_pagesrv *ps)
 			if (r == 0 && (flags & KM_CRIU_PE_PRESENT))
 				r = add_pages(ps, pi.vaddr, pi.nr_pages, flags);
 			else if (r == 0)
-				r = push(&ps->cur, pi.vaddr, pi.nr_pages, flags);
+				r = km_criu_pagemap_push(&ps->cur.out, &ps->cur.cap, pi.vaddr,
+							 pi.nr_pages, flags);
 			break;
 		case PS_IOV_CLOSE:
 		case PS_IOV_FORCE_CLOSE:

@@ -375,10 +375,13 @@ assert_eq() {
 	[ "$2" = "$3" ] || fail "$1 = $2, expected $3"
 }
 
-# Bytes in the files of a store's chunks/ (what the store holds).
-store_bytes() {
-	find "$1/chunks" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'
+# file_bytes DIR [FIND TESTS...]: bytes in the regular files under DIR (that pass the tests)
+file_bytes() {
+	find "$@" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'
 }
+
+# Bytes in the files of a store's chunks/ (what the store holds).
+store_bytes() { file_bytes "$1/chunks"; }
 
 # engine_test_init WHAT: ENGINE and PLUGIN_DIR for the engine tests, GPU=1
 # when KM_REQUIRE_GPU=1 asks for the real-GPU variant (which SKIPs without a

@@ -36,7 +36,7 @@ incremental() {
 	assert_eq "the stop's dump" "$(json_get "$out" pages.dump)" "$dump"
 	if [ "$dump" = page-server ]; then
 		# the page server wrote the pages that differ, never a whole dump
-		written=$(find "$out.work/img" -name 'pages-*.img' -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')
+		written=$(file_bytes "$out.work/img" -name 'pages-*.img')
 		assert_eq "pages-*.img bytes on A" "$written" $(($(json_get "$out" pages.sent) * 4096))
 	fi
 	assert_eq "image (incremental: unsplit)" "$(json_get "$out" image)" unsplit
