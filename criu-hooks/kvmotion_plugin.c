@@ -44,6 +44,7 @@
 #include "format.h"
 #include "gpu.h"
 #include "image.h"
+#include "late.h"
 #include "store.h"
 #include "util.h"
 #include "weights.h"
@@ -83,6 +84,8 @@ static struct {
 	struct km_engine_record *engines; /* dump: the engines quiesced so far */
 	size_t n_engines;
 	bool image_has_engines; /* restore: the image holds kvmotion.engines */
+	struct km_late_plan *late; /* restore: weights to write in RESUME_DEVICES_LATE */
+	struct km_store *late_store;
 } km = { .image_dir = -1 };
 
 static double now_s(void)
@@ -200,6 +203,10 @@ static void free_state(void)
 	free(km.pairs);
 	km.pairs = NULL;
 	km.n_pairs = 0;
+	km_late_plan_free(km.late);
+	km.late = NULL;
+	km_store_free(km.late_store);
+	km.late_store = NULL;
 	if (km.image_dir >= 0)
 		close(km.image_dir);
 	km.image_dir = -1;
@@ -346,7 +353,8 @@ static int check_engine_weights(void)
 
 static int init_restore(void)
 {
-	struct km_join_opts jo = { .threads = km.cfg.threads, .sync = km.cfg.sync };
+	struct km_join_opts jo = { .threads = km.cfg.threads, .sync = km.cfg.sync,
+				   .late = km.cfg.late_weights ? &km.late : NULL };
 	struct km_join_stats st;
 	struct km_error err = { { 0 } };
 	struct km_store *s = NULL;
@@ -384,18 +392,81 @@ static int init_restore(void)
 	}
 	t0 = now_s();
 	r = km_image_join(km.image_dir, s, &jo, &st, &err);
-	km_store_free(s);
 	if (r < 0) {
+		km_store_free(s);
 		pr_err("join failed, refusing to restore: %s", err.msg[0] ? err.msg : strerror(-r));
 		return r;
 	}
 	pr_info("joined %llu files (%llu bytes: %llu from the store, %llu from the delta; "
 		"chunks: %llu vouched for by the store's record, %llu hashed) in %.3f s",
 		(unsigned long long)st.files_joined, (unsigned long long)st.bytes_written,
-		(unsigned long long)st.bytes_from_store, (unsigned long long)st.bytes_from_delta,
-		(unsigned long long)st.chunks_recorded, (unsigned long long)st.chunks_hashed,
-		now_s() - t0);
+		(unsigned long long)st.bytes_from_store - st.bytes_late,
+		(unsigned long long)st.bytes_from_delta, (unsigned long long)st.chunks_recorded,
+		(unsigned long long)st.chunks_hashed, now_s() - t0);
+	if (km.late) {
+		/* The fill reads the same store after CRIU's restore. */
+		km.late_store = s;
+		pr_info("late weights: %llu bytes of %zu processes left out of the pages files, "
+			"written into the processes before they run",
+			(unsigned long long)st.bytes_late, km.late->n);
+	} else {
+		km_store_free(s);
+	}
 	return 0;
+}
+
+/*
+ * Before the task's GPU state (the weights may be part of it) and before it
+ * runs. A failure kills the task so that CRIU fails the restore, as for the
+ * GPU below: it must not run without its weights.
+ */
+static int write_late_weights(pid_t pid)
+{
+	struct km_error err = { { 0 } };
+	struct km_late_task *t;
+	pid_t image_pid = pid;
+	double t0 = now_s();
+	int r;
+
+	if (!km.late)
+		return 0;
+	r = km_late_ns_pid(pid, &image_pid);
+	if (r < 0) {
+		pr_err("late weights: pid %d: %s; killing the task so that the restore fails", pid,
+		       strerror(-r));
+		kill(pid, SIGKILL);
+		return r;
+	}
+	t = km_late_plan_task(km.late, image_pid);
+	if (!t)
+		return 0;
+	r = km_late_fill(km.late_store, t, pid, km.cfg.threads, &err);
+	if (r < 0) {
+		pr_err("late weights: %s; killing the task so that the restore fails",
+		       err.msg[0] ? err.msg : strerror(-r));
+		kill(pid, SIGKILL);
+		return r;
+	}
+	t->filled = true;
+	pr_info("late weights: %llu bytes written into pid %d (%d in the image) in %.3f s",
+		(unsigned long long)t->bytes, pid, image_pid, now_s() - t0);
+	return 0;
+}
+
+/* The image directory goes back to the split image it was before the restore. */
+static void late_weights_done(int ret)
+{
+	struct km_error err = { { 0 } };
+
+	for (size_t i = 0; ret == 0 && i < km.late->n; i++)
+		if (!km.late->tasks[i].filled)
+			pr_err("late weights: no restored task took the %llu bytes of pid %d",
+			       (unsigned long long)km.late->tasks[i].bytes, km.late->tasks[i].pid);
+	if (km_image_late_undo(km.image_dir, &err) < 0)
+		pr_err("late weights: the image directory is left joined for them (the next "
+		       "restore with kvmotion puts it back): %s", err.msg);
+	else
+		pr_info("late weights: image directory back to its split image");
 }
 
 static int kvmotion_init(int stage)
@@ -549,6 +620,8 @@ static void kvmotion_exit(int stage, int ret)
 	}
 	if (stage == CR_PLUGIN_STAGE__RESTORE && ret == 0)
 		confirm_engines();
+	if (stage == CR_PLUGIN_STAGE__RESTORE && km.late)
+		late_weights_done(ret);
 	free_state();
 }
 
@@ -720,6 +793,10 @@ static int kvmotion_resume_devices_late(int pid)
 	double t0 = now_s();
 	int r;
 
+	r = write_late_weights(pid);
+	if (r < 0)
+		return r;
+	t0 = now_s();
 	if (!km.gpu) {
 		r = open_gpu();
 		if (r < 0)

@@ -20,6 +20,7 @@ void km_config_init(struct km_config *c)
 	c->lock_timeout_ms = 8000;
 	c->quiesce_timeout_ms = 5000;
 	c->leave_running = KM_AUTO;
+	c->late_weights = true;
 	snprintf(c->source, sizeof(c->source), "defaults");
 }
 
@@ -92,6 +93,9 @@ int km_config_set(struct km_config *c, const char *key, const char *value, struc
 	} else if (strcmp(key, "split_engines") == 0) {
 		r = parse_bool(value, &t, false);
 		c->split_engines = t == KM_YES;
+	} else if (strcmp(key, "late_weights") == 0) {
+		r = parse_bool(value, &t, false);
+		c->late_weights = t == KM_YES;
 	} else if (strcmp(key, "sync") == 0) {
 		r = parse_bool(value, &t, false);
 		c->sync = t == KM_YES;
@@ -209,6 +213,7 @@ int km_config_load(struct km_config *c, const char *path, struct km_error *err)
 		{ "KVMOTION_DELTA_LEVEL", "delta_level" },
 		{ "KVMOTION_THREADS", "threads" },
 		{ "KVMOTION_SYNC", "sync" },
+		{ "KVMOTION_LATE_WEIGHTS", "late_weights" },
 		{ "KVMOTION_GPU_MAP", "gpu_map" },
 		{ "KVMOTION_LIBCUDA", "libcuda" },
 		{ "KVMOTION_LOCK_TIMEOUT_MS", "lock_timeout_ms" },

@@ -25,6 +25,8 @@
  *   quiesce_timeout_ms KVMOTION_QUIESCE_TIMEOUT_MS 5000 (a cooperative engine's answer)
  *   weights_dir      KVMOTION_WEIGHTS_DIR      (empty: STORE/weights)
  *   leave_running    KVMOTION_LEAVE_RUNNING    auto (from CRIU's command line)
+ *   late_weights     KVMOTION_LATE_WEIGHTS     yes (restore: weights written into the
+ *                                              process after CRIU's restore, see late.h)
  *
  * File syntax: "key = value" lines, '#' comments, blank lines ignored.
  */
@@ -57,6 +59,7 @@ struct km_config {
 	unsigned quiesce_timeout_ms;
 	char weights_dir[4096];
 	enum km_tristate leave_running;
+	bool late_weights;
 	char source[4200]; /* where the settings came from, for the log */
 };
 

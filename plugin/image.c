@@ -12,10 +12,14 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "criuimg.h"
+#include "late.h"
 #include "scan.h"
 
 #define DELTA_TMP_NAME ".kvmotion.delta.tmp"
 #define MANIFEST_MAX (256u * 1024 * 1024)
+/* A pagemap rewritten for late weights keeps its original under this prefix. */
+#define LATE_ORIG_PREFIX "kvmotion.orig."
 
 /*
  * Not part of the image: kvmotion's own files, and CRIU's logs and
@@ -25,6 +29,7 @@
 static bool not_image_file(const char *name)
 {
 	return strcmp(name, KM_MANIFEST_NAME) == 0 || strcmp(name, KM_DELTA_NAME) == 0 ||
+	       strncmp(name, LATE_ORIG_PREFIX, strlen(LATE_ORIG_PREFIX)) == 0 ||
 	       fnmatch("*.log", name, 0) == 0 || fnmatch("stats-*", name, 0) == 0;
 }
 
@@ -404,6 +409,9 @@ struct join_target {
 	const struct km_file_entry *entry;
 	char tmp_name[300];
 	int fd;
+	/* Late weights (late.h): late.task.n > 0 when pages were left out. */
+	struct km_late_file late;
+	char pagemap_name[300]; /* its pagemap-<pid>.img */
 	const uint8_t *map; /* all of it, read-only: the hash reads it back */
 	struct km_hasher *hasher;
 };
@@ -567,6 +575,7 @@ static void targets_close(struct join_target *targets, size_t n, int dirfd, bool
 			close(t->fd);
 		if (unlink_tmp && t->tmp_name[0])
 			(void)unlinkat(dirfd, t->tmp_name, 0);
+		km_late_file_clear(&t->late);
 		km_hasher_free(t->hasher);
 		t->map = NULL;
 		t->fd = -1;
@@ -577,7 +586,7 @@ static void targets_close(struct join_target *targets, size_t n, int dirfd, bool
 static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 {
 	const struct km_file_entry *f = t->entry;
-	uint64_t nonce;
+	uint64_t nonce, size;
 	void *map;
 	int r;
 
@@ -596,10 +605,11 @@ static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 	if (!t->hasher)
 		return -ENOMEM;
 	/* Zero extents stay holes: nothing to write, they read as zeros. */
-	if (ftruncate(t->fd, (off_t)f->size) < 0) {
+	size = t->late.task.n ? t->late.kept_pages * KM_LATE_PAGE_SIZE : f->size;
+	if (ftruncate(t->fd, (off_t)size) < 0) {
 		r = -errno;
 		km_error_set(err, "cannot size %s to %llu bytes: %s", f->name,
-			     (unsigned long long)f->size, strerror(-r));
+			     (unsigned long long)size, strerror(-r));
 		return r;
 	}
 	/* Only the whole-file hash reads the file back. */
@@ -1013,6 +1023,41 @@ static int delta_hash_run(void *arg)
 	return 0;
 }
 
+/* A delta extent of a file with late weights: it lies in one kept run. */
+static int delta_moved(void *userdata, uint64_t off, uint64_t new_off, uint64_t n)
+{
+	struct delta_piece *p = userdata;
+
+	if (off != p->pos || n != p->length)
+		return -EBADMSG;
+	p->pos = new_off;
+	return 0;
+}
+
+struct chunk_part {
+	struct join_ctx *ctx;
+	const struct join_target *target;
+	const struct km_extent *e;
+	uint64_t pos; /* of the extent in the split file */
+};
+
+/* The kept part of a chunk of a file with late weights (a run's first or last page). */
+static int copy_chunk_part(void *userdata, uint64_t off, uint64_t new_off, uint64_t n)
+{
+	struct chunk_part *cp = userdata;
+	char hex[KM_HASH_HEX_SIZE];
+	int r = km_store_copy_range_to(cp->ctx->store, &cp->e->id, cp->e->length, off - cp->pos, n,
+				       cp->target->fd, new_off);
+
+	if (r < 0)
+		join_fail(cp->ctx, "chunk %s (%s at offset %llu): %s", km_hash_to_hex(&cp->e->id, hex),
+			  cp->target->entry->name, (unsigned long long)cp->pos,
+			  r == -ENOENT	  ? "missing from the store"
+			  : r == -EBADMSG ? "of the wrong size in the store"
+					  : strerror(-r));
+	return r;
+}
+
 /*
  * Writes the digest-verified files: chunks copied in the kernel on the
  * calling thread while the delta is decoded (and its bytes written) on
@@ -1041,11 +1086,25 @@ static int write_by_extents(struct join_ctx *ctx, struct km_workpool *pool,
 
 		if (!km_hash_is_null(&f->sha256))
 			continue;
-		for (size_t j = 0; j < f->n_extents; pos += f->extents[j].length, j++)
-			if (f->extents[j].kind == KM_EXTENT_DELTA)
-				pieces[n++] = (struct delta_piece){ f->extents[j].delta_offset,
-								    f->extents[j].length, targets[i].fd,
-								    pos, f->name };
+		for (size_t j = 0; j < f->n_extents; pos += f->extents[j].length, j++) {
+			const struct km_extent *e = &f->extents[j];
+
+			if (e->kind != KM_EXTENT_DELTA)
+				continue;
+			pieces[n] = (struct delta_piece){ e->delta_offset, e->length, targets[i].fd,
+							  pos, f->name };
+			if (targets[i].late.task.n) {
+				/* Never left out (only chunk bytes are): one kept part. */
+				r = km_late_file_map(&targets[i].late, pos, e->length, delta_moved,
+						     &pieces[n]);
+				if (r < 0) {
+					km_error_set(err, "%s: delta bytes at %llu in a page left out",
+						     f->name, (unsigned long long)pos);
+					return r;
+				}
+			}
+			n++;
+		}
 	}
 	qsort(pieces, n, sizeof(*pieces), cmp_piece);
 	w.pieces = pieces;
@@ -1061,10 +1120,18 @@ static int write_by_extents(struct join_ctx *ctx, struct km_workpool *pool,
 
 		if (!km_hash_is_null(&f->sha256))
 			continue;
-		for (size_t j = 0; j < f->n_extents && r == 0; pos += f->extents[j].length, j++)
-			if (f->extents[j].kind == KM_EXTENT_CHUNK)
-				r = write_piece(ctx, &targets[i], &f->extents[j], 0, f->extents[j].length,
-						pos);
+		for (size_t j = 0; j < f->n_extents && r == 0; pos += f->extents[j].length, j++) {
+			struct chunk_part cp = { ctx, &targets[i], &f->extents[j], pos };
+
+			if (f->extents[j].kind != KM_EXTENT_CHUNK)
+				continue;
+			if (targets[i].late.task.n)
+				r = km_late_file_map(&targets[i].late, pos, f->extents[j].length,
+						     copy_chunk_part, &cp);
+			else
+				r = write_piece(ctx, &targets[i], &f->extents[j], 0,
+						f->extents[j].length, pos);
+		}
 	}
 	{
 		int k = km_workpool_wait(pool);
@@ -1086,6 +1153,166 @@ static int write_by_extents(struct join_ctx *ctx, struct km_workpool *pool,
 	return 0;
 }
 
+/* ------------------------------------------------------- late weights */
+
+static bool not_pagemap(const char *name)
+{
+	return fnmatch("pagemap-*.img", name, 0) != 0;
+}
+
+static bool not_late_orig(const char *name)
+{
+	return strncmp(name, LATE_ORIG_PREFIX, strlen(LATE_ORIG_PREFIX)) != 0;
+}
+
+/*
+ * Lays out each 1.2 pages file named by a process's pagemap with its
+ * weights left out (late.h); a target without weights stays as it is.
+ */
+static int late_prepare(int dirfd, struct join_target *targets, size_t n_targets,
+			struct km_error *err)
+{
+	char **names = NULL;
+	size_t n = 0;
+	int r;
+
+	r = km_list_files_at(dirfd, not_pagemap, &names, &n);
+	if (r < 0) {
+		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
+		return r;
+	}
+	for (size_t i = 0; i < n && r == 0; i++) {
+		struct km_criu_pagemap pm = { 0 };
+		char pages_name[64];
+		int pid;
+
+		if (sscanf(names[i], "pagemap-%d.img", &pid) != 1 || pid <= 0)
+			continue;
+		r = km_criu_pagemap_read(dirfd, names[i], &pm, err);
+		if (r < 0)
+			break;
+		snprintf(pages_name, sizeof(pages_name), "pages-%u.img", pm.pages_id);
+		for (size_t j = 0; j < n_targets && r == 0; j++) {
+			struct join_target *t = &targets[j];
+
+			if (strcmp(t->entry->name, pages_name) != 0 ||
+			    !km_hash_is_null(&t->entry->sha256) || t->late.task.n)
+				continue;
+			r = km_late_file_build(t->entry, &pm, KM_LATE_MIN_RUN_PAGES, &t->late, err);
+			if (r == 0 && t->late.task.n) {
+				t->late.task.pid = pid;
+				t->late.task.pages_name = strdup(t->entry->name);
+				snprintf(t->pagemap_name, sizeof(t->pagemap_name), "%s", names[i]);
+				if (!t->late.task.pages_name)
+					r = -ENOMEM;
+			}
+		}
+		km_criu_pagemap_clear(&pm);
+	}
+	km_free_names(names, n);
+	return r;
+}
+
+/*
+ * Puts the rewritten pagemaps in place, each original kept under
+ * LATE_ORIG_PREFIX first: at every step km_image_late_undo can go back.
+ */
+static int late_commit_pagemaps(int dirfd, struct join_target *targets, size_t n_targets, bool sync,
+				struct km_error *err)
+{
+	for (size_t i = 0; i < n_targets; i++) {
+		struct join_target *t = &targets[i];
+		char orig[320];
+
+		if (!t->late.task.n)
+			continue;
+		snprintf(orig, sizeof(orig), LATE_ORIG_PREFIX "%s", t->pagemap_name);
+		if (linkat(dirfd, t->pagemap_name, dirfd, orig, 0) < 0) {
+			int r = -errno;
+
+			km_error_set(err, "cannot keep %s as %s: %s", t->pagemap_name, orig,
+				     strerror(-r));
+			return r;
+		}
+	}
+	for (size_t i = 0; i < n_targets; i++) {
+		struct join_target *t = &targets[i];
+		_cleanup_free_ void *buf = NULL;
+		size_t size = 0;
+		int r;
+
+		if (!t->late.task.n)
+			continue;
+		r = km_criu_pagemap_encode(&t->late.pagemap, &buf, &size);
+		if (r == 0)
+			r = km_write_file_atomic_at(dirfd, t->pagemap_name, buf, size, sync);
+		if (r < 0) {
+			km_error_set(err, "cannot write %s without its weights' pages: %s",
+				     t->pagemap_name, strerror(-r));
+			return r;
+		}
+	}
+	return 0;
+}
+
+/* Moves the targets' tasks into a new plan. */
+static int late_plan_take(struct join_target *targets, size_t n_targets, size_t n_late,
+			  struct km_late_plan **ret)
+{
+	struct km_late_plan *p = calloc(1, sizeof(*p));
+
+	if (!p || !(p->tasks = calloc(n_late, sizeof(*p->tasks)))) {
+		free(p);
+		return -ENOMEM;
+	}
+	for (size_t i = 0; i < n_targets; i++)
+		if (targets[i].late.task.n) {
+			p->tasks[p->n++] = targets[i].late.task;
+			targets[i].late.task = (struct km_late_task){ 0 };
+		}
+	*ret = p;
+	return 0;
+}
+
+int km_image_late_undo(int dirfd, struct km_error *err)
+{
+	struct km_manifest *m = NULL;
+	char **names = NULL;
+	size_t n = 0;
+	int r;
+
+	r = km_list_files_at(dirfd, not_late_orig, &names, &n);
+	if (r < 0) {
+		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
+		return r;
+	}
+	if (n == 0)
+		goto out;
+	r = km_image_read_manifest(dirfd, &m, err);
+	if (r < 0) {
+		km_error_prefix(err, "image with late weights (%s)", names[0]);
+		goto out;
+	}
+	/* The rebuilt pages files first: a pages file beside an original pagemap would be garbage. */
+	for (size_t i = 0; i < m->n_files; i++)
+		if (m->files[i].split && unlinkat(dirfd, m->files[i].name, 0) < 0 && errno != ENOENT) {
+			r = -errno;
+			km_error_set(err, "cannot remove %s: %s", m->files[i].name, strerror(-r));
+			goto out;
+		}
+	for (size_t i = 0; i < n; i++)
+		if (renameat(dirfd, names[i], dirfd, names[i] + strlen(LATE_ORIG_PREFIX)) < 0) {
+			r = -errno;
+			km_error_set(err, "cannot put %s back: %s", names[i], strerror(-r));
+			goto out;
+		}
+	(void)fsync(dirfd);
+out:
+	km_manifest_free(m);
+	km_free_names(names, n);
+	return r;
+}
+
 int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		  struct km_join_stats *ret, struct km_error *err)
 {
@@ -1097,11 +1324,17 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	struct delta_hash_job dh = { 0 };
 	_cleanup_free_ struct join_target *targets = NULL;
 	_cleanup_free_ struct verify_job *vjobs = NULL;
-	size_t n_targets = 0, n_vjobs = 0;
+	size_t n_targets = 0, n_vjobs = 0, n_late = 0;
 	bool by_extents = false;
 	int r;
 
 	pthread_mutex_init(&ctx.lock, NULL);
+	if (o->late)
+		*o->late = NULL;
+	/* A restore with late weights that never ended (see late.h): its directory first. */
+	r = km_image_late_undo(dirfd, err);
+	if (r < 0)
+		goto out;
 	r = km_image_read_manifest(dirfd, &m, err);
 	if (r < 0)
 		goto out;
@@ -1164,6 +1397,16 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	if (!vjobs) {
 		r = -ENOMEM;
 		goto out;
+	}
+	if (o->late && by_extents) {
+		r = late_prepare(dirfd, targets, n_targets, err);
+		if (r < 0)
+			goto out;
+		for (size_t i = 0; i < n_targets; i++)
+			if (targets[i].late.task.n) {
+				n_late++;
+				stats.bytes_late += targets[i].late.task.bytes;
+			}
 	}
 	for (size_t i = 0; i < n_targets; i++) {
 		r = target_create(dirfd, &targets[i], err);
@@ -1255,7 +1498,16 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 			km_error_set(err, "%s: %s", t->entry->name, strerror(-r));
 			goto out;
 		}
-		stats.bytes_written += t->entry->size;
+		stats.bytes_written += t->late.task.n ? t->late.kept_pages * KM_LATE_PAGE_SIZE
+						      : t->entry->size;
+	}
+	if (n_late) {
+		r = late_commit_pagemaps(dirfd, targets, n_targets, o->sync, err);
+		if (r < 0) {
+			/* Back to the split image: the original pagemaps are all kept by now or untouched. */
+			(void)km_image_late_undo(dirfd, NULL);
+			goto out;
+		}
 	}
 
 	/* Everything verified: put the files in place. */
@@ -1273,7 +1525,15 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	}
 	if (o->sync)
 		(void)fsync(dirfd);
-	if (!o->keep_split) {
+	if (n_late) {
+		/* The manifest and the delta stay: km_image_late_undo goes back to them. */
+		r = late_plan_take(targets, n_targets, n_late, o->late);
+		if (r < 0) {
+			(void)km_image_late_undo(dirfd, NULL);
+			km_error_set(err, "%s", strerror(-r));
+			goto out;
+		}
+	} else if (!o->keep_split) {
 		/* Manifest last: a directory with a manifest is still joinable. */
 		(void)unlinkat(dirfd, m->delta.name, 0);
 		if (unlinkat(dirfd, KM_MANIFEST_NAME, 0) < 0 && errno != ENOENT) {

@@ -64,10 +64,21 @@ struct km_split_stats {
 int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		   struct km_split_stats *ret, struct km_error *err);
 
+struct km_late_plan;
+
 struct km_join_opts {
 	unsigned threads; /* checking chunks, decoding the delta; 0: one per CPU */
 	bool keep_split; /* keep kvmotion.manifest and kvmotion.delta */
 	bool sync;
+	/*
+	 * Non-NULL: late weights (late.h). The weights' pages of each
+	 * process's pages file are left out of it and of its pagemap, and
+	 * *late gets what to write into the processes (NULL when nothing was
+	 * left out). Such a directory restores only with that plan carried
+	 * out; the manifest and delta stay, and km_image_late_undo (called
+	 * by the next join too) turns it back into the split image.
+	 */
+	struct km_late_plan **late;
 };
 
 struct km_join_stats {
@@ -80,10 +91,18 @@ struct km_join_stats {
 	/* Distinct chunks of 1.2 files: hashed by this join, or vouched for by the store's record. */
 	uint64_t chunks_hashed;
 	uint64_t chunks_recorded;
+	uint64_t bytes_late; /* left out for the plan (late weights) */
 };
 
 int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		  struct km_join_stats *ret, struct km_error *err);
+
+/*
+ * Turns a directory joined with late weights back into its split image:
+ * the rebuilt pages files removed, the original pagemaps put back. 0 with
+ * nothing to do.
+ */
+int km_image_late_undo(int dirfd, struct km_error *err);
 
 /* True if dirfd holds a split image (a kvmotion.manifest). */
 int km_image_is_split(int dirfd);

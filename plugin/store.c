@@ -541,20 +541,23 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
 	return 0;
 }
 
-int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
-		     uint64_t dst_off)
+int km_store_copy_range_to(struct km_store *s, const struct km_hash *id, uint64_t length,
+			   uint64_t from, uint64_t n, int dst_fd, uint64_t dst_off)
 {
 	_cleanup_close_ int fd = -1;
-	loff_t in = 0, out = (loff_t)dst_off;
+	loff_t in = (loff_t)from, out = (loff_t)dst_off;
+	uint64_t end = from + n;
 	struct stat st;
 
+	if (from > length || n > length - from)
+		return -EINVAL;
 	fd = open_chunk(s, id, &st);
 	if (fd < 0)
 		return fd;
 	if ((uint64_t)st.st_size != length)
 		return -EBADMSG;
-	while ((uint64_t)in < length) {
-		ssize_t k = copy_file_range(fd, &in, dst_fd, &out, (size_t)(length - (uint64_t)in), 0);
+	while ((uint64_t)in < end) {
+		ssize_t k = copy_file_range(fd, &in, dst_fd, &out, (size_t)(end - (uint64_t)in), 0);
 
 		if (k > 0)
 			continue;
@@ -568,14 +571,14 @@ int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t leng
 		{
 			uint8_t buf[64 * 1024];
 
-			while ((uint64_t)in < length) {
-				size_t want = (size_t)KM_MIN(sizeof(buf), length - (uint64_t)in);
-				ssize_t n = km_pread_full(fd, buf, want, in);
+			while ((uint64_t)in < end) {
+				size_t want = (size_t)KM_MIN(sizeof(buf), end - (uint64_t)in);
+				ssize_t got = km_pread_full(fd, buf, want, in);
 				int r;
 
-				if (n < 0)
-					return (int)n;
-				if ((size_t)n != want)
+				if (got < 0)
+					return (int)got;
+				if ((size_t)got != want)
 					return -EBADMSG;
 				r = km_pwrite_full(dst_fd, buf, want, out);
 				if (r < 0)
@@ -586,6 +589,12 @@ int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t leng
 		}
 	}
 	return 0;
+}
+
+int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
+		     uint64_t dst_off)
+{
+	return km_store_copy_range_to(s, id, length, 0, length, dst_fd, dst_off);
 }
 
 int km_store_open_chunk(struct km_store *s, const struct km_hash *id, uint64_t length,

@@ -82,6 +82,9 @@ int km_store_get(struct km_store *s, const struct km_hash *id, void *buf, size_t
  */
 int km_store_copy_to(struct km_store *s, const struct km_hash *id, uint64_t length, int dst_fd,
 		     uint64_t dst_off);
+/* The same for bytes [from, from + n) of the chunk; -EINVAL if not inside it. */
+int km_store_copy_range_to(struct km_store *s, const struct km_hash *id, uint64_t length,
+			   uint64_t from, uint64_t n, int dst_fd, uint64_t dst_off);
 
 /*
  * Verified chunks (plugin/verified.h): S/verified.kmok records the stat

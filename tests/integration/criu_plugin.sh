@@ -2,15 +2,20 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 #
 # The CRIU plugin (kvmotion.so, loaded with -L) on the real CRIU:
-#   a  dump splits the image against the store; restore joins it first and
-#      the process goes on with intact memory
+#   a  dump splits the image against the store; restore joins it first, the
+#      weights left out and written into the process late (late.h), and the
+#      process goes on with intact memory; the directory is split again after
 #   b  the split image restored without the plugin: refused, nothing created
 #   c  a corrupt, then a missing chunk: restore refused, chunk and file named,
 #      no process, the image directory untouched
+#   c2 a chunk truncated between the join and the late weights (by a CRIU
+#      post-restore action script): restore refused, no process, directory
+#      untouched; the same image then restores with the good store
 #   d  KVMOTION_SPLIT=yes with a store that cannot be created: dump refused
 #      before anything is frozen, the process runs on
 #   e  an image directory too small for twice the RSS: dump refused
 #   f  --leave-running: split image, the source runs on; restore works
+#      (late_weights=no: the whole join, a complete CRIU image afterwards)
 #   g  --page-server: the split is skipped (said in the log), the dump works
 #   h  the GPU state machine through the plugin, with the CUDA TEST DOUBLE
 #      (tests/cuda-double, never the real driver): journal of lock,
@@ -271,7 +276,7 @@ pass "setup: ${model_mib} MiB model seeded into $store ($(json_get "$T/seed.json
 A=$T/a # the split image that b and c use (a copy of it: a's restore joins in place)
 
 case_a() {
-	local dir=$T/a.img counter sum0 raw referenced
+	local dir=$T/a.img counter sum0 raw referenced late
 	use_env KVMOTION_STORE="$store"
 	new_memproc a
 	sum0=$(progress_model_sum "$PROGRESS")
@@ -291,14 +296,22 @@ case_a() {
 	plug_restore "$dir"
 	[ "$RESTORED_PID" = "$PID" ] || fail "restored pid $RESTORED_PID, expected $PID"
 	expect_log "$dir/restore.log" 'kvmotion: joined [0-9]+ files' "restore.log"
-	[ ! -e "$dir/kvmotion.manifest" ] || fail "kvmotion.manifest still there after the join"
+	# late weights (the default): CRIU read no weights page, the plugin wrote them
+	expect_log "$dir/restore.log" "kvmotion: late weights: [0-9]+ bytes written into pid $PID" \
+		"restore.log"
+	late=$(grep -oE 'late weights: [0-9]+ bytes written' "$dir/restore.log" | grep -oE '[0-9]+')
+	assert_ge "bytes of weights written late" "$late" $((referenced * 9 / 10))
+	# and the directory is its split image again, pagemap as the dump wrote it
+	split_image_ok "$dir"
+	[ -z "$(compgen -G "$dir/kvmotion.orig.*")" ] || fail "kvmotion.orig.* left in $dir"
+	cmp -s "$dir/pagemap-$PID.img" "$A/pagemap-$PID.img" || fail "pagemap-$PID.img not put back"
 	wait_progress "$PROGRESS" $((counter + 5))
 	verify_memproc "$PID" "$PROGRESS"
 	assert_eq "model checksum after restore" "$(progress_model_sum "$PROGRESS")" "$sum0"
 	log "restored pid $PID: counter $counter -> $(progress_counter "$PROGRESS"), VERIFY OK"
 	stop_memproc "$PID"
 }
-run_case a "dump splits (no pages-*.img), restore joins, the process goes on, VERIFY OK" case_a
+run_case a "dump splits (no pages-*.img), restore joins (weights written late), the process goes on, VERIFY OK" case_a
 
 # --- b: a split image without the plugin ----------------------------------
 
@@ -366,6 +379,50 @@ case_c() {
 }
 run_case c "corrupt / missing chunk: restore refuses, names chunk and file, no process, image untouched" case_c
 
+# --- c2: a chunk that goes bad after the join, before the late weights -----
+
+case_c2() {
+	local st=$T/store-c2 id path before script=$T/c2-truncate.sh pid counter
+	[ -f "$A/kvmotion.manifest" ] || fail "no split image from case a"
+	rm -rf "$st"
+	cp -a "$store" "$st"
+	id=$(first_chunk "$A")
+	path=$st/chunks/${id:0:2}/$id
+	[ -f "$path" ] || fail "chunk $id is not at $path"
+	# CRIU runs post-restore after its own restore of the memory, before RESUME_DEVICES_LATE
+	cat >"$script" <<-EOF
+		#!/bin/sh
+		[ "\$CRTOOLS_SCRIPT_ACTION" = post-restore ] && truncate -s 100 "$path"
+		exit 0
+	EOF
+	chmod +x "$script"
+	before=$(dir_digest "$A")
+	use_env KVMOTION_STORE="$st"
+	restore_refused "$A" "$T/c2.restore.log" --action-script "$script"
+	[ "$(file_size "$path")" = 100 ] || fail "the action script did not run"
+	expect_log "$T/c2.restore.log" "kvmotion: late weights: [0-9]+ bytes of [0-9]+ processes left out" \
+		"restore.log: weights left out at the join"
+	expect_log "$T/c2.restore.log" "kvmotion: late weights: chunk $id \(pages-[0-9]+\.img.*not of its length.*killing the task" \
+		"restore log names the chunk, its file and what was done"
+	expect_log "$T/c2.restore.log" 'kvmotion: late weights: image directory back to its split image' \
+		"restore.log"
+	if [ "$(dir_digest "$A")" != "$before" ]; then
+		diff <(echo "$before") <(dir_digest "$A") | head -n 10
+		fail "the image directory changed"
+	fi
+	# the same image with the good store restores
+	use_env KVMOTION_STORE="$store"
+	pid=$(root_pid "$A")
+	plug_restore "$A"
+	[ "$RESTORED_PID" = "$pid" ] || fail "restored pid $RESTORED_PID, expected $pid"
+	counter=$(progress_counter "$T/progress-a")
+	wait_progress "$T/progress-a" $((counter + 3))
+	verify_memproc "$pid" "$T/progress-a"
+	stop_memproc "$pid"
+	split_image_ok "$A"
+}
+run_case c2 "chunk truncated after the join (action script): the late weights fail, restore refused, no process, image untouched; then it restores" case_c2
+
 # --- d: unusable store with split=yes --------------------------------------
 
 B=$T/b # memproc of d, e, f, g: its pid and progress file
@@ -429,12 +486,19 @@ case_f() {
 	verify_memproc "$pid" "$progress"
 	stop_memproc "$pid"
 	c=$(progress_counter "$progress")
+	# the whole join, as before late weights: a complete CRIU image afterwards
+	use_env KVMOTION_STORE="$store" KVMOTION_LATE_WEIGHTS=no
 	plug_restore "$dir"
 	expect_log "$dir/restore.log" 'kvmotion: joined [0-9]+ files' "restore.log"
+	if grep -q 'late weights' "$dir/restore.log"; then
+		fail "late weights with late_weights=no: $(grep -m1 'late weights' "$dir/restore.log")"
+	fi
+	[ ! -e "$dir/kvmotion.manifest" ] || fail "kvmotion.manifest still there after the join"
+	[ -n "$(compgen -G "$dir/pages-*.img")" ] || fail "no pages-*.img after the join"
 	wait_progress "$progress" $((c + 5))
 	verify_memproc "$pid" "$progress"
 }
-run_case f "--leave-running: split image, source runs on; restore after killing it, VERIFY OK" case_f
+run_case f "--leave-running: split image, source runs on; restore (late_weights=no: whole join) after killing it, VERIFY OK" case_f
 
 # --- g: --page-server -----------------------------------------------------
 

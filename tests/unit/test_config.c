@@ -156,6 +156,7 @@ static void assert_same_settings(const struct km_config *a, const struct km_conf
 	ck_assert_str_eq(a->split_comm, b->split_comm);
 	ck_assert_int_eq(a->add_chunks, b->add_chunks);
 	ck_assert_int_eq(a->split_engines, b->split_engines);
+	ck_assert_int_eq(a->late_weights, b->late_weights);
 	ck_assert_uint_eq(a->min_split_size, b->min_split_size);
 	ck_assert_uint_eq(a->chunker.min_size, b->chunker.min_size);
 	ck_assert_uint_eq(a->chunker.avg_size, b->chunker.avg_size);
