@@ -13,11 +13,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "chunker.h"
+#include "criuimg.h"
 #include "image.h"
+#include "late.h"
 
 #define MODEL_SIZE (8u << 20)
 #define PAGES_RANDOM_HEAD ((1u << 20) + 123)
@@ -1084,6 +1090,247 @@ START_TEST(test_image_split_parts_as_serial)
 }
 END_TEST
 
+/* ------------------------------------------------------- late weights */
+
+#define LATE_PAGE 4096u
+/* Three pagemap entries over pages-1.img: (vaddr, pages); the rest goes to the last. */
+static const uint64_t late_vaddr[3] = { 0x10000000ull, 0x20000000ull, 0x30000000ull };
+static const uint64_t late_pages[2] = { 700, 1200 };
+
+struct late_fixture {
+	struct fixture f;
+	uint64_t n_pages;
+	uint64_t entry_pages[3];
+	uint64_t entry_off[3]; /* in pages-1.img */
+};
+
+/* The model at an unaligned offset across the three entries, page-multiple file. */
+static void late_setup(struct late_fixture *lf)
+{
+	struct km_chunker_params p = { 4096, 16384, 65536 };
+	struct km_criu_pagemap pm = { .pages_id = 1 };
+	struct km_criu_pme e[3];
+	struct km_error err = { { 0 } };
+	size_t padded;
+
+	fixture_setup(&lf->f, &p);
+	seed_model(&lf->f);
+	padded = (lf->f.pages_size + LATE_PAGE - 1) / LATE_PAGE * LATE_PAGE;
+	lf->f.pages = realloc(lf->f.pages, padded);
+	fill_random(lf->f.pages + lf->f.pages_size, padded - lf->f.pages_size, 77);
+	lf->f.pages_size = padded;
+	write_file(lf->f.dirfd, "pages-1.img", lf->f.pages, padded);
+	lf->n_pages = padded / LATE_PAGE;
+	lf->entry_pages[0] = late_pages[0];
+	lf->entry_pages[1] = late_pages[1];
+	lf->entry_pages[2] = lf->n_pages - late_pages[0] - late_pages[1];
+	for (int i = 0; i < 3; i++) {
+		lf->entry_off[i] = i ? lf->entry_off[i - 1] + lf->entry_pages[i - 1] * LATE_PAGE : 0;
+		e[i] = (struct km_criu_pme){ late_vaddr[i], lf->entry_pages[i],
+					     KM_CRIU_PE_PRESENT | KM_CRIU_PE_LAZY };
+	}
+	pm.n = 3;
+	pm.e = e;
+	ck_assert_int_eq(km_criu_pagemap_write(lf->f.dirfd, "pagemap-1.img", &pm, &err), 0);
+	split(&lf->f, false, &(struct km_split_stats){ 0 });
+}
+
+/* Offset in the split pages file of vaddr, by the original pagemap. */
+static uint64_t late_off(const struct late_fixture *lf, uint64_t vaddr)
+{
+	for (int i = 0; i < 3; i++)
+		if (vaddr >= late_vaddr[i] && vaddr < late_vaddr[i] + lf->entry_pages[i] * LATE_PAGE)
+			return lf->entry_off[i] + (vaddr - late_vaddr[i]);
+	ck_abort_msg("vaddr 0x%llx outside the pagemap", (unsigned long long)vaddr);
+	return 0;
+}
+
+static uint8_t *chunk_bytes(struct km_store *s, const struct km_late_piece *p)
+{
+	uint8_t *buf = malloc(p->chunk_length);
+	size_t n = 0;
+
+	ck_assert_int_eq(km_store_get(s, &p->id, buf, p->chunk_length, &n), 0);
+	ck_assert_uint_eq(n, p->chunk_length);
+	return buf;
+}
+
+/*
+ * Joined with late weights: the rebuilt pages file and pagemap plus the
+ * plan's pieces give back every byte of the process's memory, once; the
+ * weights' pages are not in the pages file; undo restores the split image.
+ */
+START_TEST(test_image_join_late_weights)
+{
+	struct late_fixture lf;
+	struct km_join_opts o = { .threads = 2 };
+	struct km_late_plan *plan = NULL;
+	struct km_join_stats js;
+	struct km_criu_pagemap pm = { 0 };
+	struct km_error err = { { 0 } };
+	char split_listing[4096], listing[4096];
+	uint8_t *pages, *mem, *seen, *orig_pm, *pm_now;
+	size_t n, orig_pm_size, pm_size;
+	uint64_t pos = 0;
+	struct km_late_task *t;
+
+	late_setup(&lf);
+	dir_listing(lf.f.dir, split_listing, sizeof(split_listing));
+	orig_pm = read_all(lf.f.dirfd, "pagemap-1.img", &orig_pm_size);
+	o.late = &plan;
+	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
+	ck_assert_ptr_nonnull(plan);
+	ck_assert_uint_eq(plan->n, 1);
+	t = km_late_plan_task(plan, 1);
+	ck_assert_ptr_nonnull(t);
+	ck_assert_str_eq(t->pages_name, "pages-1.img");
+	ck_assert_uint_eq(t->bytes, js.bytes_late);
+	/* every whole page of the model but those at its ends and at entry edges */
+	ck_assert_uint_ge(t->bytes, MODEL_SIZE - 8 * 65536);
+	pages = read_all(lf.f.dirfd, "pages-1.img", &n);
+	ck_assert_uint_eq(n + t->bytes, lf.f.pages_size);
+	ck_assert_int_eq(km_criu_pagemap_read(lf.f.dirfd, "pagemap-1.img", &pm, &err), 0);
+	ck_assert_int_eq(faccessat(lf.f.dirfd, "kvmotion.orig.pagemap-1.img", F_OK, 0), 0);
+	ck_assert_int_eq(km_image_is_split(lf.f.dirfd), 1);
+
+	/* Memory as CRIU plus the plan would make it, in split-file coordinates. */
+	mem = calloc(1, lf.f.pages_size);
+	seen = calloc(1, lf.f.pages_size);
+	for (size_t i = 0; i < pm.n; i++) {
+		uint64_t len = pm.e[i].nr_pages * LATE_PAGE, at = late_off(&lf, pm.e[i].vaddr);
+
+		ck_assert_uint_eq(pm.e[i].flags, KM_CRIU_PE_PRESENT | KM_CRIU_PE_LAZY);
+		ck_assert_uint_eq(late_off(&lf, pm.e[i].vaddr + len - 1), at + len - 1);
+		memcpy(mem + at, pages + pos, len);
+		memset(seen + at, 1, len);
+		pos += len;
+	}
+	ck_assert_uint_eq(pos, n);
+	for (size_t i = 0; i < t->n; i++) {
+		const struct km_late_piece *p = &t->pieces[i];
+		uint8_t *c = chunk_bytes(lf.f.store, p);
+		uint64_t at = late_off(&lf, p->vaddr);
+
+		ck_assert_uint_le(p->chunk_off + p->length, p->chunk_length);
+		for (uint64_t k = 0; k < p->length; k++)
+			ck_assert_msg(!seen[at + k], "byte %llu twice", (unsigned long long)(at + k));
+		memcpy(mem + at, c + p->chunk_off, p->length);
+		memset(seen + at, 1, p->length);
+		free(c);
+	}
+	ck_assert(memchr(seen, 0, lf.f.pages_size) == NULL);
+	ck_assert(memcmp(mem, lf.f.pages, lf.f.pages_size) == 0);
+
+	/* Back to the split image; a whole join then gives the original file. */
+	ck_assert_int_eq(km_image_late_undo(lf.f.dirfd, &err), 0);
+	dir_listing(lf.f.dir, listing, sizeof(listing));
+	ck_assert_str_eq(listing, split_listing);
+	pm_now = read_all(lf.f.dirfd, "pagemap-1.img", &pm_size);
+	ck_assert_uint_eq(pm_size, orig_pm_size);
+	ck_assert(memcmp(pm_now, orig_pm, pm_size) == 0);
+	join_ok(&lf.f, &js); /* and the pages are the original ones */
+
+	free(pm_now);
+	free(orig_pm);
+	free(mem);
+	free(seen);
+	free(pages);
+	km_criu_pagemap_clear(&pm);
+	km_late_plan_free(plan);
+	fixture_teardown(&lf.f);
+}
+END_TEST
+
+/* A join with late weights that never ended: the next join undoes it first. */
+START_TEST(test_image_join_after_interrupted_late)
+{
+	struct late_fixture lf;
+	struct km_join_opts o = { .threads = 2 };
+	struct km_late_plan *plan = NULL;
+	struct km_join_stats js;
+	struct km_error err = { { 0 } };
+
+	late_setup(&lf);
+	o.late = &plan;
+	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
+	ck_assert_ptr_nonnull(plan);
+	km_late_plan_free(plan);
+	join_ok(&lf.f, &js); /* and the pages are the original ones */
+	ck_assert_int_eq(faccessat(lf.f.dirfd, "kvmotion.orig.pagemap-1.img", F_OK, 0), -1);
+	fixture_teardown(&lf.f);
+}
+END_TEST
+
+/*
+ * km_late_fill writes the plan into a live process (a child with the three
+ * regions mapped where the pagemap says, the second read-only: written
+ * through /proc/PID/mem), and names a chunk gone from the store.
+ */
+START_TEST(test_image_late_fill_process)
+{
+	struct late_fixture lf;
+	struct km_join_opts o = { .threads = 2 };
+	struct km_late_plan *plan = NULL;
+	struct km_join_stats js;
+	struct km_error err = { { 0 } };
+	struct km_late_task *t;
+	int ready[2];
+	pid_t child;
+	char c;
+
+	late_setup(&lf);
+	o.late = &plan;
+	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
+	t = km_late_plan_task(plan, 1);
+	ck_assert_ptr_nonnull(t);
+	ck_assert_int_eq(pipe(ready), 0);
+	child = fork();
+	ck_assert_int_ge(child, 0);
+	if (child == 0) {
+		for (int i = 0; i < 3; i++) {
+			void *want = (void *)(uintptr_t)late_vaddr[i];
+			void *p = mmap(want, lf.entry_pages[i] * LATE_PAGE,
+				       i == 1 ? PROT_READ : PROT_READ | PROT_WRITE,
+				       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+			if (p != want)
+				_exit(1);
+		}
+		if (write(ready[1], "x", 1) != 1)
+			_exit(1);
+		pause();
+		_exit(0);
+	}
+	close(ready[1]);
+	ck_assert_int_eq(read(ready[0], &c, 1), 1);
+	ck_assert_msg(km_late_fill(lf.f.store, t, child, 2, &err) == 0, "fill: %s", err.msg);
+	for (size_t i = 0; i < t->n; i++) {
+		const struct km_late_piece *p = &t->pieces[i];
+		uint8_t *got = malloc(p->length);
+		struct iovec l = { got, p->length }, r = { (void *)(uintptr_t)p->vaddr, p->length };
+
+		ck_assert_int_eq(process_vm_readv(child, &l, 1, &r, 1, 0), (ssize_t)p->length);
+		ck_assert(memcmp(got, lf.f.pages + late_off(&lf, p->vaddr), p->length) == 0);
+		free(got);
+	}
+	/* A chunk gone from the store is named, with its file and address. */
+	{
+		char hex[KM_HASH_HEX_SIZE], want[160];
+
+		ck_assert_int_eq(km_store_remove(lf.f.store, &t->pieces[t->n / 2].id), 0);
+		ck_assert_int_eq(km_late_fill(lf.f.store, t, child, 2, &err), -ENOENT);
+		snprintf(want, sizeof(want), "chunk %s (pages-1.img",
+			 km_hash_to_hex(&t->pieces[t->n / 2].id, hex));
+		ck_assert_msg(strstr(err.msg, want) && strstr(err.msg, "missing from the store"),
+			      "%s", err.msg);
+	}
+	kill(child, SIGKILL);
+	waitpid(child, NULL, 0);
+	close(ready[0]);
+	km_late_plan_free(plan);
+	fixture_teardown(&lf.f);
+}
+END_TEST
+
 int main(void)
 {
 	Suite *s = suite_create("image");
@@ -1112,6 +1359,9 @@ int main(void)
 	tcase_add_test(tc, test_image_join_v11_manifest);
 	tcase_add_test(tc, test_image_join_damaged_extents);
 	tcase_add_test(tc, test_image_split_parts_as_serial);
+	tcase_add_test(tc, test_image_join_late_weights);
+	tcase_add_test(tc, test_image_join_after_interrupted_late);
+	tcase_add_test(tc, test_image_late_fill_process);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
