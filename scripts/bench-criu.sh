@@ -20,6 +20,7 @@
 #
 #   scripts/bench-criu.sh [--weights-mib N] [--kv-mib N] [--dir D] [--json FILE]
 #                         [--baseline BUILD] [--rounds N]
+# KM_BENCH_LOGS=DIR keeps the plugin's dump.log and restore.log of each round (CRIU -v3).
 #
 # Images on tmpfs (--dir, default /dev/shm), store seeded with the weights.
 set -euo pipefail
@@ -28,6 +29,8 @@ set -euo pipefail
 . "$(dirname "$0")/bench-lib.sh"
 weights_mib=1536
 kv_mib=256
+loglevel=2 # CRIU's; 3 (the plugin's timings) with KM_BENCH_LOGS
+[ -z "${KM_BENCH_LOGS:-}" ] || loglevel=3
 base=/dev/shm
 json_out=
 baseline=
@@ -89,7 +92,7 @@ dump() { # $1 dir, $2 plugin dir
 	mkdir -p "$1"
 	local t0 t1
 	t0=$(now)
-	"$criu" dump -t "$pid" -D "$1" -o dump.log -v2 -L "$2" ||
+	"$criu" dump -t "$pid" -D "$1" -o dump.log -v"$loglevel" -L "$2" ||
 		{ tail -n 20 "$1/dump.log" >&2; exit 1; }
 	t1=$(now)
 	wait_gone "$pid"
@@ -99,7 +102,7 @@ restore() { # $1 dir, $2 plugin dir
 	local t0 t1 before
 	before=$(progress)
 	t0=$(now)
-	"$criu" restore -D "$1" -d -o restore.log -v2 -L "$2" ||
+	"$criu" restore -D "$1" -d -o restore.log -v"$loglevel" -L "$2" ||
 		{ tail -n 20 "$1/restore.log" >&2; exit 1; }
 	t1=$(now)
 	wait_progress "$before"
@@ -141,6 +144,10 @@ plugin_round() { # $1 label (new|base), $2 build dir
 		base_bytes=$(dir_bytes "$work/plugin")
 	fi
 	r=$(restore "$work/plugin" "$2/criu-hooks")
+	# KM_BENCH_LOGS=DIR: the plugin's dump and restore logs of each round kept there
+	[ -z "${KM_BENCH_LOGS:-}" ] || for f in dump restore; do
+		cp "$work/plugin/$f.log" "$KM_BENCH_LOGS/$1-$round.$f.log"
+	done
 	rm -rf "$work/plugin"
 	if [ "$1" = new ]; then
 		kd+=("$d") kr+=("$r")
