@@ -1145,6 +1145,20 @@ static uint64_t late_off(const struct late_fixture *lf, uint64_t vaddr)
 	return 0;
 }
 
+/* Joins lf's image with late weights: the plan, never NULL. */
+static struct km_late_plan *late_join(struct late_fixture *lf, struct km_join_stats *js)
+{
+	struct km_join_opts o = { .threads = 2 };
+	struct km_late_plan *plan = NULL;
+	struct km_error err = { { 0 } };
+
+	o.late = &plan;
+	ck_assert_msg(km_image_join(lf->f.dirfd, lf->f.store, &o, js, &err) == 0, "join: %s",
+		      err.msg);
+	ck_assert_ptr_nonnull(plan);
+	return plan;
+}
+
 static uint8_t *chunk_bytes(struct km_store *s, const struct km_late_piece *p)
 {
 	uint8_t *buf = malloc(p->chunk_length);
@@ -1163,8 +1177,7 @@ static uint8_t *chunk_bytes(struct km_store *s, const struct km_late_piece *p)
 START_TEST(test_image_join_late_weights)
 {
 	struct late_fixture lf;
-	struct km_join_opts o = { .threads = 2 };
-	struct km_late_plan *plan = NULL;
+	struct km_late_plan *plan;
 	struct km_join_stats js;
 	struct km_criu_pagemap pm = { 0 };
 	struct km_error err = { { 0 } };
@@ -1177,9 +1190,7 @@ START_TEST(test_image_join_late_weights)
 	late_setup(&lf);
 	dir_listing(lf.f.dir, split_listing, sizeof(split_listing));
 	orig_pm = read_all(lf.f.dirfd, "pagemap-1.img", &orig_pm_size);
-	o.late = &plan;
-	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
-	ck_assert_ptr_nonnull(plan);
+	plan = late_join(&lf, &js);
 	ck_assert_uint_eq(plan->n, 1);
 	t = km_late_plan_task(plan, 1);
 	ck_assert_ptr_nonnull(t);
@@ -1245,16 +1256,10 @@ END_TEST
 START_TEST(test_image_join_after_interrupted_late)
 {
 	struct late_fixture lf;
-	struct km_join_opts o = { .threads = 2 };
-	struct km_late_plan *plan = NULL;
 	struct km_join_stats js;
-	struct km_error err = { { 0 } };
 
 	late_setup(&lf);
-	o.late = &plan;
-	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
-	ck_assert_ptr_nonnull(plan);
-	km_late_plan_free(plan);
+	km_late_plan_free(late_join(&lf, &js));
 	join_ok(&lf.f, &js); /* and the pages are the original ones */
 	ck_assert_int_eq(faccessat(lf.f.dirfd, "kvmotion.orig.pagemap-1.img", F_OK, 0), -1);
 	fixture_teardown(&lf.f);
@@ -1269,8 +1274,7 @@ END_TEST
 START_TEST(test_image_late_fill_process)
 {
 	struct late_fixture lf;
-	struct km_join_opts o = { .threads = 2 };
-	struct km_late_plan *plan = NULL;
+	struct km_late_plan *plan;
 	struct km_join_stats js;
 	struct km_error err = { { 0 } };
 	struct km_late_task *t;
@@ -1279,8 +1283,7 @@ START_TEST(test_image_late_fill_process)
 	char c;
 
 	late_setup(&lf);
-	o.late = &plan;
-	ck_assert_msg(km_image_join(lf.f.dirfd, lf.f.store, &o, &js, &err) == 0, "join: %s", err.msg);
+	plan = late_join(&lf, &js);
 	t = km_late_plan_task(plan, 1);
 	ck_assert_ptr_nonnull(t);
 	ck_assert_int_eq(pipe(ready), 0);
