@@ -13,7 +13,6 @@
 #include <sys/eventfd.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -224,8 +223,6 @@ static int follow_run(struct km_follow *f)
 	char path[64];
 	int r;
 
-	/* Per thread on Linux; the pools created below inherit it. */
-	(void)setpriority(PRIO_PROCESS, (id_t)gettid(), KM_FOLLOW_NICE);
 	in_fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
 	if (in_fd < 0) {
 		r = -errno;

@@ -13,8 +13,10 @@
  * up to the size seen (its mapping never reaches past it), and a file to
  * its end once CRIU has closed it (IN_CLOSE_WRITE, read before the size).
  * Files present at start are left to the commit. It runs with every signal
- * blocked (CRIU's are for its main thread) and a raised nice value, as do
- * the pools it creates: on few cores CRIU's own writing goes first.
+ * blocked (CRIU's are for its main thread), as do the pools it creates. At
+ * the usual priority: its work is part of the freeze as much as CRIU's, and
+ * a raised nice value starved it behind the node's other work (measured,
+ * docs/performance.md).
  *
  * Use: start; when CRIU is done, stop (the thread's first error, if any);
  * then commit, or free alone to drop the split and leave the directory as
@@ -26,8 +28,6 @@
 #include "image.h"
 #include "store.h"
 #include "util.h"
-
-#define KM_FOLLOW_NICE 10
 
 struct km_follow;
 
