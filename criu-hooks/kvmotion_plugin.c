@@ -8,7 +8,7 @@
  *           memory into host memory; exit(DUMP): on failure or
  *           --leave-running, restore and unlock; RESUME_DEVICES_LATE:
  *           restore (with GPU UUID remapping) and unlock.
- *   Images  init(DUMP): a thread starts splitting the pages images while
+ *   Images  init(DUMP): a process starts splitting the pages images while
  *           CRIU writes them (split_follow); exit(DUMP): the split of the
  *           complete image directory against the node's chunk store is
  *           finished and committed; init(RESTORE): join and verify it before
@@ -87,7 +87,6 @@ static struct {
 	size_t n_engines;
 	bool image_has_engines; /* restore: the image holds kvmotion.engines */
 	struct km_follow *follow; /* dump: splitting while CRIU writes */
-	struct km_store *follow_store;
 } km = { .image_dir = -1 };
 
 static double now_s(void)
@@ -276,13 +275,11 @@ static struct km_split_opts split_opts(void)
 	};
 }
 
-/* Stops the follower if it runs; without a commit its files are removed. */
+/* Ends the follower; without a commit nothing of its split is left. */
 static void drop_follower(void)
 {
 	km_follow_free(km.follow);
 	km.follow = NULL;
-	km_store_free(km.follow_store);
-	km.follow_store = NULL;
 }
 
 /*
@@ -296,14 +293,11 @@ static void start_follower(void)
 	struct km_error err = { { 0 } };
 	int r;
 
-	r = km_store_open(km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, NULL, &km.follow_store);
-	if (r == 0)
-		r = km_follow_start(km.image_dir, km.follow_store, &o, &km.follow, &err);
-	if (r < 0) {
+	r = km_follow_start(km.image_dir, km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, &o,
+			    &km.follow, &err);
+	if (r < 0)
 		pr_warn("cannot split while CRIU writes (%s): the image is split after the dump",
 			err.msg[0] ? err.msg : strerror(-r));
-		drop_follower();
-	}
 }
 
 static int init_dump(void)

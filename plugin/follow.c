@@ -5,15 +5,14 @@
 #include <fcntl.h>
 #include <fnmatch.h>
 #include <poll.h>
-#include <pthread.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/inotify.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /*
@@ -39,24 +38,34 @@ struct current {
 	uint64_t fed;	 /* bytes given to km_split_follow */
 };
 
-struct km_follow {
+/* The follower process's state. */
+struct follower {
 	int dirfd;
-	struct km_store *store;
-	struct km_split_opts opts;
-	struct km_split *split; /* the thread's until stop */
-	pthread_t thread;
-	bool running;
-	bool committed;
-	int stop_fd; /* eventfd: wakes the thread */
-	atomic_bool stop;
-	/* Written by the thread, read after join. */
-	int error;
+	int sock;
+	struct km_split *split;
 	struct km_error err;
 	struct km_follow_stats stats;
+	bool stop_read; /* CMD_STOP received */
 	char **existing; /* pages images there at start: not followed */
 	size_t n_existing;
 	struct pending *queue; /* created, in order, not yet followed */
 	size_t n_queue;
+};
+
+/* What the follower process answers to each command. */
+struct reply {
+	int32_t error;
+	struct km_follow_stats follow;
+	struct km_split_stats split;
+	char msg[sizeof(((struct km_error *)0)->msg)];
+};
+
+enum { CMD_STOP = 'S', CMD_COMMIT = 'C' };
+
+struct km_follow {
+	int sock; /* to the follower process; -1 once it is gone */
+	bool stopped, committed;
+	int error; /* the follower's, from stop */
 };
 
 static bool is_pages(const char *name)
@@ -69,7 +78,7 @@ static bool skip_not_pages(const char *name)
 	return !is_pages(name);
 }
 
-static bool is_existing(const struct km_follow *f, const char *name)
+static bool is_existing(const struct follower *f, const char *name)
 {
 	for (size_t i = 0; i < f->n_existing; i++)
 		if (strcmp(f->existing[i], name) == 0)
@@ -77,7 +86,7 @@ static bool is_existing(const struct km_follow *f, const char *name)
 	return false;
 }
 
-static struct pending *find_queued(struct km_follow *f, const char *name)
+static struct pending *find_queued(struct follower *f, const char *name)
 {
 	for (size_t i = 0; i < f->n_queue; i++)
 		if (strcmp(f->queue[i].name, name) == 0)
@@ -86,7 +95,7 @@ static struct pending *find_queued(struct km_follow *f, const char *name)
 }
 
 /* Reads every inotify event there is: new pages images queued, closes marked. */
-static int read_events(struct km_follow *f, int in_fd, struct current *cur)
+static int read_events(struct follower *f, int in_fd, struct current *cur)
 {
 	char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
 
@@ -142,7 +151,7 @@ static void current_close(struct current *cur)
 }
 
 /* The next queued file becomes the current one. */
-static int current_open(struct km_follow *f, struct current *cur)
+static int current_open(struct follower *f, struct current *cur)
 {
 	cur->p = f->queue[0];
 	memmove(f->queue, f->queue + 1, (f->n_queue - 1) * sizeof(*f->queue));
@@ -179,7 +188,7 @@ static int current_map(struct current *cur, uint64_t size)
 }
 
 /* One round on the current file; *ret_progress: whether anything was split. */
-static int current_step(struct km_follow *f, struct current *cur, bool *ret_progress)
+static int current_step(struct follower *f, struct current *cur, bool *ret_progress)
 {
 	bool closed = cur->p.closed; /* before the size: then the size is final */
 	uint64_t size, avail;
@@ -216,7 +225,13 @@ static int current_step(struct km_follow *f, struct current *cur, bool *ret_prog
 	return 0;
 }
 
-static int follow_run(struct km_follow *f)
+/*
+ * Follows until the command to stop comes (or the socket closes: the
+ * plugin's process is gone, and the split with it). Returns 0 on CMD_STOP,
+ * -EPIPE on EOF, or the error that ended the following.
+ */
+static int follow_run(struct follower *f, const char *store_path, unsigned store_flags,
+		      const struct km_split_opts *o, struct km_store **ret_store)
 {
 	_cleanup_close_ int in_fd = -1;
 	struct current cur = { .fd = -1 };
@@ -241,12 +256,27 @@ static int follow_run(struct km_follow *f)
 		km_error_set(&f->err, "cannot list the image directory: %s", strerror(-r));
 		return r;
 	}
-	r = km_split_begin(f->dirfd, f->store, &f->opts, &f->split, &f->err);
-	while (r == 0 && !atomic_load(&f->stop)) {
+	r = km_store_open(store_path, store_flags, NULL, ret_store);
+	if (r < 0) {
+		km_error_set(&f->err, "chunk store %s: %s", store_path, strerror(-r));
+		return r;
+	}
+	r = km_split_begin(f->dirfd, *ret_store, o, &f->split, &f->err);
+	while (r == 0) {
 		struct pollfd pfd[2] = { { .fd = in_fd, .events = POLLIN },
-					 { .fd = f->stop_fd, .events = POLLIN } };
+					 { .fd = f->sock, .events = POLLIN } };
 		bool progress = false;
+		int n;
 
+		n = poll(pfd + 1, 1, 0);
+		if (n > 0) {
+			char cmd = 0;
+			ssize_t k = recv(f->sock, &cmd, 1, 0);
+
+			f->stop_read = k == 1 && cmd == CMD_STOP;
+			r = f->stop_read ? 0 : -EPIPE;
+			break;
+		}
 		r = read_events(f, in_fd, &cur);
 		if (r < 0) {
 			km_error_set(&f->err, "watching the image directory: %s", strerror(-r));
@@ -269,91 +299,192 @@ static int follow_run(struct km_follow *f)
 		}
 	}
 	current_close(&cur);
-	if (r < 0 && !f->err.msg[0])
+	if (r < 0 && r != -EPIPE && !f->err.msg[0])
 		km_error_set(&f->err, "%s", strerror(-r));
 	return r;
 }
 
-static void *follow_main(void *arg)
+static void send_reply(int sock, int error, const struct follower *f,
+		       const struct km_split_stats *split, const struct km_error *err)
 {
-	struct km_follow *f = arg;
+	struct reply m = { .error = error, .follow = f->stats };
 
-	f->error = follow_run(f);
-	return NULL;
+	if (split)
+		m.split = *split;
+	if (error < 0)
+		snprintf(m.msg, sizeof(m.msg), "%s", err->msg[0] ? err->msg : strerror(-error));
+	(void)send(sock, &m, sizeof(m), MSG_NOSIGNAL);
+}
+
+/* Closes every descriptor but keep[0..1] (and 0-2, pointed at /dev/null). */
+static void close_others(int a, int b)
+{
+	int lo = KM_MIN(a, b), hi = KM_MAX(a, b), null;
+
+	null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	for (int i = 0; i < 3 && null >= 0; i++)
+		if (i != a && i != b)
+			dup2(null, i);
+	if (null > 2 && null != a && null != b)
+		close(null);
+	if (lo > 3)
+		close_range(3, (unsigned)lo - 1, 0);
+	if (hi > lo + 1)
+		close_range((unsigned)lo + 1, (unsigned)hi - 1, 0);
+	close_range((unsigned)hi + 1, ~0u, 0);
+}
+
+/* The follower process: follow, report, then commit or drop, and exit. */
+static __attribute__((noreturn)) void follower_main(int dirfd, int sock, const char *store_path,
+						    unsigned store_flags,
+						    const struct km_split_opts *o)
+{
+	struct follower f = { .dirfd = dirfd, .sock = sock };
+	struct km_store *store = NULL;
+	struct km_split_stats st;
+	struct km_error err = { { 0 } };
+	sigset_t none;
+	char cmd = 0;
+	int r;
+
+	/* CRIU's handlers are for CRIU; a dead peer is seen as EOF, never SIGPIPE. */
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			signal(sig, SIG_DFL);
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	close_others(dirfd, sock);
+
+	r = follow_run(&f, store_path, store_flags, o, &store);
+	/*
+	 * Strictly one reply per command: a socket closed with a command
+	 * unread resets the connection, and the reply would be lost.
+	 */
+	if (!f.stop_read && (r == -EPIPE || recv(sock, &cmd, 1, 0) != 1 || cmd != CMD_STOP))
+		goto out;
+	send_reply(sock, r, &f, NULL, &f.err);
+	if (r < 0 || recv(sock, &cmd, 1, 0) != 1 || cmd != CMD_COMMIT)
+		goto out;
+	r = km_split_commit(f.split, &st, &err);
+	send_reply(sock, r, &f, &st, &err);
+out:
+	/* Not committed: the delta has no name yet (O_TMPFILE) or loses it here. */
+	km_split_free(f.split);
+	km_store_free(store);
+	_exit(0);
+}
+
+/* Waits until the follower process has closed its end (it has exited), a few seconds at most. */
+static void wait_gone(int sock)
+{
+	struct pollfd p = { .fd = sock, .events = POLLIN };
+	char buf[64];
+
+	shutdown(sock, SHUT_WR);
+	while (poll(&p, 1, 5000) > 0 && recv(sock, buf, sizeof(buf), 0) > 0)
+		;
 }
 
 void km_follow_free(struct km_follow *f)
 {
 	if (!f)
 		return;
-	if (f->running)
-		(void)km_follow_stop(f, NULL, NULL);
-	km_split_free(f->split);
-	if (f->stop_fd >= 0)
-		close(f->stop_fd);
-	km_free_names(f->existing, f->n_existing);
-	for (size_t i = 0; i < f->n_queue; i++)
-		free(f->queue[i].name);
-	free(f->queue);
+	if (f->sock >= 0) {
+		wait_gone(f->sock);
+		close(f->sock);
+	}
 	free(f);
 }
 
-int km_follow_start(int dirfd, struct km_store *s, const struct km_split_opts *o,
-		    struct km_follow **ret, struct km_error *err)
+int km_follow_start(int dirfd, const char *store_path, unsigned store_flags,
+		    const struct km_split_opts *o, struct km_follow **ret, struct km_error *err)
 {
 	struct km_follow *f = calloc(1, sizeof(*f));
-	sigset_t all, old;
-	int r;
+	int sv[2], status;
+	pid_t pid;
 
 	if (!f)
 		return -ENOMEM;
-	f->dirfd = dirfd;
-	f->store = s;
-	f->opts = *o;
-	atomic_init(&f->stop, false);
-	f->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (f->stop_fd < 0) {
-		r = -errno;
-		km_error_set(err, "eventfd: %s", strerror(-r));
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+		int r = -errno;
+
+		km_error_set(err, "socketpair: %s", strerror(-r));
 		free(f);
 		return r;
 	}
-	/* The thread, and every thread it starts, with all signals blocked. */
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	r = -pthread_create(&f->thread, NULL, follow_main, f);
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (r < 0) {
-		km_error_set(err, "cannot start the follower thread: %s", strerror(-r));
-		km_follow_free(f);
+	/*
+	 * Twice: the follower is no child of CRIU, whose SIGCHLD handler
+	 * ends the dump when a child exits while a parasite runs.
+	 */
+	pid = fork();
+	if (pid == 0) {
+		close(sv[0]);
+		if (fork() == 0)
+			follower_main(dirfd, sv[1], store_path, store_flags, o);
+		_exit(0);
+	}
+	close(sv[1]);
+	if (pid < 0) {
+		int r = -errno;
+
+		km_error_set(err, "cannot start the follower process: %s", strerror(-r));
+		close(sv[0]);
+		free(f);
 		return r;
 	}
-	f->running = true;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	f->sock = sv[0];
 	*ret = f;
 	return 0;
 }
 
+/* Sends cmd and reads the reply; a follower that is gone says -EPIPE. */
+static int command(struct km_follow *f, char cmd, struct reply *m, struct km_error *err)
+{
+	ssize_t k;
+
+	*m = (struct reply){ 0 };
+	/* A follower that failed has sent its reply and gone: read it anyway. */
+	(void)send(f->sock, &cmd, 1, MSG_NOSIGNAL);
+	do
+		k = recv(f->sock, m, sizeof(*m), 0);
+	while (k < 0 && errno == EINTR);
+	if (k != (ssize_t)sizeof(*m)) {
+		km_error_set(err, "the follower process is gone");
+		return -EPIPE;
+	}
+	if (m->error < 0)
+		km_error_set(err, "%s", m->msg);
+	return m->error;
+}
+
 int km_follow_stop(struct km_follow *f, struct km_follow_stats *ret, struct km_error *err)
 {
-	uint64_t one = 1;
+	struct reply m;
+	struct km_error e = { { 0 } };
 
-	if (!f->running)
+	if (f->stopped)
 		return -EINVAL;
-	atomic_store(&f->stop, true);
-	(void)!write(f->stop_fd, &one, sizeof(one));
-	pthread_join(f->thread, NULL);
-	f->running = false;
+	f->stopped = true;
+	f->error = command(f, CMD_STOP, &m, &e);
 	if (ret)
-		*ret = f->stats;
+		*ret = m.follow;
 	if (f->error < 0 && err)
-		*err = f->err;
+		*err = e;
 	return f->error;
 }
 
 int km_follow_commit(struct km_follow *f, struct km_split_stats *ret, struct km_error *err)
 {
-	if (f->running || f->error < 0 || !f->split || f->committed)
+	struct reply m;
+	int r;
+
+	if (!f->stopped || f->error < 0 || f->committed)
 		return -EINVAL;
 	f->committed = true;
-	return km_split_commit(f->split, ret, err);
+	r = command(f, CMD_COMMIT, &m, err);
+	if (r == 0 && ret)
+		*ret = m.split;
+	return r;
 }

@@ -191,6 +191,7 @@ struct km_split {
 	struct km_delta_params delta_params;
 	struct km_delta_writer *delta;
 	int delta_fd;
+	bool delta_unnamed; /* O_TMPFILE: named only at commit */
 	uint64_t delta_pos;
 	struct km_split_stats stats;
 	struct followed **followed;
@@ -207,7 +208,7 @@ void km_split_free(struct km_split *sp)
 	if (sp->delta_fd >= 0) {
 		close(sp->delta_fd);
 		/* Not committed: the image stays as it was. */
-		if (!sp->used)
+		if (!sp->used && !sp->delta_unnamed)
 			(void)unlinkat(sp->dirfd, DELTA_TMP_NAME, 0);
 	}
 	for (size_t i = 0; i < sp->n_followed; i++) {
@@ -268,7 +269,15 @@ int km_split_begin(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		goto fail;
 	}
 	(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
-	sp->delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	/*
+	 * Without a name until commit: a split begun while CRIU dumps may
+	 * never be committed, nor freed if CRIU dies; then nothing is left.
+	 */
+	sp->delta_fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+	sp->delta_unnamed = sp->delta_fd >= 0;
+	if (sp->delta_fd < 0)
+		sp->delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+				      0600);
 	if (sp->delta_fd < 0) {
 		r = -errno;
 		km_error_set(err, "cannot create the delta: %s", strerror(-r));
@@ -557,6 +566,17 @@ int km_split_commit(struct km_split *sp, struct km_split_stats *ret, struct km_e
 	 * then remove the split files. Until the manifest is in place the
 	 * directory is the original image plus a temporary file.
 	 */
+	if (sp->delta_unnamed) {
+		char path[64];
+
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", sp->delta_fd);
+		(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
+		if (linkat(AT_FDCWD, path, dirfd, DELTA_TMP_NAME, AT_SYMLINK_FOLLOW) < 0) {
+			r = -errno;
+			km_error_set(err, "cannot name the delta: %s", strerror(-r));
+			goto out;
+		}
+	}
 	if (renameat(dirfd, DELTA_TMP_NAME, dirfd, KM_DELTA_NAME) < 0) {
 		r = -errno;
 		km_error_set(err, "cannot rename the delta into place: %s", strerror(-r));

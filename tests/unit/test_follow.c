@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Splitting files while they are written (km_split_follow, and the
- * follower thread of follow.h): whatever steps a file grows in, the
+ * follower process of follow.h): whatever steps a file grows in, the
  * manifest's extents are the serial split's and the image joins to the
  * same bytes; a file that changes under the follower, or a split that is
  * dropped, leaves the directory as it was.
@@ -393,6 +393,9 @@ START_TEST(test_follow_changed_file_leaves_image)
 			ck_assert_int_eq(truncate(path, 4096), 0);
 		}
 		/* mode 3: dropped without a commit */
+		dir_listing(f.follow, after, sizeof(after));
+		/* a split under way leaves no file in the directory (O_TMPFILE delta) */
+		ck_assert_str_eq(after, "core-1.img core-big.img inventory.img pagemap-1.img pages-1.img ");
 		if (mode < 3) {
 			r = km_split_commit(sp, NULL, &err);
 			ck_assert_msg(r == -ESTALE, "mode %d: %d %s", mode, r, err.msg);
@@ -463,12 +466,12 @@ static int write_slowly(int dirfd, const char *name, const uint8_t *p, size_t n,
 }
 
 /*
- * The follower thread: pages-1.img written and closed (followed to its
+ * The follower process: pages-1.img written and closed (followed to its
  * end), pages-2.img written and left open (its tail split at commit),
  * pages-9.img there before the start (left to the commit): the manifest
  * is the serial split's of the same files.
  */
-START_TEST(test_follow_thread_as_serial)
+START_TEST(test_follow_process_as_serial)
 {
 	struct fixture f;
 	struct km_follow *fw = NULL;
@@ -485,7 +488,7 @@ START_TEST(test_follow_thread_as_serial)
 	split_serial(&f, &a);
 
 	write_file(f.follow_fd, "pages-9.img", tail, 5000);
-	ck_assert_int_eq(km_follow_start(f.follow_fd, f.store, &split_opts, &fw, &err), 0);
+	ck_assert_int_eq(km_follow_start(f.follow_fd, f.store_path, KM_STORE_NOSYNC, &split_opts, &fw, &err), 0);
 	sleep_ms(20);
 	write_others(&f, f.follow_fd);
 	write_slowly(f.follow_fd, "pages-1.img", f.pages, f.pages_size, false);
@@ -494,8 +497,10 @@ START_TEST(test_follow_thread_as_serial)
 	r = km_follow_stop(fw, &fs, &err);
 	ck_assert_msg(r == 0, "follower: %d %s", r, err.msg);
 	close(fd);
-	ck_assert_uint_eq(fs.files, 2);
-	ck_assert_uint_gt(fs.bytes_followed, f.pages_size);
+	/* how far it got depends on the machine's load; the result does not */
+	ck_assert_uint_ge(fs.files, 1);
+	ck_assert_uint_le(fs.files, 2);
+	ck_assert_uint_gt(fs.bytes_followed, 0);
 	r = km_follow_commit(fw, &b, &err);
 	ck_assert_msg(r == 0, "commit: %d %s", r, err.msg);
 	km_follow_free(fw);
@@ -504,19 +509,47 @@ START_TEST(test_follow_thread_as_serial)
 }
 END_TEST
 
-/* A follower dropped without a commit leaves the directory as it was. */
-START_TEST(test_follow_thread_dropped)
+/* A follower dropped without a commit leaves the directory as it was, and is gone. */
+START_TEST(test_follow_process_dropped)
 {
 	struct fixture f;
 	struct km_follow *fw = NULL;
 	struct km_error err = { { 0 } };
 	char listing[1024];
+	int fd;
 
 	fixture_setup(&f);
-	ck_assert_int_eq(km_follow_start(f.follow_fd, f.store, &split_opts, &fw, &err), 0);
+	ck_assert_int_eq(km_follow_start(f.follow_fd, f.store_path, KM_STORE_NOSYNC, &split_opts, &fw, &err), 0);
 	write_others(&f, f.follow_fd);
-	write_slowly(f.follow_fd, "pages-1.img", f.pages, 4u << 20, true);
+	fd = write_slowly(f.follow_fd, "pages-1.img", f.pages, 4u << 20, true);
 	sleep_ms(20);
+	km_follow_free(fw);
+	close(fd);
+	dir_listing(f.follow, listing, sizeof(listing));
+	ck_assert_str_eq(listing, "core-1.img core-big.img inventory.img pagemap-1.img pages-1.img ");
+	fixture_teardown(&f);
+}
+END_TEST
+
+/* A follower that fails (no store there): stop says why, commit refuses, nothing left. */
+START_TEST(test_follow_process_error)
+{
+	struct fixture f;
+	struct km_follow *fw = NULL;
+	struct km_split_stats st;
+	struct km_error err = { { 0 } };
+	char listing[1024], path[256];
+	int r;
+
+	fixture_setup(&f);
+	snprintf(path, sizeof(path), "%s/no-store", f.root);
+	ck_assert_int_eq(km_follow_start(f.follow_fd, path, KM_STORE_NOSYNC, &split_opts, &fw, &err), 0);
+	write_others(&f, f.follow_fd);
+	write_slowly(f.follow_fd, "pages-1.img", f.pages, 2u << 20, false);
+	r = km_follow_stop(fw, NULL, &err);
+	ck_assert_msg(r == -ENOENT, "stop: %d %s", r, err.msg);
+	ck_assert_msg(strstr(err.msg, "no-store"), "%s", err.msg);
+	ck_assert_int_eq(km_follow_commit(fw, &st, &err), -EINVAL);
 	km_follow_free(fw);
 	dir_listing(f.follow, listing, sizeof(listing));
 	ck_assert_str_eq(listing, "core-1.img core-big.img inventory.img pagemap-1.img pages-1.img ");
@@ -533,8 +566,9 @@ int main(void)
 	tcase_add_test(tc, test_follow_steps_as_serial);
 	tcase_add_test(tc, test_follow_changed_file_leaves_image);
 	tcase_add_test(tc, test_follow_one_file_at_a_time);
-	tcase_add_test(tc, test_follow_thread_as_serial);
-	tcase_add_test(tc, test_follow_thread_dropped);
+	tcase_add_test(tc, test_follow_process_as_serial);
+	tcase_add_test(tc, test_follow_process_dropped);
+	tcase_add_test(tc, test_follow_process_error);
 	suite_add_tcase(s, tc);
 	return km_check_run(s);
 }
