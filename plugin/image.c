@@ -273,7 +273,8 @@ int km_split_begin(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	 * Without a name until commit: a split begun while CRIU dumps may
 	 * never be committed, nor freed if CRIU dies; then nothing is left.
 	 */
-	sp->delta_fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+	if (access("/proc/self/fd", X_OK) == 0) /* the way to name it at commit */
+		sp->delta_fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
 	sp->delta_unnamed = sp->delta_fd >= 0;
 	if (sp->delta_fd < 0)
 		sp->delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
