@@ -23,6 +23,8 @@
 /* How often a file that does not grow is looked at again (no event says). */
 #define FOLLOW_POLL_MS 2
 #define FOLLOW_IDLE_MS 100
+/* A stop waits for one step; past this the follower is taken for stuck. */
+#define FOLLOW_STOP_TIMEOUT_MS 30000
 
 struct pending {
 	char *name;
@@ -381,7 +383,7 @@ static void wait_gone(int sock)
 	char buf[64];
 
 	shutdown(sock, SHUT_WR);
-	while (poll(&p, 1, 5000) > 0 && recv(sock, buf, sizeof(buf), 0) > 0)
+	while (poll(&p, 1, 5000) > 0 && recv(sock, buf, sizeof(buf), MSG_DONTWAIT) > 0)
 		;
 }
 
@@ -390,7 +392,9 @@ void km_follow_free(struct km_follow *f)
 	if (!f)
 		return;
 	if (f->sock >= 0) {
-		wait_gone(f->sock);
+		/* One that did not answer is left to notice the socket's end. */
+		if (f->error != -ETIMEDOUT)
+			wait_gone(f->sock);
 		close(f->sock);
 	}
 	free(f);
@@ -439,16 +443,30 @@ int km_follow_start(int dirfd, const char *store_path, unsigned store_flags,
 	return 0;
 }
 
-/* Sends cmd and reads the reply; a follower that is gone says -EPIPE. */
-static int command(struct km_follow *f, char cmd, struct reply *m, struct km_error *err)
+/*
+ * Sends cmd and reads the reply, waiting timeout_ms at most (-1: as long
+ * as it takes); a follower that is gone says -EPIPE, one that does not
+ * answer -ETIMEDOUT.
+ */
+static int command(struct km_follow *f, char cmd, int timeout_ms, struct reply *m,
+		   struct km_error *err)
 {
+	struct pollfd p = { .fd = f->sock, .events = POLLIN };
 	ssize_t k;
+	int n;
 
 	*m = (struct reply){ 0 };
 	/* A follower that failed has sent its reply and gone: read it anyway. */
 	(void)send(f->sock, &cmd, 1, MSG_NOSIGNAL);
 	do
-		k = recv(f->sock, m, sizeof(*m), 0);
+		n = poll(&p, 1, timeout_ms);
+	while (n < 0 && errno == EINTR);
+	if (n == 0) {
+		km_error_set(err, "the follower process does not answer");
+		return -ETIMEDOUT;
+	}
+	do
+		k = recv(f->sock, m, sizeof(*m), MSG_DONTWAIT);
 	while (k < 0 && errno == EINTR);
 	if (k != (ssize_t)sizeof(*m)) {
 		km_error_set(err, "the follower process is gone");
@@ -467,7 +485,7 @@ int km_follow_stop(struct km_follow *f, struct km_follow_stats *ret, struct km_e
 	if (f->stopped)
 		return -EINVAL;
 	f->stopped = true;
-	f->error = command(f, CMD_STOP, &m, &e);
+	f->error = command(f, CMD_STOP, FOLLOW_STOP_TIMEOUT_MS, &m, &e);
 	if (ret)
 		*ret = m.follow;
 	if (f->error < 0 && err)
@@ -483,7 +501,7 @@ int km_follow_commit(struct km_follow *f, struct km_split_stats *ret, struct km_
 	if (!f->stopped || f->error < 0 || f->committed)
 		return -EINVAL;
 	f->committed = true;
-	r = command(f, CMD_COMMIT, &m, err);
+	r = command(f, CMD_COMMIT, -1, &m, err);
 	if (r == 0 && ret)
 		*ret = m.split;
 	return r;

@@ -480,6 +480,8 @@ case_g() {
 	expect_log "$dir/dump.log" 'kvmotion: split skipped' "dump.log says the split was skipped"
 	[ ! -e "$dir/kvmotion.manifest" ] || fail "kvmotion.manifest in $dir"
 	[ ! -e "$dir/kvmotion.delta" ] || fail "kvmotion.delta in $dir"
+	# nor anything of the follower's split (split_follow is on)
+	[ -z "$(compgen -G "$dir/.kvmotion*")" ] || fail "temporary files in $dir: $(compgen -G "$dir/.kvmotion*")"
 	[ -n "$(compgen -G "$srv/pages-*.img")" ] || fail "the page server received no pages-*.img"
 	for _ in $(seq 1 100); do
 		kill -0 "$PS_PID" 2>/dev/null || break
