@@ -40,7 +40,7 @@ struct current {
 	uint64_t fed;	 /* bytes given to km_split_follow */
 };
 
-/* The follower process's state. */
+/* The follower process's state (it ends with _exit: what it allocated goes with it). */
 struct follower {
 	int dirfd;
 	int sock;
@@ -65,7 +65,7 @@ struct reply {
 enum { CMD_STOP = 'S', CMD_COMMIT = 'C' };
 
 struct km_follow {
-	int sock; /* to the follower process; -1 once it is gone */
+	int sock; /* to the follower process */
 	bool stopped, committed;
 	int error; /* the follower's, from stop */
 };
