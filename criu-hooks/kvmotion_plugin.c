@@ -8,8 +8,10 @@
  *           memory into host memory; exit(DUMP): on failure or
  *           --leave-running, restore and unlock; RESUME_DEVICES_LATE:
  *           restore (with GPU UUID remapping) and unlock.
- *   Images  exit(DUMP): split the complete image directory against the
- *           node's chunk store; init(RESTORE): join and verify it before
+ *   Images  init(DUMP): a process starts splitting the pages images while
+ *           CRIU writes them (split_follow); exit(DUMP): the split of the
+ *           complete image directory against the node's chunk store is
+ *           finished and committed; init(RESTORE): join and verify it before
  *           CRIU opens any image or creates any process.
  *   Engines PAUSE_DEVICES: a cooperative engine (kvmotion/engine.h) is asked
  *           to quiesce before its task is seized (and before its GPU is
@@ -41,6 +43,7 @@
 #include "config.h"
 #include "criuimg.h"
 #include "engine_ctl.h"
+#include "follow.h"
 #include "format.h"
 #include "gpu.h"
 #include "image.h"
@@ -86,6 +89,7 @@ static struct {
 	bool image_has_engines; /* restore: the image holds kvmotion.engines */
 	struct km_late_plan *late; /* restore: weights to write in RESUME_DEVICES_LATE */
 	struct km_store *late_store;
+	struct km_follow *follow; /* dump: splitting while CRIU writes */
 } km = { .image_dir = -1 };
 
 static double now_s(void)
@@ -267,6 +271,42 @@ static int record_inventory(void)
 	return 0;
 }
 
+static struct km_split_opts split_opts(void)
+{
+	return (struct km_split_opts){
+		.min_split_size = km.cfg.min_split_size,
+		.threads = km.cfg.threads,
+		.add_chunks = km.cfg.add_chunks,
+		.sync = km.cfg.sync,
+		.delta = { .level = km.cfg.delta_level, .threads = km.cfg.threads },
+	};
+}
+
+/* Ends the follower; without a commit nothing of its split is left. */
+static void drop_follower(void)
+{
+	km_follow_free(km.follow);
+	km.follow = NULL;
+}
+
+/*
+ * CRIU writes the pages with one core: the split of what it has written
+ * runs meanwhile, so exit(DUMP) is left with the tail. Whether the image
+ * is split at all is decided there, as without the follower.
+ */
+static void start_follower(void)
+{
+	struct km_split_opts o = split_opts();
+	struct km_error err = { { 0 } };
+	int r;
+
+	r = km_follow_start(km.image_dir, km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, &o,
+			    &km.follow, &err);
+	if (r < 0)
+		pr_warn("cannot split while CRIU writes (%s): the image is split after the dump",
+			err.msg[0] ? err.msg : strerror(-r));
+}
+
 static int init_dump(void)
 {
 	int r;
@@ -303,8 +343,11 @@ static int init_dump(void)
 		if (r < 0)
 			return r;
 	}
-	pr_info("dump: store %s, split %s, GPU %s, config %s", km.cfg.store,
-		km.split_wanted ? "on" : "off",
+	/* add_chunks hashes every chunk for the store: it splits after the dump. */
+	if (km.split_wanted && km.cfg.split_follow && !km.cfg.add_chunks)
+		start_follower();
+	pr_info("dump: store %s, split %s%s, GPU %s, config %s", km.cfg.store,
+		km.split_wanted ? "on" : "off", km.follow ? " (while CRIU writes)" : "",
 		km_gpu_available(km.gpu) ? "checkpoint API" : "none", km.cfg.source);
 	return 0;
 }
@@ -496,15 +539,51 @@ static int kvmotion_init(int stage)
 	return 0;
 }
 
+/*
+ * The follower's split, finished and committed: true when that is done
+ * with, logged (committed, or failed where a split from scratch fails
+ * too); false when the follower failed for its own reasons (its thread
+ * failed, or a file changed under it): then the image is as CRIU wrote it
+ * and is split from scratch.
+ */
+static bool commit_follower(double t0)
+{
+	struct km_follow_stats fs = { 0 };
+	struct km_split_stats st;
+	struct km_error err = { { 0 } };
+	int r;
+
+	r = km_follow_stop(km.follow, &fs, &err);
+	if (r < 0) {
+		pr_warn("split while CRIU wrote failed (%s); splitting the complete image",
+			err.msg[0] ? err.msg : strerror(-r));
+		return false;
+	}
+	r = km_follow_commit(km.follow, &st, &err);
+	if (r == -ESTALE) {
+		pr_warn("split while CRIU wrote: %s; splitting the complete image",
+			err.msg[0] ? err.msg : strerror(-r));
+		return false;
+	}
+	if (r < 0) {
+		/* The split never removes a file before its replacement is complete. */
+		pr_err("split failed, image left as CRIU wrote it: %s",
+		       err.msg[0] ? err.msg : strerror(-r));
+		return true;
+	}
+	pr_info("split %llu files in %.3f s after the dump (%llu bytes of %llu pages images split "
+		"while CRIU wrote them): %llu bytes referenced in the store, %llu zero, %llu to the "
+		"delta (%llu compressed)",
+		(unsigned long long)st.files_split, now_s() - t0,
+		(unsigned long long)fs.bytes_followed, (unsigned long long)fs.files,
+		(unsigned long long)st.bytes_referenced, (unsigned long long)st.bytes_zero,
+		(unsigned long long)st.bytes_delta, (unsigned long long)st.delta_file_size);
+	return true;
+}
+
 static void split_image(void)
 {
-	struct km_split_opts o = {
-		.min_split_size = km.cfg.min_split_size,
-		.threads = km.cfg.threads,
-		.add_chunks = km.cfg.add_chunks,
-		.sync = km.cfg.sync,
-		.delta = { .level = km.cfg.delta_level, .threads = km.cfg.threads },
-	};
+	struct km_split_opts o = split_opts();
 	struct km_criu_pages_info info;
 	struct km_split_stats st;
 	struct km_error err = { { 0 } };
@@ -519,6 +598,10 @@ static void split_image(void)
 			err.msg[0] ? err.msg : strerror(-r));
 		return;
 	}
+	if (km.follow && commit_follower(t0))
+		return;
+	/* Its temporary files go before a split from scratch makes its own. */
+	drop_follower();
 	r = km_store_open(km.cfg.store, km.cfg.sync ? 0 : KM_STORE_NOSYNC, NULL, &s);
 	if (r == 0)
 		r = km_image_split(km.image_dir, s, &o, &st, &err);
@@ -618,6 +701,9 @@ static void kvmotion_exit(int stage, int ret)
 		if (ret != 0 || km.leave_running)
 			resume_engines(false);
 	}
+	/* Committed, or dropped: a skipped or failed dump leaves the image as CRIU wrote it. */
+	if (stage == CR_PLUGIN_STAGE__DUMP)
+		drop_follower();
 	if (stage == CR_PLUGIN_STAGE__RESTORE && ret == 0)
 		confirm_engines();
 	if (stage == CR_PLUGIN_STAGE__RESTORE && km.late)

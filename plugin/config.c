@@ -15,6 +15,7 @@ void km_config_init(struct km_config *c)
 	c->chunker = KM_CHUNKER_PARAMS_DEFAULT;
 	c->delta_level = 1;
 	c->sync = true;
+	c->split_follow = true;
 	snprintf(c->libcuda, sizeof(c->libcuda), "libcuda.so.1");
 	/* Inside CRIU's default --timeout of 10 s, which bounds the freeze. */
 	c->lock_timeout_ms = 8000;
@@ -96,6 +97,9 @@ int km_config_set(struct km_config *c, const char *key, const char *value, struc
 	} else if (strcmp(key, "late_weights") == 0) {
 		r = parse_bool(value, &t, false);
 		c->late_weights = t == KM_YES;
+	} else if (strcmp(key, "split_follow") == 0) {
+		r = parse_bool(value, &t, false);
+		c->split_follow = t == KM_YES;
 	} else if (strcmp(key, "sync") == 0) {
 		r = parse_bool(value, &t, false);
 		c->sync = t == KM_YES;
@@ -206,6 +210,7 @@ int km_config_load(struct km_config *c, const char *path, struct km_error *err)
 		{ "KVMOTION_SPLIT_COMM", "split_comm" },
 		{ "KVMOTION_ADD_CHUNKS", "add_chunks" },
 		{ "KVMOTION_SPLIT_ENGINES", "split_engines" },
+		{ "KVMOTION_SPLIT_FOLLOW", "split_follow" },
 		{ "KVMOTION_MIN_SPLIT_SIZE", "min_split_size" },
 		{ "KVMOTION_CHUNK_MIN", "chunk_min" },
 		{ "KVMOTION_CHUNK_AVG", "chunk_avg" },

@@ -14,6 +14,7 @@
  *   split_comm       KVMOTION_SPLIT_COMM       (empty: every process tree)
  *   add_chunks       KVMOTION_ADD_CHUNKS       no
  *   split_engines    KVMOTION_SPLIT_ENGINES    no (split dumps of cooperative engines too)
+ *   split_follow     KVMOTION_SPLIT_FOLLOW     yes (split pages images while CRIU writes them)
  *   min_split_size   KVMOTION_MIN_SPLIT_SIZE   1M
  *   chunk_min/avg/max KVMOTION_CHUNK_MIN/AVG/MAX 64K/256K/1M (new stores only)
  *   delta_level      KVMOTION_DELTA_LEVEL      1
@@ -48,6 +49,7 @@ struct km_config {
 	char split_comm[1024]; /* comma-separated process names */
 	bool add_chunks;
 	bool split_engines;
+	bool split_follow;
 	uint64_t min_split_size;
 	struct km_chunker_params chunker;
 	int delta_level;

@@ -170,30 +170,67 @@ static int split_one(const struct km_scanner *sc, int dirfd, struct km_file_entr
 	return r;
 }
 
-int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
-		   struct km_split_stats *ret, struct km_error *err)
-{
-	struct km_manifest m = {
-		.major = KM_FORMAT_MAJOR,
-		.minor = KM_FORMAT_MINOR,
-		.chunker = *km_store_chunker_params(s),
-		.created_by = (char *)"kvmotion " KM_VERSION,
-		.created_unix = (uint64_t)time(NULL),
-		.store_hint = (char *)km_store_path(s),
-	};
-	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
-	struct km_workpool *pool = NULL;
-	struct km_known *known = NULL;
-	struct km_delta_writer *delta = NULL;
-	struct km_delta_summary ds;
+/*
+ * A split under way. Files followed while CRIU writes them (km_split_follow)
+ * come first in the delta, each in one piece; the rest are split at commit,
+ * in directory order, as km_image_split does.
+ */
+struct followed {
+	struct km_file_entry entry; /* name, mode and extents so far */
+	struct split_file sf;
+	struct km_scan_follow *scan;
+	dev_t dev;
+	ino_t ino;
+	uint64_t seen;	/* bytes of it seen so far */
+	bool complete;	/* split to the end at 'seen' bytes */
+};
+
+struct km_split {
+	int dirfd;
+	struct km_store *store;
+	struct km_split_opts o;
+	struct km_chunker_params chunker;
+	struct km_workpool *pool;
+	struct km_known *known;
+	struct km_scanner sc;
 	struct km_delta_params delta_params;
-	struct km_split_stats stats = { 0 };
-	_cleanup_close_ int delta_fd = -1;
-	_cleanup_free_ void *mbuf = NULL;
-	char **names = NULL;
-	size_t n_names = 0, mbuf_size = 0;
-	uint64_t delta_pos = 0;
-	bool delta_renamed = false;
+	struct km_delta_writer *delta;
+	int delta_fd;
+	bool delta_unnamed; /* O_TMPFILE: named only at commit */
+	uint64_t delta_pos;
+	struct km_split_stats stats;
+	struct followed **followed;
+	size_t n_followed;
+	bool used;   /* committed, or a commit failed: nothing more to do */
+	bool failed; /* a follow failed: only free is left */
+};
+
+void km_split_free(struct km_split *sp)
+{
+	if (!sp)
+		return;
+	km_delta_writer_free(sp->delta);
+	if (sp->delta_fd >= 0) {
+		close(sp->delta_fd);
+		/* Not committed: the image stays as it was. */
+		if (!sp->used && !sp->delta_unnamed)
+			(void)unlinkat(sp->dirfd, DELTA_TMP_NAME, 0);
+	}
+	for (size_t i = 0; i < sp->n_followed; i++) {
+		km_scan_follow_free(sp->followed[i]->scan);
+		km_file_entry_clear(&sp->followed[i]->entry);
+		free(sp->followed[i]);
+	}
+	free(sp->followed);
+	km_workpool_free(sp->pool);
+	km_known_free(sp->known);
+	free(sp);
+}
+
+int km_split_begin(int dirfd, struct km_store *s, const struct km_split_opts *o,
+		   struct km_split **ret, struct km_error *err)
+{
+	struct km_split *sp;
 	int r;
 
 	r = km_image_is_split(dirfd);
@@ -205,95 +242,294 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		km_error_set(err, "%s: %s", KM_MANIFEST_NAME, strerror(-r));
 		return r;
 	}
+	sp = calloc(1, sizeof(*sp));
+	if (!sp)
+		return -ENOMEM;
+	sp->dirfd = dirfd;
+	sp->store = s;
+	sp->o = *o;
+	sp->chunker = *km_store_chunker_params(s);
+	sp->delta_fd = -1;
+	r = km_workpool_new(o->threads, 0, &sp->pool);
+	if (r < 0)
+		goto fail;
+	/* Adding chunks hashes every one anyway: then look them up by id. */
+	if (!o->add_chunks) {
+		r = km_known_load(s, &sp->chunker, &sp->known, err);
+		if (r < 0) {
+			km_error_prefix(err, "reading the store's weights indexes");
+			goto fail;
+		}
+	}
+	sp->sc = (struct km_scanner){
+		.params = &sp->chunker,
+		.pool = sp->pool,
+		.store = s,
+		.known = sp->known,
+		.put = o->add_chunks,
+	};
+	sp->delta_params = o->delta;
+	if (getrandom(sp->delta_params.image_id.b, KM_HASH_SIZE, 0) != KM_HASH_SIZE) {
+		r = -EIO;
+		goto fail;
+	}
+	(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
+	/*
+	 * Without a name until commit: a split begun while CRIU dumps may
+	 * never be committed, nor freed if CRIU dies; then nothing is left.
+	 */
+	if (access("/proc/self/fd", X_OK) == 0) /* the way to name it at commit */
+		sp->delta_fd = openat(dirfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+	sp->delta_unnamed = sp->delta_fd >= 0;
+	if (sp->delta_fd < 0)
+		sp->delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+				      0600);
+	if (sp->delta_fd < 0) {
+		r = -errno;
+		km_error_set(err, "cannot create the delta: %s", strerror(-r));
+		goto fail;
+	}
+	r = km_delta_writer_new(sp->delta_fd, &sp->delta_params, &sp->delta);
+	if (r < 0)
+		goto fail;
+	*ret = sp;
+	return 0;
+fail:
+	km_split_free(sp);
+	return r;
+}
+
+static struct followed *find_followed(const struct km_split *sp, const char *name)
+{
+	for (size_t i = 0; i < sp->n_followed; i++)
+		if (strcmp(sp->followed[i]->entry.name, name) == 0)
+			return sp->followed[i];
+	return NULL;
+}
+
+static int add_followed(struct km_split *sp, const char *name, int fd, struct followed **ret,
+			struct km_error *err)
+{
+	struct followed **grown, *f;
+	struct stat st;
+	int r;
+
+	if (sp->n_followed && !sp->followed[sp->n_followed - 1]->complete) {
+		/* One at a time: each file's delta bytes in one piece. */
+		km_error_set(err, "%s: %s is still being followed", name,
+			     sp->followed[sp->n_followed - 1]->entry.name);
+		return -EBUSY;
+	}
+	if (fstat(fd, &st) < 0) {
+		r = -errno;
+		km_error_set(err, "%s: %s", name, strerror(-r));
+		return r;
+	}
+	grown = realloc(sp->followed, (sp->n_followed + 1) * sizeof(*grown));
+	if (!grown)
+		return -ENOMEM;
+	sp->followed = grown;
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	f->entry.name = strdup(name);
+	f->entry.mode = st.st_mode & 07777;
+	f->entry.split = true;
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
+	f->sf = (struct split_file){ &f->entry, sp->delta, &sp->delta_pos, &sp->stats };
+	r = f->entry.name ? km_scan_follow_new(&sp->sc, split_emit, &f->sf, &f->scan) : -ENOMEM;
+	if (r < 0) {
+		free(f->entry.name);
+		free(f);
+		if (r == -EOPNOTSUPP)
+			km_error_set(err, "%s: files are followed only without add_chunks", name);
+		return r;
+	}
+	sp->followed[sp->n_followed++] = f;
+	*ret = f;
+	return 0;
+}
+
+int km_split_follow(struct km_split *sp, const char *name, int fd, const uint8_t *base,
+		    uint64_t avail, bool complete, struct km_error *err)
+{
+	struct followed *f;
+	int r;
+
+	if (sp->used || sp->failed)
+		return -EINVAL;
+	f = find_followed(sp, name);
+	if (!f) {
+		r = add_followed(sp, name, fd, &f, err);
+		if (r < 0)
+			goto fail;
+	}
+	if (f->complete) {
+		km_error_set(err, "%s: already split to its end", name);
+		r = -EINVAL;
+		goto fail;
+	}
+	r = complete ? km_scan_follow_finish(f->scan, base, avail, name, err)
+		     : km_scan_follow_step(f->scan, base, avail, name, err);
+	if (r < 0)
+		goto fail;
+	f->seen = avail;
+	f->complete = complete;
+	return 0;
+fail:
+	sp->failed = true;
+	return r;
+}
+
+/*
+ * A followed file at commit: the one CRIU wrote (same inode), with every
+ * byte seen; if its end was not seen, its rest is split now.
+ */
+static int finish_followed(struct km_split *sp, struct followed *f, struct km_error *err)
+{
+	_cleanup_close_ int fd = -1;
+	const uint8_t *map = NULL;
+	struct stat st;
+	int r;
+
+	fd = openat(sp->dirfd, f->entry.name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &st) < 0) {
+		r = -errno;
+		km_error_set(err, "cannot open %s: %s", f->entry.name, strerror(-r));
+		return r == -ENOENT ? -ESTALE : r;
+	}
+	if (st.st_dev != f->dev || st.st_ino != f->ino || (uint64_t)st.st_size < f->seen ||
+	    (f->complete && (uint64_t)st.st_size != f->seen)) {
+		km_error_set(err, "%s changed while it was split (%llu bytes, %llu seen)",
+			     f->entry.name, (unsigned long long)st.st_size,
+			     (unsigned long long)f->seen);
+		return -ESTALE;
+	}
+	f->entry.size = (uint64_t)st.st_size;
+	f->entry.mode = st.st_mode & 07777;
+	if (f->complete)
+		return 0;
+	r = km_map_file(fd, f->entry.size, &map);
+	if (r < 0) {
+		km_error_set(err, "cannot map %s: %s", f->entry.name, strerror(-r));
+		return r;
+	}
+	r = km_scan_follow_finish(f->scan, map, f->entry.size, f->entry.name, err);
+	km_unmap_file(map, f->entry.size);
+	if (r < 0)
+		return r;
+	f->seen = f->entry.size;
+	f->complete = true;
+	return 0;
+}
+
+int km_split_commit(struct km_split *sp, struct km_split_stats *ret, struct km_error *err)
+{
+	struct km_manifest m = {
+		.major = KM_FORMAT_MAJOR,
+		.minor = KM_FORMAT_MINOR,
+		.chunker = sp->chunker,
+		.created_by = (char *)"kvmotion " KM_VERSION,
+		.created_unix = (uint64_t)time(NULL),
+		.store_hint = (char *)km_store_path(sp->store),
+	};
+	const struct km_split_opts *o = &sp->o;
+	int dirfd = sp->dirfd;
+	uint64_t min_split = o->min_split_size ? o->min_split_size : KM_MIN_SPLIT_SIZE_DEFAULT;
+	struct km_delta_summary ds;
+	struct km_split_stats *stats = &sp->stats;
+	_cleanup_free_ void *mbuf = NULL;
+	char **names = NULL;
+	size_t n_names = 0, mbuf_size = 0, n_taken = 0;
+	bool delta_renamed = false;
+	int r;
+
+	if (sp->used || sp->failed)
+		return -EINVAL;
+	sp->used = true;
+	r = km_image_is_split(dirfd);
+	if (r != 0) {
+		km_error_set(err, r > 0 ? "image is already split (%s exists)" : "%s: cannot check",
+			     KM_MANIFEST_NAME);
+		r = r > 0 ? -EEXIST : r;
+		goto out;
+	}
 	r = km_list_files_at(dirfd, not_image_file, &names, &n_names);
 	if (r < 0) {
 		km_error_set(err, "cannot list the image directory: %s", strerror(-r));
-		return r;
+		goto out;
 	}
 	m.files = calloc(n_names ? n_names : 1, sizeof(*m.files));
 	if (!m.files) {
 		r = -ENOMEM;
 		goto out;
 	}
-	r = km_workpool_new(o->threads, 0, &pool);
-	if (r < 0)
-		goto out;
-	/* Adding chunks hashes every one anyway: then look them up by id. */
-	if (!o->add_chunks) {
-		r = km_known_load(s, &m.chunker, &known, err);
-		if (r < 0) {
-			km_error_prefix(err, "reading the store's weights indexes");
+	/* The followed files first: their delta bytes come first. */
+	for (size_t i = 0; i < sp->n_followed; i++) {
+		r = finish_followed(sp, sp->followed[i], err);
+		if (r < 0)
+			goto out;
+	}
+	for (size_t i = 0; i < n_names; i++) {
+		struct km_file_entry *f = &m.files[i];
+		struct followed *fl = find_followed(sp, names[i]);
+		struct stat st;
+
+		m.n_files = i + 1;
+		if (fl) {
+			/* The entry moves into the manifest, extents and all. */
+			*f = fl->entry;
+			fl->entry = (struct km_file_entry){ 0 };
+			fl->entry.name = strdup(f->name); /* find_followed still looks */
+			n_taken++;
+			stats->files_split++;
+			stats->bytes_split += f->size;
+			if (!fl->entry.name) {
+				r = -ENOMEM;
+				goto out;
+			}
+			continue;
+		}
+		f->name = KM_TAKE_PTR(names[i]);
+		if (fstatat(dirfd, f->name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+			r = -errno;
+			km_error_set(err, "%s: %s", f->name, strerror(-r));
 			goto out;
 		}
-	}
-	delta_params = o->delta;
-	if (getrandom(delta_params.image_id.b, KM_HASH_SIZE, 0) != KM_HASH_SIZE) {
-		r = -EIO;
-		goto out;
-	}
-
-	(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
-	delta_fd = openat(dirfd, DELTA_TMP_NAME, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-	if (delta_fd < 0) {
-		r = -errno;
-		km_error_set(err, "cannot create the delta: %s", strerror(-r));
-		goto out;
-	}
-	r = km_delta_writer_new(delta_fd, &delta_params, &delta);
-	if (r < 0)
-		goto out;
-
-	{
-		struct km_scanner sc = {
-			.params = &m.chunker,
-			.pool = pool,
-			.store = s,
-			.known = known,
-			.put = o->add_chunks,
-		};
-
-		for (size_t i = 0; i < n_names; i++) {
-			struct km_file_entry *f = &m.files[i];
-			struct stat st;
-
-			m.n_files = i + 1;
-			f->name = KM_TAKE_PTR(names[i]);
-			if (fstatat(dirfd, f->name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
-				r = -errno;
-				km_error_set(err, "%s: %s", f->name, strerror(-r));
-				goto out;
-			}
-			f->size = (uint64_t)st.st_size;
-			f->mode = st.st_mode & 07777;
-			f->split = is_pages_image(f->name) || f->size >= min_split;
-			if (!f->split) {
-				r = hash_file_at(dirfd, f->name, &f->sha256, NULL, NULL);
-				if (r < 0) {
-					km_error_set(err, "cannot read %s: %s", f->name,
-						     strerror(-r));
-					goto out;
-				}
-				stats.files_kept++;
-				continue;
-			}
-			r = split_one(&sc, dirfd, f, delta, &delta_pos, &stats, err);
+		f->size = (uint64_t)st.st_size;
+		f->mode = st.st_mode & 07777;
+		f->split = is_pages_image(f->name) || f->size >= min_split;
+		if (!f->split) {
+			r = hash_file_at(dirfd, f->name, &f->sha256, NULL, NULL);
 			if (r < 0) {
-				if (!err || !err->msg[0])
-					km_error_set(err, "splitting %s: %s", f->name,
-						     strerror(-r));
+				km_error_set(err, "cannot read %s: %s", f->name, strerror(-r));
 				goto out;
 			}
-			stats.files_split++;
-			stats.bytes_split += f->size;
+			stats->files_kept++;
+			continue;
 		}
+		r = split_one(&sp->sc, dirfd, f, sp->delta, &sp->delta_pos, stats, err);
+		if (r < 0) {
+			if (!err || !err->msg[0])
+				km_error_set(err, "splitting %s: %s", f->name, strerror(-r));
+			goto out;
+		}
+		stats->files_split++;
+		stats->bytes_split += f->size;
+	}
+	if (n_taken != sp->n_followed) {
+		km_error_set(err, "a file split while it was written is gone from the directory");
+		r = -ESTALE;
+		goto out;
 	}
 
-	r = km_delta_writer_finish(delta, &ds);
+	r = km_delta_writer_finish(sp->delta, &ds);
 	if (r < 0) {
 		km_error_set(err, "writing the delta: %s", strerror(-r));
 		goto out;
 	}
-	if (o->sync && fsync(delta_fd) < 0) {
+	if (o->sync && fsync(sp->delta_fd) < 0) {
 		r = -errno;
 		km_error_set(err, "syncing the delta: %s", strerror(-r));
 		goto out;
@@ -304,9 +540,9 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		.compressed_size = ds.compressed_size,
 		.frames = ds.frames,
 		.sha256 = ds.sha256,
-		.image_id = delta_params.image_id,
+		.image_id = sp->delta_params.image_id,
 	};
-	stats.delta_file_size = ds.compressed_size;
+	stats->delta_file_size = ds.compressed_size;
 	for (size_t i = 0; i < m.n_files; i++)
 		if (m.files[i].split)
 			km_file_entry_extents_digest(&m.files[i], &ds.sha256,
@@ -315,15 +551,15 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	r = km_manifest_encode(&m, &mbuf, &mbuf_size);
 	if (r < 0)
 		goto out;
-	km_hash_buf(mbuf, mbuf_size, &stats.manifest_id);
-	stats.manifest_size = mbuf_size;
+	km_hash_buf(mbuf, mbuf_size, &stats->manifest_id);
+	stats->manifest_size = mbuf_size;
 
 	/* The store keeps what this image refers to until the root goes. */
 	{
 		char hex[KM_HASH_HEX_SIZE], root[KM_HASH_HEX_SIZE + 8];
 
-		snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(&stats.manifest_id, hex));
-		r = km_store_root_write(s, "manifests", root, mbuf, mbuf_size);
+		snprintf(root, sizeof(root), "%s.kmman", km_hash_to_hex(&stats->manifest_id, hex));
+		r = km_store_root_write(sp->store, "manifests", root, mbuf, mbuf_size);
 		if (r < 0) {
 			km_error_set(err, "cannot record the manifest in the store: %s",
 				     strerror(-r));
@@ -336,6 +572,17 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	 * then remove the split files. Until the manifest is in place the
 	 * directory is the original image plus a temporary file.
 	 */
+	if (sp->delta_unnamed) {
+		char path[64];
+
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", sp->delta_fd);
+		(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
+		if (linkat(AT_FDCWD, path, dirfd, DELTA_TMP_NAME, AT_SYMLINK_FOLLOW) < 0) {
+			r = -errno;
+			km_error_set(err, "cannot name the delta: %s", strerror(-r));
+			goto out;
+		}
+	}
 	if (renameat(dirfd, DELTA_TMP_NAME, dirfd, KM_DELTA_NAME) < 0) {
 		r = -errno;
 		km_error_set(err, "cannot rename the delta into place: %s", strerror(-r));
@@ -358,16 +605,13 @@ int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 	if (o->sync)
 		(void)fsync(dirfd);
 	if (ret)
-		*ret = stats;
+		*ret = *stats;
 out:
 	if (r < 0) {
 		if (delta_renamed && km_image_is_split(dirfd) == 0)
 			(void)unlinkat(dirfd, KM_DELTA_NAME, 0);
 		(void)unlinkat(dirfd, DELTA_TMP_NAME, 0);
 	}
-	km_delta_writer_free(delta);
-	km_workpool_free(pool);
-	km_known_free(known);
 	km_free_names(names, n_names);
 	m.delta.name = NULL;
 	m.created_by = NULL;
@@ -375,6 +619,20 @@ out:
 	for (size_t i = 0; i < m.n_files; i++)
 		km_file_entry_clear(&m.files[i]);
 	free(m.files);
+	return r;
+}
+
+int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
+		   struct km_split_stats *ret, struct km_error *err)
+{
+	struct km_split *sp = NULL;
+	int r;
+
+	r = km_split_begin(dirfd, s, o, &sp, err);
+	if (r < 0)
+		return r;
+	r = km_split_commit(sp, ret, err);
+	km_split_free(sp);
 	return r;
 }
 

@@ -64,6 +64,33 @@ struct km_split_stats {
 int km_image_split(int dirfd, struct km_store *s, const struct km_split_opts *o,
 		   struct km_split_stats *ret, struct km_error *err);
 
+/*
+ * A split in steps, for files still being written: begin creates the
+ * temporary delta; km_split_follow splits what is final of a file that is
+ * written front to back (bytes below its size never change), one file at
+ * a time, each to its end ('complete') before the next starts; commit
+ * finishes the followed files from their complete contents, splits every
+ * other file as km_image_split does, and commits the same way. Each file's
+ * extents are exactly km_image_split's (the followed files' delta bytes
+ * come first in the delta, so their delta offsets may differ). free
+ * without a successful commit leaves the directory as it was.
+ *
+ * km_split_follow: fd is open on the file 'name' of the directory, base
+ * maps at least its first avail bytes (and may move between calls); no
+ * byte at or beyond avail is read. Errors: -EBUSY another file is not
+ * complete yet, -ESTALE the file shrank, -EOPNOTSUPP with add_chunks;
+ * after any error the split can only be freed. commit: -ESTALE when a
+ * followed file is not the one seen (replaced, shrank, gone, or grew after
+ * it was complete): a split from scratch may still succeed.
+ */
+struct km_split;
+int km_split_begin(int dirfd, struct km_store *s, const struct km_split_opts *o,
+		   struct km_split **ret, struct km_error *err);
+int km_split_follow(struct km_split *sp, const char *name, int fd, const uint8_t *base,
+		    uint64_t avail, bool complete, struct km_error *err);
+int km_split_commit(struct km_split *sp, struct km_split_stats *ret, struct km_error *err);
+void km_split_free(struct km_split *sp);
+
 struct km_late_plan;
 
 struct km_join_opts {

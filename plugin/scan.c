@@ -288,35 +288,38 @@ static size_t part_find(const struct part_job *j, uint64_t pos)
 	return lo < j->n && j->v[lo].offset == pos ? lo : SIZE_MAX;
 }
 
+/*
+ * The comparing scan of [start, size): *from is the state at the cut
+ * 'start' (a fresh one at 0).
+ */
 static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t size,
-		      const char *what, km_scan_emit_fn emit, void *userdata, struct km_error *err)
+		      uint64_t start, const struct known_state *from, const char *what,
+		      km_scan_emit_fn emit, void *userdata, struct km_error *err)
 {
 	_cleanup_free_ struct km_scan_chunk *batch = calloc(KNOWN_BATCH, sizeof(*batch));
 	_cleanup_free_ struct part_job *parts = NULL;
 	struct emitter e = { emit, userdata, base, batch, 0 };
 	unsigned n_parts = km_workpool_threads(sc->pool) + 1;
-	struct known_state st;
+	struct known_state st = *from;
 	struct km_scan_chunk c;
-	uint64_t pos = 0, first_end;
+	uint64_t pos = start, first_end, todo = size - start;
 	int r = 0;
 
 	if (!batch)
 		return -ENOMEM;
-	if (size / SCAN_PART_MIN < n_parts)
-		n_parts = (unsigned)KM_MAX(size / SCAN_PART_MIN, 1);
+	if (todo / SCAN_PART_MIN < n_parts)
+		n_parts = (unsigned)KM_MAX(todo / SCAN_PART_MIN, 1);
 	parts = calloc(n_parts, sizeof(*parts));
 	if (!parts)
 		return -ENOMEM;
 	for (unsigned i = 1; i < n_parts && r == 0; i++) {
 		parts[i] = (struct part_job){ .sc = sc, .base = base, .size = size,
-					      .start = size * i / n_parts,
-					      .end = size * (i + 1) / n_parts };
+					      .start = start + todo * i / n_parts,
+					      .end = start + todo * (i + 1) / n_parts };
 		r = km_workpool_submit(sc->pool, part_run, &parts[i]);
 	}
 	first_end = n_parts > 1 ? parts[1].start : size;
-	if (r == 0)
-		r = state_init(sc, &st);
-	km_prefault(base, first_end);
+	km_prefault(base + start, first_end - start);
 	/* The first part, emitted as it is scanned. */
 	while (r == 0 && pos < first_end) {
 		r = scan_one(sc, base, size, pos, &st, &c);
@@ -375,6 +378,127 @@ static int scan_known(const struct km_scanner *sc, const uint8_t *base, uint64_t
 	return r;
 }
 
+/*
+ * Following a growing file (see scan.h). A chunk at pos is cut and
+ * classified from at most max(max_size, the expected successor's length)
+ * bytes from pos: with that many bytes seen, the serial scan of the
+ * complete file reads no byte beyond them and makes the same chunk. The
+ * rest waits for more bytes, or for finish.
+ */
+struct km_scan_follow {
+	const struct km_scanner *sc;
+	km_scan_emit_fn emit;
+	void *userdata;
+	struct known_state st; /* at the cut pos */
+	uint64_t pos;	       /* every chunk before it emitted */
+	uint64_t prefaulted;
+	bool failed, done;
+	struct km_scan_chunk batch[KNOWN_BATCH];
+};
+
+int km_scan_follow_new(const struct km_scanner *sc, km_scan_emit_fn emit, void *userdata,
+		       struct km_scan_follow **ret)
+{
+	struct km_scan_follow *f;
+	int r;
+
+	if (!sc->known || sc->put)
+		return -EOPNOTSUPP;
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	*f = (struct km_scan_follow){ .sc = sc, .emit = emit, .userdata = userdata };
+	r = state_init(sc, &f->st);
+	if (r < 0) {
+		free(f);
+		return r;
+	}
+	*ret = f;
+	return 0;
+}
+
+void km_scan_follow_free(struct km_scan_follow *f)
+{
+	free(f);
+}
+
+uint64_t km_scan_follow_pos(const struct km_scan_follow *f)
+{
+	return f->pos;
+}
+
+/* Bytes from pos that the chunk at pos may read. */
+static uint64_t follow_need(const struct km_scan_follow *f)
+{
+	uint64_t need = f->sc->params->max_size;
+
+	if (f->st.next != KM_KNOWN_NONE)
+		need = KM_MAX(need, (uint64_t)km_known_get(f->sc->known, f->st.next)->length);
+	return need;
+}
+
+int km_scan_follow_step(struct km_scan_follow *f, const uint8_t *base, uint64_t avail,
+			const char *what, struct km_error *err)
+{
+	struct emitter e = { f->emit, f->userdata, base, f->batch, 0 };
+	struct km_scan_chunk c;
+	int r = 0;
+
+	if (f->failed || f->done)
+		return -EINVAL;
+	if (avail < f->pos) {
+		km_error_set(err, "%s: shrank to %llu bytes, %llu already split", what,
+			     (unsigned long long)avail, (unsigned long long)f->pos);
+		f->failed = true;
+		return -ESTALE;
+	}
+	/* The follower's pages mapped in batches, not a fault at a time. */
+	if (avail > KM_MAX(f->prefaulted, f->pos)) {
+		uint64_t from = KM_MAX(f->prefaulted, f->pos);
+
+		km_prefault(base + from, avail - from);
+		f->prefaulted = avail;
+	}
+	while (r == 0 && avail - f->pos >= follow_need(f)) {
+		r = scan_one(f->sc, base, avail, f->pos, &f->st, &c);
+		if (r < 0) {
+			scan_fail(err, what, &c, r);
+			break;
+		}
+		r = emitter_add(&e, &c);
+		f->pos += c.length;
+	}
+	if (r == 0)
+		r = emitter_flush(&e);
+	if (r < 0)
+		f->failed = true;
+	return r;
+}
+
+int km_scan_follow_finish(struct km_scan_follow *f, const uint8_t *base, uint64_t size,
+			  const char *what, struct km_error *err)
+{
+	int r = 0;
+
+	if (f->failed || f->done)
+		return -EINVAL;
+	if (size < f->pos) {
+		km_error_set(err, "%s: shrank to %llu bytes, %llu already split", what,
+			     (unsigned long long)size, (unsigned long long)f->pos);
+		f->failed = true;
+		return -ESTALE;
+	}
+	if (size > f->pos)
+		r = scan_known(f->sc, base, size, f->pos, &f->st, what, f->emit, f->userdata, err);
+	if (r < 0) {
+		f->failed = true;
+		return r;
+	}
+	f->pos = size;
+	f->done = true;
+	return 0;
+}
+
 int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, const char *what,
 	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
 	    struct km_error *err)
@@ -412,7 +536,11 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 			goto out;
 	}
 	if (sc->known && !sc->put) {
-		r = scan_known(sc, base, size, what, emit, userdata, err);
+		struct known_state st;
+
+		r = state_init(sc, &st);
+		if (r == 0)
+			r = scan_known(sc, base, size, 0, &st, what, emit, userdata, err);
 		goto out;
 	}
 	/* Page faults in one batch, cheaper than one at a time while reading. */

@@ -64,6 +64,28 @@ int km_scan(const struct km_scanner *sc, const uint8_t *base, uint64_t size, con
 	    km_scan_emit_fn emit, void *userdata, struct km_hash *ret_file_hash,
 	    struct km_error *err);
 
+/*
+ * Splitting a file while it is written front to back (bytes below the
+ * size seen are final): step scans what the bytes seen so far decide,
+ * finish the rest once the file is complete. The chunks emitted, over all
+ * calls, are exactly km_scan's of the complete file, however it grew.
+ * Comparing scans only (known set, put false): -EOPNOTSUPP otherwise.
+ * base maps at least the avail (size) bytes given; it may move between
+ * calls, and emit sees each call's. No byte at or beyond avail is read.
+ * After an error the follow is dead: every call returns -EINVAL. A size
+ * smaller than what was split already: -ESTALE.
+ */
+struct km_scan_follow;
+int km_scan_follow_new(const struct km_scanner *sc, km_scan_emit_fn emit, void *userdata,
+		       struct km_scan_follow **ret);
+void km_scan_follow_free(struct km_scan_follow *f);
+int km_scan_follow_step(struct km_scan_follow *f, const uint8_t *base, uint64_t avail,
+			const char *what, struct km_error *err);
+int km_scan_follow_finish(struct km_scan_follow *f, const uint8_t *base, uint64_t size,
+			  const char *what, struct km_error *err);
+/* Bytes split so far: every chunk before this offset was emitted. */
+uint64_t km_scan_follow_pos(const struct km_scan_follow *f);
+
 /* Maps a whole file read-only; *ret is NULL for an empty file. */
 int km_map_file(int fd, uint64_t size, const uint8_t **ret);
 void km_unmap_file(const uint8_t *p, uint64_t size);

@@ -17,6 +17,9 @@
 #   f  --leave-running: split image, the source runs on; restore works
 #      (late_weights=no: the whole join, a complete CRIU image afterwards)
 #   g  --page-server: the split is skipped (said in the log), the dump works
+#   i  split_follow: a stopped process dumped twice (--leave-running), the
+#      split made while CRIU wrote the pages, then after the dump: the same
+#      extents; the first image restores and runs on, VERIFY OK
 #   h  the GPU state machine through the plugin, with the CUDA TEST DOUBLE
 #      (tests/cuda-double, never the real driver): journal of lock,
 #      checkpoint, restore, unlock; faults at checkpoint, lock (timeout) and
@@ -541,6 +544,8 @@ case_g() {
 	expect_log "$dir/dump.log" 'kvmotion: split skipped' "dump.log says the split was skipped"
 	[ ! -e "$dir/kvmotion.manifest" ] || fail "kvmotion.manifest in $dir"
 	[ ! -e "$dir/kvmotion.delta" ] || fail "kvmotion.delta in $dir"
+	# nor anything of the follower's split (split_follow is on)
+	[ -z "$(compgen -G "$dir/.kvmotion*")" ] || fail "temporary files in $dir: $(compgen -G "$dir/.kvmotion*")"
 	[ -n "$(compgen -G "$srv/pages-*.img")" ] || fail "the page server received no pages-*.img"
 	for _ in $(seq 1 100); do
 		kill -0 "$PS_PID" 2>/dev/null || break
@@ -552,6 +557,59 @@ case_g() {
 }
 run_case g "--page-server: dump works, split skipped (log), no manifest" case_g
 if [ -f "$T/ps.pid" ]; then PS_PID=$(cat "$T/ps.pid"); fi
+
+# --- i: split while CRIU writes (split_follow) = split after the dump ------
+
+# extents DIR OUT: every extent of DIR's manifest (inspect --extents), a
+# delta extent without its offset in the delta (the order of files there
+# may differ)
+extents() {
+	kvm "$2.raw" inspect "$1" --extents
+	awk '/^ +[0-9]+ \+[0-9]+ / { sub(/delta @[0-9]+/, "delta"); print }' "$2.raw" >"$2"
+	[ -s "$2" ] || fail "inspect $1 --extents listed no extent"
+}
+
+case_i() {
+	local pid c on=$T/i-on.img off=$T/i-off.img state
+	new_memproc i
+	pid=$PID
+	# stopped: both dumps see the same memory
+	kill -STOP "$pid"
+	for _ in $(seq 1 100); do
+		state=$(awk '/^State:/ { print $2 }' "/proc/$pid/status")
+		[ "$state" = T ] && break
+		sleep 0.05
+	done
+	[ "$state" = T ] || fail "pid $pid did not stop (state $state)"
+	use_env KVMOTION_STORE="$store" KVMOTION_SPLIT_FOLLOW=no
+	plug_dump "$pid" "$off" --leave-running
+	use_env KVMOTION_STORE="$store"
+	plug_dump "$pid" "$on" --leave-running
+	split_image_ok "$off"
+	split_image_ok "$on"
+	expect_log "$on/dump.log" 'kvmotion: split [0-9]+ files .* of 1 pages images split while CRIU wrote them' \
+		"dump.log of the follower's split"
+	if grep -q 'while CRIU wrote' "$off/dump.log"; then
+		fail "split_follow=no, but the split followed CRIU: $(grep -m1 'while CRIU wrote' "$off/dump.log")"
+	fi
+	extents "$off" "$T/i-off.extents"
+	extents "$on" "$T/i-on.extents"
+	if ! cmp -s "$T/i-off.extents" "$T/i-on.extents"; then
+		diff "$T/i-off.extents" "$T/i-on.extents" | head -n 20
+		fail "the extents differ between the split after the dump and the split while CRIU wrote"
+	fi
+	log "$(wc -l <"$T/i-on.extents") extents, the same either way"
+	kill -KILL "$pid"
+	wait_pid_gone "$pid"
+	plug_restore "$on"
+	expect_log "$on/restore.log" 'kvmotion: joined [0-9]+ files' "restore.log"
+	kill -CONT "$RESTORED_PID"
+	c=$(progress_counter "$PROGRESS")
+	wait_progress "$PROGRESS" $((c + 3))
+	verify_memproc "$RESTORED_PID" "$PROGRESS"
+	stop_memproc "$RESTORED_PID"
+}
+run_case i "split_follow: the split while CRIU writes has the extents of the split after the dump; restores, VERIFY OK" case_i
 
 # --- h: the GPU state machine with the CUDA test double --------------------
 

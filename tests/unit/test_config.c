@@ -15,7 +15,7 @@ static const char *const env_vars[] = {
 	"KVMOTION_CHUNK_AVG", "KVMOTION_CHUNK_MAX", "KVMOTION_DELTA_LEVEL", "KVMOTION_THREADS",
 	"KVMOTION_SYNC", "KVMOTION_GPU_MAP", "KVMOTION_LIBCUDA", "KVMOTION_LOCK_TIMEOUT_MS",
 	"KVMOTION_LEAVE_RUNNING", "KVMOTION_SPLIT_ENGINES", "KVMOTION_QUIESCE_TIMEOUT_MS",
-	"KVMOTION_WEIGHTS_DIR",
+	"KVMOTION_WEIGHTS_DIR", "KVMOTION_SPLIT_FOLLOW",
 };
 
 static void clear_env(void)
@@ -50,6 +50,7 @@ START_TEST(test_config_defaults)
 	ck_assert_int_eq(c.split, KM_AUTO);
 	ck_assert(c.sync);
 	ck_assert(!c.add_chunks);
+	ck_assert(c.split_follow);
 	ck_assert_uint_eq(c.lock_timeout_ms, 8000);
 	ck_assert_uint_eq(c.chunker.avg_size, KM_CHUNK_AVG_DEFAULT);
 	ck_assert_str_eq(c.libcuda, "libcuda.so.1");
@@ -72,7 +73,9 @@ START_TEST(test_config_file_then_env)
 			 "min_split_size = 4M\n"
 			 "chunk_min = 16K\n chunk_avg=64K\nchunk_max = 256K\n"
 			 "sync = no\n"
+			 "split_follow = yes\n"
 			 "gpu_map = GPU-1=GPU-2\n");
+	setenv("KVMOTION_SPLIT_FOLLOW", "no", 1);
 	setenv("KVMOTION_STORE", "/env/store", 1);
 	setenv("KVMOTION_THREADS", "3", 1);
 	km_config_init(&c);
@@ -84,6 +87,7 @@ START_TEST(test_config_file_then_env)
 	ck_assert_uint_eq(c.chunker.avg_size, 64u << 10);
 	ck_assert_uint_eq(c.chunker.max_size, 256u << 10);
 	ck_assert(!c.sync);
+	ck_assert(!c.split_follow);
 	ck_assert_uint_eq(c.threads, 3);
 	ck_assert_str_eq(c.gpu_map, "GPU-1=GPU-2");
 	ck_assert(strstr(c.source, path) && strstr(c.source, "+env"));
@@ -114,6 +118,7 @@ START_TEST(test_config_rejects_bad_input)
 {
 	expect_bad("store = relative/path\n", "store");
 	expect_bad("split = maybe\n", "split");
+	expect_bad("split_follow = sometimes\n", "split_follow");
 	expect_bad("no equals sign\n", ":1: expected 'key = value'");
 	expect_bad("\n\nfrobnicate = 1\n", ":3");
 	expect_bad("threads = -1\n", "threads");
@@ -157,6 +162,7 @@ static void assert_same_settings(const struct km_config *a, const struct km_conf
 	ck_assert_int_eq(a->add_chunks, b->add_chunks);
 	ck_assert_int_eq(a->split_engines, b->split_engines);
 	ck_assert_int_eq(a->late_weights, b->late_weights);
+	ck_assert_int_eq(a->split_follow, b->split_follow);
 	ck_assert_uint_eq(a->min_split_size, b->min_split_size);
 	ck_assert_uint_eq(a->chunker.min_size, b->chunker.min_size);
 	ck_assert_uint_eq(a->chunker.avg_size, b->chunker.avg_size);
