@@ -44,6 +44,8 @@ declare -A SPID SLOG
 stop_servers() {
 	local name
 	for name in "${!SPID[@]}"; do
+		# SPID is the subshell running in_node: kvmotion (nsenter, exec'd) is its child
+		pkill -KILL -P "${SPID[$name]}" 2>/dev/null || true
 		kill -KILL "${SPID[$name]}" 2>/dev/null || true
 	done
 }
