@@ -9,6 +9,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-files.h"
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -38,41 +39,12 @@ struct fixture {
 	uint8_t *other;
 };
 
-static void fill_random(uint8_t *p, size_t n, uint64_t seed)
-{
-	uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-
-	for (size_t i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 7;
-		x ^= x << 17;
-		p[i] = (uint8_t)(x >> 24);
-	}
-}
-
 static uint64_t rnd(uint64_t *s)
 {
 	*s ^= *s << 13;
 	*s ^= *s >> 7;
 	*s ^= *s << 17;
 	return *s;
-}
-
-static void write_file(int dirfd, const char *name, const void *p, size_t n)
-{
-	int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(km_write_full(fd, p, n), 0);
-	close(fd);
-}
-
-static uint8_t *read_all(int dirfd, const char *name, size_t *ret_n)
-{
-	void *p = NULL;
-
-	ck_assert_int_eq(km_read_file_at(dirfd, name, 1u << 30, &p, ret_n), 0);
-	return p;
 }
 
 /* Small images and one large file that is not pages (it sorts before them). */
@@ -143,14 +115,6 @@ static void fixture_setup(struct fixture *f)
 	free(model);
 }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static void fixture_teardown(struct fixture *f)
 {
 	km_store_free(f->store);
@@ -158,7 +122,7 @@ static void fixture_teardown(struct fixture *f)
 	close(f->follow_fd);
 	free(f->pages);
 	free(f->other);
-	nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	rm_tree(f->root);
 }
 
 static const struct km_split_opts split_opts = { .threads = 3 };

@@ -7,6 +7,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-files.h"
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -40,35 +41,6 @@ struct fixture {
 	struct km_store *store;
 	int dirfd;
 };
-
-static void fill_random(uint8_t *p, size_t n, uint64_t seed)
-{
-	uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-
-	for (size_t i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 7;
-		x ^= x << 17;
-		p[i] = (uint8_t)(x >> 24);
-	}
-}
-
-static void write_file(int dirfd, const char *name, const void *p, size_t n)
-{
-	int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-
-	ck_assert_int_ge(fd, 0);
-	ck_assert_int_eq(km_write_full(fd, p, n), 0);
-	close(fd);
-}
-
-static uint8_t *read_all(int dirfd, const char *name, size_t *ret_n)
-{
-	void *p = NULL;
-
-	ck_assert_int_eq(km_read_file_at(dirfd, name, 1u << 30, &p, ret_n), 0);
-	return p;
-}
 
 static void fixture_setup(struct fixture *f, const struct km_chunker_params *params)
 {
@@ -110,20 +82,12 @@ static void fixture_setup(struct fixture *f, const struct km_chunker_params *par
 			 0);
 }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static void fixture_teardown(struct fixture *f)
 {
 	km_store_free(f->store);
 	close(f->dirfd);
 	free(f->pages);
-	nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	rm_tree(f->root);
 }
 
 static void seed_model(struct fixture *f)
@@ -173,7 +137,6 @@ static void assert_pages_intact(struct fixture *f)
 	ck_assert(memcmp(p, f->pages, n) == 0);
 	free(p);
 }
-
 
 /*
  * The split's extents of pages-1.img are what cutting with the chunker and
