@@ -197,6 +197,13 @@ pass "transparent archive: split image ($referenced B referenced, no pages-*.img
 pod_restore b "$T/e1.tar"
 tr_rest=$POD_SECONDS
 grep -q 'kvmotion: joined' "$T/e1.tar.restore.log" || fail "restore.log on node B has no join line"
+# late weights, the task found by its pid inside the container (NSpid)
+grep -qE 'kvmotion: late weights: [0-9]+ bytes written into pid [0-9]+ \([0-9]+ in the image\)' \
+	"$T/e1.tar.restore.log" || {
+	km_criu_log_tail "$T/e1.tar.restore.log"
+	fail "restore.log on node B: the weights were not written late"
+}
+log "CRIU's log: $(grep -m1 'late weights: [0-9]* bytes written' "$T/e1.tar.restore.log")"
 pod_wait_exit b e1 120
 same_tokens b e1 "transparent restore on node B"
 pass "transparent mode: restored on node B, token for token ($ref_tokens tokens, no extra prefill)"
