@@ -12,7 +12,10 @@
  *           CRIU writes them (split_follow); exit(DUMP): the split of the
  *           complete image directory against the node's chunk store is
  *           finished and committed; init(RESTORE): join and verify it before
- *           CRIU opens any image or creates any process.
+ *           CRIU opens any image or creates any process, the weights' pages
+ *           left out (late_weights); RESUME_DEVICES_LATE: the weights written
+ *           into the stopped task, before its GPU state; exit(RESTORE): the
+ *           directory back to its split image.
  *   Engines PAUSE_DEVICES: a cooperative engine (kvmotion/engine.h) is asked
  *           to quiesce before its task is seized (and before its GPU is
  *           locked), and the weights files it maps are recorded in
