@@ -26,11 +26,15 @@
  * statistics, which CRIU writes after the split (dump.log, stats-dump) and
  * during a restore: recording them would make a restore refuse.
  */
+static bool is_late_orig(const char *name)
+{
+	return strncmp(name, LATE_ORIG_PREFIX, strlen(LATE_ORIG_PREFIX)) == 0;
+}
+
 static bool not_image_file(const char *name)
 {
 	return strcmp(name, KM_MANIFEST_NAME) == 0 || strcmp(name, KM_DELTA_NAME) == 0 ||
-	       strncmp(name, LATE_ORIG_PREFIX, strlen(LATE_ORIG_PREFIX)) == 0 ||
-	       fnmatch("*.log", name, 0) == 0 || fnmatch("stats-*", name, 0) == 0;
+	       is_late_orig(name) || fnmatch("*.log", name, 0) == 0 || fnmatch("stats-*", name, 0) == 0;
 }
 
 int km_image_is_split(int dirfd)
@@ -735,25 +739,37 @@ static void advance(const struct km_file_entry *f, struct extent_pos *at, uint64
 	}
 }
 
+/*
+ * Bytes [from, from + n) of chunk extent e (at pos in the split file) into
+ * t at dst; a failure names the chunk and where the file needs it.
+ */
+static int copy_chunk(struct join_ctx *c, const struct join_target *t, const struct km_extent *e,
+		      uint64_t pos, uint64_t from, uint64_t n, uint64_t dst)
+{
+	char hex[KM_HASH_HEX_SIZE];
+	int r = km_store_copy_range_to(c->store, &e->id, e->length, from, n, t->fd, dst);
+
+	if (r < 0)
+		join_fail(c, "chunk %s (%s at offset %llu): %s", km_hash_to_hex(&e->id, hex),
+			  t->entry->name, (unsigned long long)pos,
+			  r == -ENOENT	  ? "missing from the store"
+			  : r == -EBADMSG ? "of the wrong size in the store"
+					  : strerror(-r));
+	return r;
+}
+
 static int write_piece(struct join_ctx *c, const struct join_target *t, const struct km_extent *e,
 		       uint64_t in, uint64_t len, uint64_t pos)
 {
-	char hex[KM_HASH_HEX_SIZE];
 	int r;
 
 	switch (e->kind) {
 	case KM_EXTENT_ZERO:
 		return 0; /* a hole: ftruncate made it */
 	case KM_EXTENT_CHUNK:
-		r = km_store_copy_to(c->store, &e->id, e->length, t->fd, pos);
-		if (r < 0) {
-			join_fail(c, "chunk %s (%s at offset %llu): %s", km_hash_to_hex(&e->id, hex),
-				  t->entry->name, (unsigned long long)pos,
-				  r == -ENOENT	  ? "missing from the store"
-				  : r == -EBADMSG ? "of the wrong size in the store"
-						  : strerror(-r));
+		r = copy_chunk(c, t, e, pos, 0, e->length, pos);
+		if (r < 0)
 			return r;
-		}
 		c->chunks_read++;
 		return 0;
 	case KM_EXTENT_DELTA:
@@ -841,6 +857,12 @@ static void targets_close(struct join_target *targets, size_t n, int dirfd, bool
 	}
 }
 
+/* Bytes of t's rebuilt file: without the pages left out for late weights. */
+static uint64_t target_size(const struct join_target *t)
+{
+	return t->late.task.n ? t->late.kept_pages * KM_LATE_PAGE_SIZE : t->entry->size;
+}
+
 static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 {
 	const struct km_file_entry *f = t->entry;
@@ -863,7 +885,7 @@ static int target_create(int dirfd, struct join_target *t, struct km_error *err)
 	if (!t->hasher)
 		return -ENOMEM;
 	/* Zero extents stay holes: nothing to write, they read as zeros. */
-	size = t->late.task.n ? t->late.kept_pages * KM_LATE_PAGE_SIZE : f->size;
+	size = target_size(t);
 	if (ftruncate(t->fd, (off_t)size) < 0) {
 		r = -errno;
 		km_error_set(err, "cannot size %s to %llu bytes: %s", f->name,
@@ -1303,17 +1325,8 @@ struct chunk_part {
 static int copy_chunk_part(void *userdata, uint64_t off, uint64_t new_off, uint64_t n)
 {
 	struct chunk_part *cp = userdata;
-	char hex[KM_HASH_HEX_SIZE];
-	int r = km_store_copy_range_to(cp->ctx->store, &cp->e->id, cp->e->length, off - cp->pos, n,
-				       cp->target->fd, new_off);
 
-	if (r < 0)
-		join_fail(cp->ctx, "chunk %s (%s at offset %llu): %s", km_hash_to_hex(&cp->e->id, hex),
-			  cp->target->entry->name, (unsigned long long)cp->pos,
-			  r == -ENOENT	  ? "missing from the store"
-			  : r == -EBADMSG ? "of the wrong size in the store"
-					  : strerror(-r));
-	return r;
+	return copy_chunk(cp->ctx, cp->target, cp->e, cp->pos, off - cp->pos, n, new_off);
 }
 
 /*
@@ -1420,7 +1433,7 @@ static bool not_pagemap(const char *name)
 
 static bool not_late_orig(const char *name)
 {
-	return strncmp(name, LATE_ORIG_PREFIX, strlen(LATE_ORIG_PREFIX)) != 0;
+	return !is_late_orig(name);
 }
 
 /*
@@ -1756,8 +1769,7 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 			km_error_set(err, "%s: %s", t->entry->name, strerror(-r));
 			goto out;
 		}
-		stats.bytes_written += t->late.task.n ? t->late.kept_pages * KM_LATE_PAGE_SIZE
-						      : t->entry->size;
+		stats.bytes_written += target_size(t);
 	}
 	if (n_late) {
 		r = late_commit_pagemaps(dirfd, targets, n_targets, o->sync, err);
