@@ -1596,7 +1596,7 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	_cleanup_free_ struct join_target *targets = NULL;
 	_cleanup_free_ struct verify_job *vjobs = NULL;
 	size_t n_targets = 0, n_vjobs = 0, n_late = 0;
-	bool by_extents = false;
+	bool by_extents = false, late_committing = false;
 	int r;
 
 	pthread_mutex_init(&ctx.lock, NULL);
@@ -1772,12 +1772,11 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		stats.bytes_written += target_size(t);
 	}
 	if (n_late) {
+		/* From here a failure goes back to the split image (at out). */
+		late_committing = true;
 		r = late_commit_pagemaps(dirfd, targets, n_targets, o->sync, err);
-		if (r < 0) {
-			/* Back to the split image: the original pagemaps are all kept by now or untouched. */
-			(void)km_image_late_undo(dirfd, NULL);
+		if (r < 0)
 			goto out;
-		}
 	}
 
 	/* Everything verified: put the files in place. */
@@ -1799,7 +1798,6 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 		/* The manifest and the delta stay: km_image_late_undo goes back to them. */
 		r = late_plan_take(targets, n_targets, n_late, o->late);
 		if (r < 0) {
-			(void)km_image_late_undo(dirfd, NULL);
 			km_error_set(err, "%s", strerror(-r));
 			goto out;
 		}
@@ -1817,6 +1815,9 @@ int km_image_join(int dirfd, struct km_store *s, const struct km_join_opts *o,
 	if (ret)
 		*ret = stats;
 out:
+	/* Original pagemaps put back, rebuilt pages files (renamed or not) removed. */
+	if (r < 0 && late_committing)
+		(void)km_image_late_undo(dirfd, NULL);
 	/* Jobs still queued use the targets and the delta. */
 	km_workpool_free(pool);
 	km_workpool_free(hash_pool);
