@@ -22,19 +22,30 @@ struct page_run {
 	uint64_t from, to;
 };
 
+/* Room in *v (of *cap elements of 'size' bytes) for element n. -ENOMEM. */
+static int grow(void *v, size_t n, size_t *cap, size_t size)
+{
+	void **p = v, *g;
+	size_t c;
+
+	if (n < *cap)
+		return 0;
+	c = *cap ? *cap * 2 : 16;
+	g = realloc(*p, c * size);
+	if (!g)
+		return -ENOMEM;
+	*p = g;
+	*cap = c;
+	return 0;
+}
+
 static int runs_push(struct page_run **v, size_t *n, size_t *cap, uint64_t from, uint64_t to)
 {
-	if (*n == *cap) {
-		size_t c = *cap ? *cap * 2 : 16;
-		struct page_run *g = realloc(*v, c * sizeof(*g));
+	int r = grow(v, *n, cap, sizeof(**v));
 
-		if (!g)
-			return -ENOMEM;
-		*v = g;
-		*cap = c;
-	}
-	(*v)[(*n)++] = (struct page_run){ from, to };
-	return 0;
+	if (r == 0)
+		(*v)[(*n)++] = (struct page_run){ from, to };
+	return r;
 }
 
 /* Whole pages inside runs of consecutive chunk extents, min_run_pages or more at a time. */
@@ -90,15 +101,10 @@ static size_t extent_at(const uint64_t *offsets, const struct km_file_entry *f, 
 
 static int pieces_push(struct km_late_task *t, size_t *cap, const struct km_late_piece *p)
 {
-	if (t->n == *cap) {
-		size_t c = *cap ? *cap * 2 : 64;
-		struct km_late_piece *g = realloc(t->pieces, c * sizeof(*g));
+	int r = grow(&t->pieces, t->n, cap, sizeof(*t->pieces));
 
-		if (!g)
-			return -ENOMEM;
-		t->pieces = g;
-		*cap = c;
-	}
+	if (r < 0)
+		return r;
 	t->pieces[t->n++] = *p;
 	t->bytes += p->length;
 	return 0;
@@ -126,6 +132,27 @@ static int add_pieces(struct km_late_task *t, size_t *cap, const struct km_file_
 		if (r < 0)
 			return r;
 	}
+	return 0;
+}
+
+/* Pages [at, to) of the split file, at vaddr, stay: in the pagemap and the kept runs. */
+static int keep_pages(struct km_late_file *lf, size_t *pm_cap, size_t *kept_cap, uint64_t vaddr,
+		      uint64_t at, uint64_t to, uint32_t flags)
+{
+	struct km_late_run *last = lf->n_kept ? &lf->kept[lf->n_kept - 1] : NULL;
+	int r = km_criu_pagemap_push(&lf->pagemap, pm_cap, vaddr, to - at, flags);
+
+	if (r < 0)
+		return r;
+	if (last && last->from + last->pages == at) {
+		last->pages += to - at;
+	} else {
+		r = grow(&lf->kept, lf->n_kept, kept_cap, sizeof(*lf->kept));
+		if (r < 0)
+			return r;
+		lf->kept[lf->n_kept++] = (struct km_late_run){ at, to - at, lf->kept_pages };
+	}
+	lf->kept_pages += to - at;
 	return 0;
 }
 
@@ -173,33 +200,11 @@ int km_late_file_build(const struct km_file_entry *f, const struct km_criu_pagem
 			is_late = li < n_late && late[li].from <= at;
 			to = is_late ? KM_MIN(end, late[li].to)
 				     : (li < n_late ? KM_MIN(end, late[li].from) : end);
-			if (is_late) {
+			if (is_late)
 				r = add_pieces(&lf.task, &piece_cap, f, offsets, at * PAGE, to * PAGE,
 					       vaddr);
-			} else {
-				r = km_criu_pagemap_push(&lf.pagemap, &pm_cap, vaddr, to - at,
-							 pm->e[i].flags);
-				if (r == 0 && lf.n_kept > 0 &&
-				    lf.kept[lf.n_kept - 1].from + lf.kept[lf.n_kept - 1].pages == at) {
-					lf.kept[lf.n_kept - 1].pages += to - at;
-				} else if (r == 0) {
-					if (lf.n_kept == kept_cap) {
-						size_t c = kept_cap ? kept_cap * 2 : 16;
-						struct km_late_run *g = realloc(lf.kept, c * sizeof(*g));
-
-						if (!g) {
-							r = -ENOMEM;
-							break;
-						}
-						lf.kept = g;
-						kept_cap = c;
-					}
-					lf.kept[lf.n_kept++] = (struct km_late_run){ at, to - at,
-										     lf.kept_pages };
-				}
-				if (r == 0)
-					lf.kept_pages += to - at;
-			}
+			else
+				r = keep_pages(&lf, &pm_cap, &kept_cap, vaddr, at, to, pm->e[i].flags);
 			if (r < 0)
 				break;
 			at = to;
