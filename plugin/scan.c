@@ -422,9 +422,19 @@ void km_scan_follow_free(struct km_scan_follow *f)
 	free(f);
 }
 
-uint64_t km_scan_follow_pos(const struct km_scan_follow *f)
+/* A follow call may go on: not ended, and the file not shorter than what was split. */
+static int follow_check(struct km_scan_follow *f, uint64_t size, const char *what,
+			struct km_error *err)
 {
-	return f->pos;
+	if (f->failed || f->done)
+		return -EINVAL;
+	if (size < f->pos) {
+		km_error_set(err, "%s: shrank to %llu bytes, %llu already split", what,
+			     (unsigned long long)size, (unsigned long long)f->pos);
+		f->failed = true;
+		return -ESTALE;
+	}
+	return 0;
 }
 
 /* Bytes from pos that the chunk at pos may read. */
@@ -444,14 +454,9 @@ int km_scan_follow_step(struct km_scan_follow *f, const uint8_t *base, uint64_t 
 	struct km_scan_chunk c;
 	int r = 0;
 
-	if (f->failed || f->done)
-		return -EINVAL;
-	if (avail < f->pos) {
-		km_error_set(err, "%s: shrank to %llu bytes, %llu already split", what,
-			     (unsigned long long)avail, (unsigned long long)f->pos);
-		f->failed = true;
-		return -ESTALE;
-	}
+	r = follow_check(f, avail, what, err);
+	if (r < 0)
+		return r;
 	/* The follower's pages mapped in batches, not a fault at a time. */
 	if (avail > KM_MAX(f->prefaulted, f->pos)) {
 		uint64_t from = KM_MAX(f->prefaulted, f->pos);
@@ -478,16 +483,11 @@ int km_scan_follow_step(struct km_scan_follow *f, const uint8_t *base, uint64_t 
 int km_scan_follow_finish(struct km_scan_follow *f, const uint8_t *base, uint64_t size,
 			  const char *what, struct km_error *err)
 {
-	int r = 0;
+	int r;
 
-	if (f->failed || f->done)
-		return -EINVAL;
-	if (size < f->pos) {
-		km_error_set(err, "%s: shrank to %llu bytes, %llu already split", what,
-			     (unsigned long long)size, (unsigned long long)f->pos);
-		f->failed = true;
-		return -ESTALE;
-	}
+	r = follow_check(f, size, what, err);
+	if (r < 0)
+		return r;
 	if (size > f->pos)
 		r = scan_known(f->sc, base, size, f->pos, &f->st, what, f->emit, f->userdata, err);
 	if (r < 0) {

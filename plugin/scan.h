@@ -83,8 +83,6 @@ int km_scan_follow_step(struct km_scan_follow *f, const uint8_t *base, uint64_t 
 			const char *what, struct km_error *err);
 int km_scan_follow_finish(struct km_scan_follow *f, const uint8_t *base, uint64_t size,
 			  const char *what, struct km_error *err);
-/* Bytes split so far: every chunk before this offset was emitted. */
-uint64_t km_scan_follow_pos(const struct km_scan_follow *f);
 
 /* Maps a whole file read-only; *ret is NULL for an empty file. */
 int km_map_file(int fd, uint64_t size, const uint8_t **ret);
