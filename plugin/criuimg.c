@@ -140,6 +140,11 @@ int km_criu_pagemap_push(struct km_criu_pagemap *pm, size_t *cap, uint64_t vaddr
 	return 0;
 }
 
+bool km_criu_is_pages_image(const char *name)
+{
+	return fnmatch("pages-*.img", name, 0) == 0;
+}
+
 int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
 			 struct km_error *err)
 {

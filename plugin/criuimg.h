@@ -56,6 +56,9 @@ struct km_criu_pagemap {
 	struct km_criu_pme *e;
 };
 
+/* A pages-<id>.img name. */
+bool km_criu_is_pages_image(const char *name);
+
 /* -ENOENT: no such file; -EBADMSG: not a pagemap image. */
 int km_criu_pagemap_read(int dirfd, const char *name, struct km_criu_pagemap *ret,
 			 struct km_error *err);

@@ -3,7 +3,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <fnmatch.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -14,6 +13,8 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "criuimg.h"
 
 /*
  * Bytes split per call while CRIU writes: a stop waits for at most one
@@ -70,14 +71,9 @@ struct km_follow {
 	int error; /* the follower's, from stop */
 };
 
-static bool is_pages(const char *name)
-{
-	return fnmatch("pages-*.img", name, 0) == 0;
-}
-
 static bool skip_not_pages(const char *name)
 {
-	return !is_pages(name);
+	return !km_criu_is_pages_image(name);
 }
 
 static bool is_existing(const struct follower *f, const char *name)
@@ -117,7 +113,7 @@ static int read_events(struct follower *f, int in_fd, struct current *cur)
 			p += sizeof(*ev) + ev->len;
 			if (ev->mask & IN_Q_OVERFLOW)
 				return -EOVERFLOW; /* a creation or close may be lost */
-			if (!ev->len || !is_pages(ev->name) || is_existing(f, ev->name))
+			if (!ev->len || !km_criu_is_pages_image(ev->name) || is_existing(f, ev->name))
 				continue;
 			q = find_queued(f, ev->name);
 			if (cur->p.name && strcmp(cur->p.name, ev->name) == 0) {

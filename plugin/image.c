@@ -91,10 +91,6 @@ static int hash_file_at(int dirfd, const char *name, struct km_hash *ret, uint64
 
 /* ---------------------------------------------------------------- split */
 
-static bool is_pages_image(const char *name)
-{
-	return fnmatch("pages-*.img", name, 0) == 0;
-}
 
 struct split_file {
 	struct km_file_entry *entry;
@@ -503,7 +499,7 @@ int km_split_commit(struct km_split *sp, struct km_split_stats *ret, struct km_e
 		}
 		f->size = (uint64_t)st.st_size;
 		f->mode = st.st_mode & 07777;
-		f->split = is_pages_image(f->name) || f->size >= min_split;
+		f->split = km_criu_is_pages_image(f->name) || f->size >= min_split;
 		if (!f->split) {
 			r = hash_file_at(dirfd, f->name, &f->sha256, NULL, NULL);
 			if (r < 0) {

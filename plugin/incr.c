@@ -444,7 +444,7 @@ out:
 
 static bool skip_not_pages(const char *name)
 {
-	return fnmatch("pagemap-*.img", name, 0) != 0 && fnmatch("pages-*.img", name, 0) != 0;
+	return fnmatch("pagemap-*.img", name, 0) != 0 && !km_criu_is_pages_image(name);
 }
 
 struct id_job {
