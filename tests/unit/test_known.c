@@ -3,6 +3,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-files.h"
 #include <fcntl.h>
 #include <ftw.h>
 #include <stdio.h>
@@ -26,18 +27,6 @@ struct fixture {
 	struct km_store *store;
 	struct km_weights_index *idx;
 };
-
-static void fill_random(uint8_t *p, size_t n, uint64_t seed)
-{
-	uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-
-	for (size_t i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 7;
-		x ^= x << 17;
-		p[i] = (uint8_t)(x >> 24);
-	}
-}
 
 /* A model whose second half repeats its first: the same chunks twice. */
 static void fixture_setup(struct fixture *f)
@@ -73,19 +62,11 @@ static void fixture_setup(struct fixture *f)
 	ck_assert_uint_eq(f->idx->n_files, 1);
 }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static void fixture_teardown(struct fixture *f)
 {
 	km_weights_index_free(f->idx);
 	km_store_free(f->store);
-	nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	rm_tree(f->root);
 }
 
 /* True if 'id' is on the chain of chunks of its length. */

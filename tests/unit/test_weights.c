@@ -7,6 +7,7 @@
 #include <check.h>
 
 #include "km-check.h"
+#include "km-files.h"
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
@@ -46,18 +47,6 @@ struct fixture {
 	struct model models[N_MODELS];
 	struct km_store *store;
 };
-
-static void fill_random(uint8_t *p, size_t n, uint64_t seed)
-{
-	uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-
-	for (size_t i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 7;
-		x ^= x << 17;
-		p[i] = (uint8_t)(x >> 24);
-	}
-}
 
 static void write_path(const char *path, const void *p, size_t n)
 {
@@ -107,17 +96,12 @@ static void fixture_setup(struct fixture *f)
 		      err.msg);
 }
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	return remove(path);
-}
-
 static void fixture_teardown(struct fixture *f)
 {
 	km_store_free(f->store);
 	for (int i = 0; i < N_MODELS; i++)
 		free(f->models[i].bytes);
-	nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	rm_tree(f->root);
 }
 
 static struct km_weights_index *read_index(struct km_store *s, const char *name)
